@@ -1,0 +1,251 @@
+"""Typed configuration, loaded once from ``params.yaml``.
+
+Every section forbids unknown keys: a misspelt knob (``memory_bank_warmup_step``)
+is an error at start-up rather than a silently ignored setting, which is exactly
+the class of bug this project exists to prevent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LN_100 = math.log(100.0)  # 4.6052: the fine-tuning temperature cap (exp = 100)
+CLIP_SCRATCH_LOGIT_SCALE = math.log(1 / 0.07)  # 2.6592: CLIP's from-scratch init
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    root: str = "data/sample"
+    videos_dir: str = "videos"
+    train_split: str = "Anomaly_Train.txt"
+    test_split: str = "Anomaly_Test.txt"
+    temporal_annotations: str = "Temporal_Anomaly_Annotation_for_Testing_Videos.txt"
+    annotations: str = "annotations.json"
+
+
+class SampleConfig(_Section):
+    seed: int = 0
+    width: int = Field(160, ge=32)
+    height: int = Field(120, ge=32)
+    fps: int = Field(30, ge=1)
+    min_frames: int = Field(128, ge=16)
+    max_frames: int = Field(200, ge=16)
+    anomaly_classes: list[str] = ["Arson", "Explosion", "Fighting", "RoadAccidents"]
+    train_per_class: int = Field(6, ge=1)
+    test_per_class: int = Field(3, ge=1)
+    train_normal: int = Field(12, ge=1)
+    test_normal: int = Field(6, ge=1)
+    bad_boxes: bool = True
+
+    @model_validator(mode="after")
+    def _frames_range(self) -> "SampleConfig":
+        if self.max_frames < self.min_frames:
+            raise ValueError("sample.max_frames must be >= sample.min_frames")
+        return self
+
+
+class FramesConfig(_Section):
+    out: str = "data/frames"
+    train_frames_per_video: int = Field(16, ge=1)
+    snippet_len: int = Field(16, ge=1)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    workers: int = Field(2, ge=1)
+    max_failure_frac: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class BoxesConfig(_Section):
+    out: str = "data/boxes"
+    min_area_frac: float = Field(0.005, ge=0.0, lt=1.0)
+    clip_tolerance: float = Field(0.02, ge=0.0)
+    clip_overshoot: bool = True
+    shard_rows: int = Field(100_000, ge=1)
+    row_group_rows: int = Field(16_384, ge=1)
+
+
+class ModelConfig(_Section):
+    pretrained: str | None = None
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 96
+    text_layers: int = 3
+    text_heads: int = 4
+    projection_dim: int = 64
+    max_text_len: int = Field(32, ge=4)
+    long_text: bool = False
+    temporal_layers: int = Field(2, ge=0)
+    temporal_heads: int = 4
+    pooling: Literal["attention", "mean"] = "attention"
+    logit_scale_init_value: float = LN_100
+    logit_scale_max: float = LN_100
+    loaded_logit_scale: Literal["error", "keep", "reinit"] = "error"
+
+    @model_validator(mode="after")
+    def _text_len(self) -> "ModelConfig":
+        limit = 248 if self.long_text else 77
+        if self.max_text_len > limit:
+            raise ValueError(
+                f"model.max_text_len={self.max_text_len} exceeds {limit} positions"
+                + ("" if self.long_text else " (set model.long_text: true for up to 248)")
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError("model.image_size must be a multiple of model.patch_size")
+        return self
+
+
+class PretrainConfig(_Section):
+    out: str = "models/clip-pretrained"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = 1e-3
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = 0.1
+    logit_scale_init_value: float = CLIP_SCRATCH_LOGIT_SCALE
+    seed: int = 0
+
+
+class HealthConfig(_Section):
+    region_loss_max: float = 0.5
+    region_loss_by_step: int = 500
+    region_loss_action: Literal["warn", "fail"] = "warn"
+    zero_norm_frac_max: float = 0.1
+    logit_scale_tolerance: float = 1e-4
+
+
+class TrainConfig(_Section):
+    out: str = "models/fgclip"
+    checkpoints: str = "checkpoints"
+    run_name: str = "fgclip"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    num_frames: int = Field(8, ge=1)
+    max_keyframes: int = Field(4, ge=1)
+    max_regions: int = Field(4, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int = Field(250, ge=1)
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = Field(20, ge=0)
+    max_grad_norm: float = 1.0
+    region_loss_weight: float = 0.5
+    memory_bank_size: int = Field(128, ge=0)
+    memory_bank_warmup_steps: int = Field(50, ge=0)
+    num_workers: int = Field(1, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    diag_every: int = Field(25, ge=1)
+    runtime_diag: bool = False
+    health: HealthConfig = HealthConfig()
+
+
+class EvaluateConfig(_Section):
+    out: str = "metrics/eval.json"
+    scores: str = "data/eval/frame_scores.parquet"
+    batch_size: int = Field(64, ge=1)
+    templates: list[str] = ["a surveillance video of {}", "{}"]
+    prompts: dict[str, list[str]] = {}
+
+    @model_validator(mode="after")
+    def _prompts(self) -> "EvaluateConfig":
+        if self.prompts and "Normal" not in self.prompts:
+            raise ValueError("evaluate.prompts needs a 'Normal' entry (the score is 1 - p(Normal))")
+        for t in self.templates:
+            if "{}" not in t:
+                raise ValueError(f"evaluate.templates entry {t!r} has no '{{}}' placeholder")
+        return self
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    experiment: str = "fgclip-vad"
+
+
+class Params(_Section):
+    data: DataConfig = DataConfig()
+    sample: SampleConfig = SampleConfig()
+    frames: FramesConfig = FramesConfig()
+    boxes: BoxesConfig = BoxesConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    # Directory of the params file: relative paths above are resolved against it.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    def path(self, p: str | os.PathLike) -> Path:
+        """Resolve a path from the params against the params file's directory."""
+        p = Path(p)
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def data_root(self) -> Path:
+        return self.path(self.data.root)
+
+    @property
+    def videos_root(self) -> Path:
+        return self.data_root / self.data.videos_dir
+
+    def data_file(self, name: str) -> Path:
+        """A dataset file named in ``data`` (split files, annotations), under the data root."""
+        return self.data_root / getattr(self.data, name)
+
+    @property
+    def tracking_uri(self) -> str:
+        """One absolute tracking URI for every stage, wherever it is started from."""
+        if self.tracking.uri:
+            return self.tracking.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.base_dir / 'mlflow.db').resolve()}"
+
+    def with_overrides(self, **sections: dict) -> "Params":
+        """A copy with some fields of some sections replaced (validated again)."""
+        raw = self.model_dump(exclude={"base_dir"})
+        for name, values in sections.items():
+            raw[name] = {**raw[name], **values}
+        return Params.model_validate({**raw, "base_dir": self.base_dir})
+
+
+def fingerprint(section: BaseModel | dict, keys: list[str] | None = None) -> str:
+    """Stable short hash of a config section (or some of its keys)."""
+    data = section.model_dump() if isinstance(section, BaseModel) else dict(section)
+    if keys is not None:
+        data = {k: data[k] for k in keys}
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message says where."""
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path.resolve()}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    try:
+        return Params.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        raise ParamsError(f"{path}: invalid params:\n{exc}") from exc
