@@ -1,0 +1,1 @@
+"""Orchestration only: DVC stage order and (later) Prefect flows. No ML logic here."""

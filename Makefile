@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make repro` and `make test`.
+# Both create .venv (Python 3.11) if missing and install the pinned dependencies.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+# Stage commands in dvc.yaml call `fgclip` and `dvc` from the venv.
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install repro test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 required, found " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $@
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	pytest
+
+lint: $(STAMP)
+	ruff check fgclip pipeline tests benchmarks
+
+bench: $(STAMP)
+	python benchmarks/train_throughput.py
+
+clean:
+	rm -rf data models checkpoints metrics/health.json plots mlflow.db mlartifacts
