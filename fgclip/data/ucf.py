@@ -1,0 +1,186 @@
+"""The UCF-Crime dataset layout: split files, temporal annotations, labels and video names.
+
+A video id is the path of the video relative to the videos directory, with forward
+slashes, exactly as in the split files (``Arson/Arson003_x264.mp4``). The two normal
+folders name their files differently: ``Normal_Videos001_x264.mp4`` for training
+and ``Normal_Videos_003_x264.mp4`` for testing.
+
+Temporal annotation intervals are frame numbers, inclusive at both ends, as in the
+official ``Temporal_Anomaly_Annotation_for_Testing_Videos.txt``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+NORMAL_LABEL = "Normal"
+TRAIN_NORMAL_DIR = "Training_Normal_Videos_Anomaly"
+TEST_NORMAL_DIR = "Testing_Normal_Videos_Anomaly"
+NORMAL_DIRS = (TRAIN_NORMAL_DIR, TEST_NORMAL_DIR)
+VIDEO_SUFFIX = "_x264"
+VIDEO_EXT = ".mp4"
+
+# Reason codes for annotation video references that cannot be used.
+PATH_ESCAPES_ROOT = "path_escapes_root"
+UNKNOWN_VIDEO = "unknown_video"
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file breaks the UCF-Crime format; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class TemporalAnnotation:
+    """One line of the temporal annotation file: anomalous frame intervals of a test video."""
+
+    name: str
+    label: str
+    intervals: tuple[tuple[int, int], ...]  # inclusive (start, end) frame numbers
+
+
+def normalize_ref(ref: str) -> str:
+    """Forward slashes, no leading ``./``: the canonical spelling of a video path."""
+    ref = ref.strip().replace("\\", "/")
+    while ref.startswith("./"):
+        ref = ref[2:]
+    return ref
+
+
+def escapes_root(ref: str) -> bool:
+    """True for absolute paths and paths with a ``..`` component (never to be opened)."""
+    ref = normalize_ref(ref)
+    return ref.startswith("/") or bool(_WINDOWS_DRIVE.match(ref)) or ".." in PurePosixPath(ref).parts
+
+
+def video_label(video_id: str) -> str:
+    """The class of a video: its folder, or ``Normal`` for the two normal folders."""
+    folder = PurePosixPath(video_id).parts[0] if "/" in video_id else ""
+    if not folder:
+        raise ValueError(f"video id {video_id!r} has no class folder")
+    return NORMAL_LABEL if folder in NORMAL_DIRS else folder
+
+
+def video_id(label: str, number: int, split: str) -> str:
+    """The UCF-Crime id of the ``number``-th video of a class in a split.
+
+    Training normals are ``Normal_Videos001_x264.mp4``, test normals
+    ``Normal_Videos_001_x264.mp4`` (the official naming quirk); anomalies
+    ``<Class>/<Class>001_x264.mp4`` in both splits.
+    """
+    if label != NORMAL_LABEL:
+        return f"{label}/{label}{number:03d}{VIDEO_SUFFIX}{VIDEO_EXT}"
+    if split == "train":
+        return f"{TRAIN_NORMAL_DIR}/Normal_Videos{number:03d}{VIDEO_SUFFIX}{VIDEO_EXT}"
+    if split == "test":
+        return f"{TEST_NORMAL_DIR}/Normal_Videos_{number:03d}{VIDEO_SUFFIX}{VIDEO_EXT}"
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def read_split(path: Path) -> list[str]:
+    """Video ids of a split file, one per line; blank lines skipped, backslashes normalised."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DatasetFormatError(f"{path}: cannot read split file: {exc}") from exc
+    ids: dict[str, int] = {}  # id -> line number
+    for lineno, line in enumerate(lines, start=1):
+        ref = normalize_ref(line)
+        if not ref:
+            continue
+        if escapes_root(ref):
+            raise DatasetFormatError(f"{path}:{lineno}: video path {line.strip()!r} escapes the videos dir")
+        if "/" not in ref:
+            raise DatasetFormatError(f"{path}:{lineno}: video path {ref!r} has no class folder")
+        if ref in ids:
+            raise DatasetFormatError(f"{path}:{lineno}: {ref} is listed twice (first on line {ids[ref]})")
+        ids[ref] = lineno
+    return list(ids)
+
+
+def read_temporal_annotations(path: Path) -> dict[str, TemporalAnnotation]:
+    """Parse the temporal annotation file into ``{video file name: annotation}``.
+
+    Fields are separated by whitespace of any width (officially two spaces);
+    ``-1`` marks a missing interval. Bad lines raise ``DatasetFormatError``.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DatasetFormatError(f"{path}: cannot read temporal annotations: {exc}") from exc
+    out: dict[str, TemporalAnnotation] = {}
+    for lineno, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{path}:{lineno}"
+        if len(fields) != 6:
+            raise DatasetFormatError(f"{where}: expected 6 fields (name class s1 e1 s2 e2), got {len(fields)}")
+        name, label, *raw = fields
+        try:
+            s1, e1, s2, e2 = (int(v) for v in raw)
+        except ValueError as exc:
+            raise DatasetFormatError(f"{where}: frame numbers must be integers: {raw}") from exc
+        intervals = []
+        for start, end in ((s1, e1), (s2, e2)):
+            if (start == -1) != (end == -1):
+                raise DatasetFormatError(f"{where}: interval ({start}, {end}) has only one end set")
+            if start == -1:
+                continue
+            if start < 0 or end < start:
+                raise DatasetFormatError(f"{where}: bad interval ({start}, {end})")
+            intervals.append((start, end))
+        if name in out:
+            raise DatasetFormatError(f"{where}: duplicate entry for {name}")
+        out[name] = TemporalAnnotation(name, label, tuple(intervals))
+    return out
+
+
+def format_temporal_line(name: str, label: str, intervals: Iterable[tuple[int, int]]) -> str:
+    """One line of the official temporal annotation format (two-space separated)."""
+    flat = [v for pair in intervals for v in pair]
+    if len(flat) > 4:
+        raise ValueError(f"{name}: at most two intervals, got {len(flat) // 2}")
+    flat += [-1] * (4 - len(flat))
+    return "  ".join([name, label, *map(str, flat)])
+
+
+def _strip_suffix(name: str) -> str:
+    stem = name.removesuffix(VIDEO_EXT)
+    return stem.removesuffix(VIDEO_SUFFIX)
+
+
+class VideoResolver:
+    """Map an annotation's ``video`` field to a split video id.
+
+    Accepted spellings of ``Abuse/Abuse001_x264.mp4``: the id itself, without the
+    class folder (``Abuse001_x264.mp4``), and either of those without ``_x264``
+    (``Abuse001.mp4``, as in the users' annotations). A short spelling shared by
+    two ids is ambiguous and does not resolve.
+    """
+
+    def __init__(self, video_ids: Iterable[str]):
+        self._ids = frozenset(video_ids)
+        short: dict[str, str | None] = {}
+        for vid in sorted(self._ids):
+            folder, _, name = vid.rpartition("/")
+            stem = _strip_suffix(name)
+            for key in (f"{folder}/{stem}", stem):
+                short[key] = vid if short.get(key, vid) == vid else None  # None: ambiguous
+        self._short = short
+
+    def resolve(self, ref: str) -> tuple[str | None, str | None]:
+        """``(video_id, None)`` when ``ref`` names a known video, else ``(None, reason code)``."""
+        if escapes_root(ref):
+            return None, PATH_ESCAPES_ROOT
+        ref = normalize_ref(ref)
+        if ref in self._ids:
+            return ref, None
+        folder, _, name = ref.rpartition("/")
+        stem = _strip_suffix(name)
+        vid = self._short.get(f"{folder}/{stem}" if folder else stem)
+        return (vid, None) if vid else (None, UNKNOWN_VIDEO)
