@@ -88,6 +88,8 @@ class ModelConfig(_Section):
     long_text: bool = False
     temporal_layers: int = Field(2, ge=0)
     temporal_heads: int = 4
+    # Rows of the learnable temporal position table: the most frames one video embedding sees.
+    max_frames: int = Field(32, ge=1)
     pooling: Literal["attention", "mean"] = "attention"
     logit_scale_init_value: float = LN_100
     logit_scale_max: float = LN_100
@@ -121,6 +123,7 @@ class HealthConfig(_Section):
     region_loss_max: float = 0.5
     region_loss_by_step: int = 500
     region_loss_action: Literal["warn", "fail"] = "warn"
+    region_loss_window: int = Field(10, ge=1)  # steps averaged for the region-loss gate
     zero_norm_frac_max: float = 0.1
     logit_scale_tolerance: float = 1e-4
 

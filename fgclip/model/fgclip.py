@@ -1,0 +1,469 @@
+"""Video FG-CLIP: a Hugging Face CLIP with a temporal head and region-level alignment.
+
+The model wraps a ``transformers.CLIPModel`` (OpenAI weights or the embedded
+stand-in) and adds what FG-CLIP and the video task need:
+
+- a temporal head over per-frame embeddings (learnable temporal positions,
+  pre-norm transformer layers, attention pooling) whose residual branches and
+  pooling query start at zero, so at initialisation the video embedding is the
+  normalised mean of the frame embeddings: fine-tuning starts exactly from the
+  pretrained CLIP's behaviour;
+- FG-CLIP's dense patch features (the penultimate hidden state through the last
+  block's MLP only, then the post-layernorm), pooled per region with RoIAlign and
+  projected by ``roi_projection``, a copy of the visual projection;
+- two learnable temperatures, global and region, both initialised from
+  ``model.logit_scale_init_value`` (ln 100) and never from CLIP's from-scratch
+  default 2.6592 (ln 1/0.07), the users' original bug.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+
+from fgclip.config import ModelConfig
+from fgclip.model.roi_align import roi_align
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "fgclip_config.json"
+CLIP_TEXT_POSITIONS = 77
+LONG_TEXT_POSITIONS = 248
+# Long-CLIP / FG-CLIP: the first 20 positions are well trained and kept; the rest
+# are interpolated 4x: 20 + 57 * 4 = 248.
+LONG_TEXT_KEEP = 20
+LONG_TEXT_FACTOR = 4
+# Bilinear samples per side of the single RoIAlign bin (torchvision's usual choice).
+ROI_SAMPLING_RATIO = 2
+# ModelConfig keys that shape this module's own layers (the CLIP's come from its config).
+_HEAD_KEYS = ("temporal_layers", "temporal_heads", "pooling", "max_frames", "long_text")
+
+
+class LogitScaleMismatch(ValueError):
+    """A loaded logit scale differs from ``model.logit_scale_init_value`` and the policy is "error"."""
+
+
+def _describe_scale(value: float) -> str:
+    return f"{value:.4f} (exp={math.exp(value):.1f})"
+
+
+def tiny_clip_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> CLIPConfig:
+    """The small from-scratch CLIP described by ``cfg``, with the tokenizer's vocab and special ids."""
+    if tokenizer.eos_token_id is None or tokenizer.eos_token_id == 2:
+        # transformers pools CLIP text with the legacy argmax over ids when eos_token_id == 2.
+        raise ValueError(
+            f"tokenizer EOS id is {tokenizer.eos_token_id}: CLIP text pooling needs a real EOS id other than 2"
+        )
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": cfg.text_hidden,
+        "intermediate_size": 4 * cfg.text_hidden,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": cfg.text_heads,
+        "max_position_embeddings": LONG_TEXT_POSITIONS if cfg.long_text else CLIP_TEXT_POSITIONS,
+        "projection_dim": cfg.projection_dim,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision = {
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "hidden_size": cfg.vision_hidden,
+        "intermediate_size": 4 * cfg.vision_hidden,
+        "num_hidden_layers": cfg.vision_layers,
+        "num_attention_heads": cfg.vision_heads,
+        "projection_dim": cfg.projection_dim,
+    }
+    return CLIPConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=cfg.projection_dim,
+        # Explicit: CLIPConfig's class default is 2.6592.
+        logit_scale_init_value=cfg.logit_scale_init_value,
+    )
+
+
+def load_clip(name_or_path: str | os.PathLike) -> CLIPModel:
+    """A pretrained ``CLIPModel``: a local directory or a hub id (safetensors weights only)."""
+    return CLIPModel.from_pretrained(str(name_or_path), use_safetensors=True)
+
+
+def stretch_position_embeddings(
+    emb: torch.Tensor, keep: int = LONG_TEXT_KEEP, factor: int = LONG_TEXT_FACTOR
+) -> torch.Tensor:
+    """Long-CLIP's position stretch: ``[L, C] -> [keep + (L - keep) * factor, C]`` (77 -> 248).
+
+    Rows ``< keep`` are copied. Each later row ``i`` becomes ``factor`` rows
+    linearly interpolated from row ``i`` towards row ``i + 1``; the last row
+    extrapolates along the last difference, as Long-CLIP does.
+    """
+    if not 1 <= keep < emb.shape[0] - 1:
+        raise ValueError(f"keep={keep} must leave at least two rows of the {emb.shape[0]} to interpolate")
+    tail = emb[keep:]
+    # One extrapolated row so the last kept row also has a "next" row.
+    anchors = torch.cat([tail, (2 * tail[-1] - tail[-2])[None]])
+    w = torch.arange(factor, dtype=emb.dtype, device=emb.device)[:, None] / factor  # [factor, 1]
+    stretched = anchors[:-1, None] * (1 - w) + anchors[1:, None] * w  # [L - keep, factor, C]
+    return torch.cat([emb[:keep], stretched.reshape(-1, emb.shape[1])])
+
+
+class TemporalHead(nn.Module):
+    """Frame embeddings ``[B, T, D]`` -> one video embedding ``[B, D]`` (unnormalised).
+
+    Every path that could move the output away from the frame mean starts at zero:
+    the temporal positions, the output projections of each residual branch, and the
+    pooling query (uniform attention weights = mean pooling).
+    """
+
+    def __init__(self, dim: int, layers: int, heads: int, max_frames: int, pooling: str) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model.temporal_heads={heads} must divide the projection dim {dim}")
+        self.pooling = pooling
+        self.position = nn.Parameter(torch.zeros(max_frames, dim))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                dim,
+                heads,
+                dim_feedforward=4 * dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(layers)
+        )
+        for layer in self.layers:
+            for proj in (layer.self_attn.out_proj, layer.linear2):
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
+        if pooling == "attention":
+            self.key_norm = nn.LayerNorm(dim)
+            self.query = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        t = frames.shape[1]
+        if t > self.position.shape[0]:
+            raise ValueError(f"{t} frames per video exceed model.max_frames={self.position.shape[0]}")
+        x = frames + self.position[:t]
+        for layer in self.layers:
+            x = layer(x)
+        if self.pooling == "mean":
+            return x.mean(dim=1)
+        scores = self.key_norm(x) @ self.query / math.sqrt(x.shape[-1])  # [B, T]
+        return (scores.softmax(dim=1).unsqueeze(-1) * x).sum(dim=1)
+
+
+@dataclass
+class FGCLIPOutput:
+    """Features of one batch for ``FGCLIPLoss`` (M = present regions with a valid box)."""
+
+    video_embeds: torch.Tensor  # [B, D], L2-normalised
+    text_embeds: torch.Tensor  # [B, D], L2-normalised
+    caption_ids: torch.Tensor  # [B]
+    region_image_embeds: torch.Tensor  # [M, D], L2-normalised
+    region_text_embeds: torch.Tensor  # [M, D], L2-normalised
+    region_caption_ids: torch.Tensor  # [M]
+    zero_norm_frac: float
+    logit_scale_global: torch.Tensor  # clamped at model.logit_scale_max
+    logit_scale_region: torch.Tensor
+
+
+class FGCLIPVideoModel(nn.Module):
+    """Video FG-CLIP on a Hugging Face ``CLIPModel``.
+
+    ``__init__`` initialises both logit scales from ``cfg.logit_scale_init_value``;
+    use ``from_clip`` to start from pretrained weights (with the loaded-scale
+    policy) and ``from_pretrained`` to reload a saved model. The global scale is
+    the CLIP's own ``logit_scale`` parameter, so ``model.clip`` exported on its own
+    carries the trained temperature; ``logit_scale_global`` is an alias of it.
+    """
+
+    def __init__(self, clip: CLIPModel, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.clip = clip
+        self.cfg = cfg
+        self.load_report: dict[str, dict[str, Any]] = {}
+        if cfg.long_text:
+            self._stretch_text_positions()
+        dim = clip.config.projection_dim
+        self.temporal = TemporalHead(
+            dim, cfg.temporal_layers, cfg.temporal_heads, cfg.max_frames, cfg.pooling
+        )
+        # FG-CLIP initialises the region projection from the visual projection.
+        self.roi_projection = copy.deepcopy(clip.visual_projection)
+        with torch.no_grad():
+            clip.logit_scale.fill_(cfg.logit_scale_init_value)
+        self.logit_scale_region = nn.Parameter(torch.tensor(float(cfg.logit_scale_init_value)))
+
+    # ----------------------------------------------------------------- loading
+
+    @property
+    def logit_scale_global(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @classmethod
+    def from_clip(
+        cls, clip_or_path: CLIPModel | str | os.PathLike, cfg: ModelConfig, *, source: str | os.PathLike
+    ) -> FGCLIPVideoModel:
+        """Build from a pretrained CLIP, applying ``cfg.loaded_logit_scale`` to its logit scale.
+
+        The CLIP's ``logit_scale`` becomes the global scale. If it differs from
+        ``cfg.logit_scale_init_value`` by more than 1e-4: "error" raises
+        ``LogitScaleMismatch``, "keep" keeps it, "reinit" replaces it (with a
+        warning). A plain CLIP has no region scale: it starts from the config value.
+        """
+        source = str(source)  # the load report must stay JSON-serialisable
+        clip = clip_or_path if isinstance(clip_or_path, CLIPModel) else load_clip(clip_or_path)
+        loaded = clip.logit_scale.item()
+        wanted = float(cfg.logit_scale_init_value)
+        action = "loaded"
+        if abs(loaded - wanted) > 1e-4:
+            if cfg.loaded_logit_scale == "error":
+                raise LogitScaleMismatch(
+                    f"{source}: loaded logit_scale = {_describe_scale(loaded)} differs from "
+                    f"model.logit_scale_init_value = {_describe_scale(wanted)}; set model.loaded_logit_scale "
+                    "to 'keep' (trust the loaded value) or 'reinit' (use the configured one) in params.yaml"
+                )
+            action = "kept" if cfg.loaded_logit_scale == "keep" else "reinit"
+            if action == "reinit":
+                logger.warning(
+                    "[global] logit_scale %s from %s replaced by model.logit_scale_init_value = %s",
+                    _describe_scale(loaded),
+                    source,
+                    _describe_scale(wanted),
+                )
+        model = cls(clip, cfg)
+        if action == "kept":
+            with torch.no_grad():
+                clip.logit_scale.fill_(loaded)
+        logger.info(
+            "[region] no region logit_scale in %s (a plain CLIP has none): initialised from "
+            "model.logit_scale_init_value = %s",
+            source,
+            _describe_scale(wanted),
+        )
+        model.load_report = {
+            "global": {"value": clip.logit_scale.item(), "source": source, "action": action},
+            "region": {
+                "value": model.logit_scale_region.item(),
+                "source": "model.logit_scale_init_value",
+                "action": "init",
+            },
+        }
+        model._log_scales()
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        cfg: ModelConfig | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> FGCLIPVideoModel:
+        """Reload a model written by ``save_pretrained`` (its saved scales are kept as they are).
+
+        ``cfg`` defaults to the saved model config; a given one may change knobs such
+        as ``logit_scale_max`` but not the head's architecture.
+        """
+        path = Path(path)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path}: not an FG-CLIP model directory (missing {name})")
+        saved = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        saved_cfg = ModelConfig.model_validate(saved["model_config"])
+        if cfg is None:
+            cfg = saved_cfg
+        else:
+            differ = [k for k in _HEAD_KEYS if getattr(cfg, k) != getattr(saved_cfg, k)]
+            if differ:
+                raise ValueError(
+                    f"{path}: model config differs from the saved model in "
+                    + ", ".join(
+                        f"{k} ({getattr(cfg, k)!r} vs saved {getattr(saved_cfg, k)!r})" for k in differ
+                    )
+                )
+        model = cls(CLIPModel(CLIPConfig.from_dict(saved["clip_config"])), cfg)
+        state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
+        model.load_state_dict(state, strict=True)
+        model.to(map_location)
+        model.load_report = {
+            name: {"value": p.item(), "source": str(path), "action": "loaded"}
+            for name, p in (("global", model.logit_scale_global), ("region", model.logit_scale_region))
+        }
+        model._log_scales()
+        return model
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` (whole state dict) and ``fgclip_config.json``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+        config = {"clip_config": self.clip.config.to_dict(), "model_config": self.cfg.model_dump()}
+        (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+    def _log_scales(self) -> None:
+        for name, scale in (("global", self.logit_scale_global), ("region", self.logit_scale_region)):
+            logger.info("[%s] Loaded logit_scale = %s", name, _describe_scale(scale.item()))
+
+    def _stretch_text_positions(self) -> None:
+        embeddings = self.clip.text_model.embeddings
+        table = embeddings.position_embedding
+        if table.num_embeddings == LONG_TEXT_POSITIONS:
+            return
+        if table.num_embeddings != CLIP_TEXT_POSITIONS:
+            raise ValueError(
+                f"model.long_text needs a {CLIP_TEXT_POSITIONS}- or {LONG_TEXT_POSITIONS}-position text model, "
+                f"this one has {table.num_embeddings}"
+            )
+        stretched = stretch_position_embeddings(table.weight.detach())
+        embeddings.position_embedding = nn.Embedding.from_pretrained(stretched, freeze=False)
+        embeddings.register_buffer(
+            "position_ids", torch.arange(LONG_TEXT_POSITIONS, device=stretched.device)[None], persistent=False
+        )
+        # text_model.config is the same object as clip.config.text_config: saved with the model.
+        self.clip.config.text_config.max_position_embeddings = LONG_TEXT_POSITIONS
+
+    # ---------------------------------------------------------------- encoders
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(global, region)`` logit scales clamped at ``cfg.logit_scale_max``."""
+        top = self.cfg.logit_scale_max
+        return self.logit_scale_global.clamp(max=top), self.logit_scale_region.clamp(max=top)
+
+    def _vision(
+        self, pixel_values: torch.Tensor, with_hidden: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One vision forward: projected CLS embeddings and (optionally) the penultimate hidden state."""
+        out = self.clip.vision_model(pixel_values=pixel_values, output_hidden_states=with_hidden)
+        embeds = self.clip.visual_projection(out.pooler_output)
+        # hidden_states = (embeddings, layer 1, ..., layer L): [-2] is the input of the last block.
+        return embeds, (out.hidden_states[-2] if with_hidden else None)
+
+    def _dense(self, penultimate: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """FG-CLIP dense features: the last block without its attention, post-layernorm, patches only."""
+        vision = self.clip.vision_model
+        last = vision.encoder.layers[-1]
+        # Skipping the last attention keeps each patch token local (no mixing with
+        # the CLS summary), which is what makes the tokens usable for RoI pooling.
+        x = penultimate + last.mlp(last.layer_norm2(penultimate))
+        x = vision.post_layernorm(x)
+        return x[:, 1:].reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
+
+    def _grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        patch = self.clip.config.vision_config.patch_size
+        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, *, with_patches: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-image projected embeddings ``[N, D]`` (unnormalised) and, if asked, dense patches ``[N, gh, gw, C]``."""
+        embeds, penultimate = self._vision(pixel_values, with_patches)
+        patches = self._dense(penultimate, self._grid(pixel_values)) if with_patches else None
+        return embeds, patches
+
+    def encode_video(self, frame_embeds: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]`` frame embeddings (normalised here, raw ones are fine) -> ``[B, D]`` L2-normalised."""
+        return F.normalize(self.temporal(F.normalize(frame_embeds, dim=-1)), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[N, L]`` token ids -> ``[N, D]`` L2-normalised (pooled at the EOS token by CLIP)."""
+        if input_ids.shape[0] == 0:
+            return self.clip.text_projection.weight.new_zeros((0, self.clip.config.projection_dim))
+        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(self.clip.text_projection(out.pooler_output), dim=-1)
+
+    def encode_regions(
+        self, patch_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Region embeddings from dense patch features.
+
+        Args:
+            patch_tokens: ``[B, K, gh, gw, C]`` dense features of K keyframes per video.
+            boxes: ``[B, R, K, 4]`` normalised xyxy box of region r on keyframe k.
+            box_mask: ``[B, R, K]`` True where that box exists.
+
+        Returns:
+            ``features [B, R, D]`` (L2-normalised; zero where invalid), ``valid [B, R]``
+            (region has at least one box), and the fraction of valid regions whose
+            projected feature has norm < 1e-6 before normalisation.
+        """
+        b, k, gh, gw, c = patch_tokens.shape
+        r = boxes.shape[1]
+        if boxes.shape != (b, r, k, 4) or box_mask.shape != (b, r, k):
+            raise ValueError(
+                f"boxes {tuple(boxes.shape)} / box_mask {tuple(box_mask.shape)} do not match "
+                f"patch_tokens {tuple(patch_tokens.shape)} (want [B, R, K, 4] / [B, R, K])"
+            )
+        box_mask = box_mask.bool()
+        # Missing boxes may hold padding garbage (even NaN): pool the whole frame
+        # there instead, and drop the result below.
+        whole = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+        safe = torch.where(box_mask[..., None], boxes, whole)
+        maps = patch_tokens.permute(0, 1, 4, 2, 3).reshape(b * k, c, gh, gw)
+        per_map = safe.permute(0, 2, 1, 3).reshape(b * k, r, 4)
+        pooled = roi_align(
+            maps, per_map, output_size=1, sampling_ratio=ROI_SAMPLING_RATIO
+        )  # [B*K, R, C, 1, 1]
+        pooled = pooled.reshape(b, k, r, c).transpose(1, 2)  # [B, R, K, C]
+        summed = torch.where(box_mask[..., None], pooled, torch.zeros_like(pooled)).sum(dim=2)
+        counts = box_mask.sum(dim=2, keepdim=True).clamp(min=1).to(summed.dtype)
+        projected = self.roi_projection(summed / counts)  # [B, R, D]
+        valid = box_mask.any(dim=2)
+        zero = (projected.detach().norm(dim=-1) < 1e-6) & valid
+        zero_norm_frac = float(zero.sum()) / max(int(valid.sum()), 1)
+        features = torch.where(valid[..., None], F.normalize(projected, dim=-1), torch.zeros_like(projected))
+        return features, valid, zero_norm_frac
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> FGCLIPOutput:
+        """Encode a training batch (keys in ``docs/contracts.md``) for ``FGCLIPLoss``."""
+        frames, keyframes = batch["frames"], batch["keyframes"]
+        b, t = frames.shape[:2]
+        k = keyframes.shape[1]
+        if k == 0:
+            raise ValueError(
+                "batch has no keyframes: region features need at least one keyframe slot per video"
+            )
+        # Frames and keyframes share one vision forward (one large batch beats two).
+        pixels = torch.cat([frames.flatten(0, 1), keyframes.flatten(0, 1)])
+        embeds, penultimate = self._vision(pixels, with_hidden=True)
+        video = self.encode_video(embeds[: b * t].view(b, t, -1))
+        text = self.encode_text(batch["text_ids"], batch["text_mask"])
+
+        # Only the keyframes need the dense path.
+        patches = self._dense(penultimate[b * t :], self._grid(pixels))
+        patches = patches.view(b, k, *patches.shape[1:])
+        regions, box_valid, zero_norm_frac = self.encode_regions(patches, batch["boxes"], batch["box_mask"])
+        keep = batch["region_mask"].bool() & box_valid
+        region_text = self.encode_text(batch["region_ids"][keep], batch["region_text_mask"][keep])
+
+        scale_global, scale_region = self.scales()
+        return FGCLIPOutput(
+            video_embeds=video,
+            text_embeds=text,
+            caption_ids=batch["caption_ids"],
+            region_image_embeds=regions[keep],
+            region_text_embeds=region_text,
+            region_caption_ids=batch["region_caption_ids"][keep],
+            zero_norm_frac=zero_norm_frac,
+            logit_scale_global=scale_global,
+            logit_scale_region=scale_region,
+        )

@@ -1,0 +1,267 @@
+"""Contrastive losses of the video FG-CLIP: global (video-caption) and region.
+
+Both are symmetric InfoNCE over L2-normalised features with logits
+``exp(logit_scale) * cosine``. Two details matter on this data:
+
+- Duplicates are not negatives. Several videos (and many regions of normal
+  videos) share a caption; treating an identical caption as a negative teaches
+  the model to separate identical texts. Rows carry stable caption ids and any
+  other column with the anchor's id is masked out of the softmax.
+- Under DDP each rank scores its own rows against every rank's columns. The last
+  batch of an epoch can be smaller on some ranks (FG-CLIP's gather crashes on
+  that), so sizes are exchanged first and the padded gather is trimmed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch import nn
+
+from fgclip.model.memory_bank import RegionMemoryBank
+
+if TYPE_CHECKING:  # the losses only read its fields; no transformers import needed here
+    from fgclip.model.fgclip import FGCLIPOutput
+
+
+class ContrastiveResult(NamedTuple):
+    loss: torch.Tensor
+    # Scaled similarities BEFORE duplicate masking (finite, for diagnostics);
+    # extra (memory bank) columns are appended after the batch columns.
+    logits_i2t: torch.Tensor
+    logits_t2i: torch.Tensor
+
+
+class LossResult(NamedTuple):
+    loss: torch.Tensor
+    loss_global: torch.Tensor
+    loss_region: torch.Tensor
+    logits_i2t: torch.Tensor  # region logits; the global ones when the batch has no region
+    bank_negatives: int
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_sizes(n: int, device: torch.device) -> list[int]:
+    local = torch.tensor([n], device=device, dtype=torch.long)
+    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, local)
+    return [int(s) for s in sizes]
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    pad = x.new_zeros((rows - x.shape[0], *x.shape[1:]))
+    return torch.cat([x, pad])
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, gradients flowing back to each rank.
+
+    Identity outside DDP. Ranks may hold different numbers of rows (0 included):
+    every rank pads to the largest size, gathers, and drops the padding.
+    """
+    if not _is_distributed():
+        return x
+    sizes = _gather_sizes(x.shape[0], x.device)
+    parts = dist_nn.all_gather(_pad_rows(x, max(sizes)))
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """``gather_with_grad`` for tensors without gradients (integer ids)."""
+    if not _is_distributed():
+        return x
+    sizes = _gather_sizes(x.shape[0], x.device)
+    padded = _pad_rows(x, max(sizes))
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _rank_offset(n: int, device: torch.device) -> int:
+    """Index of this rank's first row in the gathered batch."""
+    if not _is_distributed():
+        return 0
+    return sum(_gather_sizes(n, device)[: dist.get_rank()])
+
+
+def _direction(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    targets: torch.Tensor,
+    row_ids: torch.Tensor | None,
+    col_ids: torch.Tensor | None,
+    extra: torch.Tensor | None,
+    extra_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of one direction (rows against cols + extra); returns (loss, unmasked logits)."""
+    logits = scale * rows @ cols.T
+    if extra is not None and extra.shape[0] > 0:
+        logits = torch.cat([logits, scale * rows @ extra.T.to(rows.dtype)], dim=1)
+    masked = logits
+    if row_ids is not None:
+        same = row_ids[:, None] == col_ids[None, :]
+        # The positive itself is never masked, even though it shares the anchor's id.
+        same[torch.arange(rows.shape[0], device=rows.device), targets] = False
+        if extra is not None and extra.shape[0] > 0:
+            if extra_ids is None:
+                raise ValueError("extra negatives need extra_ids when ids are given")
+            same = torch.cat([same, row_ids[:, None] == extra_ids[None, :].to(row_ids.device)], dim=1)
+        masked = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(masked, targets), logits
+
+
+def _symmetric_info_nce(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_cols: torch.Tensor,
+    text_cols: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    offset: int,
+    ids: torch.Tensor | None,
+    col_ids: torch.Tensor | None,
+    extra_text: torch.Tensor | None,
+    extra_image: torch.Tensor | None,
+    extra_ids: torch.Tensor | None,
+) -> ContrastiveResult:
+    """Local rows ``image``/``text`` against columns ``*_cols``, whose rows ``offset…`` are the positives."""
+    n = image.shape[0]
+    if n == 0:
+        # No pair on this rank: a zero that still reaches every input, so backward
+        # (and DDP's gradient bookkeeping) behaves as on any other step.
+        zero = image.sum() * 0 + text.sum() * 0 + logit_scale * 0
+        empty = image.new_zeros((0, image_cols.shape[0]))
+        return ContrastiveResult(zero, empty, empty)
+    scale = logit_scale.exp()
+    targets = torch.arange(n, device=image.device) + offset
+    loss_i2t, logits_i2t = _direction(image, text_cols, scale, targets, ids, col_ids, extra_text, extra_ids)
+    loss_t2i, logits_t2i = _direction(text, image_cols, scale, targets, ids, col_ids, extra_image, extra_ids)
+    return ContrastiveResult((loss_i2t + loss_t2i) / 2, logits_i2t, logits_t2i)
+
+
+def contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    ids: torch.Tensor | None = None,
+    extra_text: torch.Tensor | None = None,
+    extra_image: torch.Tensor | None = None,
+    extra_ids: torch.Tensor | None = None,
+) -> ContrastiveResult:
+    """Symmetric InfoNCE of matching rows ``image[i]`` ↔ ``text[i]`` (features L2-normalised).
+
+    Args:
+        image, text: ``[N, D]``.
+        logit_scale: log temperature (already clamped); logits = ``exp(logit_scale) * sim``.
+        ids: ``[N]`` caption ids; a column with the anchor's id (other than its own
+            positive) is masked out of the softmax.
+        extra_text, extra_image, extra_ids: ``[F, D]``, ``[F, D]``, ``[F]`` extra negatives
+            (memory bank), appended as columns: image→text uses ``extra_text``,
+            text→image ``extra_image``; masked by id like the batch columns.
+    """
+    return _symmetric_info_nce(
+        image,
+        text,
+        image,
+        text,
+        logit_scale,
+        offset=0,
+        ids=ids,
+        col_ids=ids,
+        extra_text=extra_text,
+        extra_image=extra_image,
+        extra_ids=extra_ids,
+    )
+
+
+def _gathered_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    ids: torch.Tensor | None,
+    *,
+    extra_text: torch.Tensor | None = None,
+    extra_image: torch.Tensor | None = None,
+    extra_ids: torch.Tensor | None = None,
+) -> tuple[ContrastiveResult, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """InfoNCE of local rows against all ranks' columns; also returns the gathered columns."""
+    image_all = gather_with_grad(image)
+    text_all = gather_with_grad(text)
+    ids_all = _gather_no_grad(ids) if ids is not None else None
+    result = _symmetric_info_nce(
+        image,
+        text,
+        image_all,
+        text_all,
+        logit_scale,
+        offset=_rank_offset(image.shape[0], image.device),
+        ids=ids,
+        col_ids=ids_all,
+        extra_text=extra_text,
+        extra_image=extra_image,
+        extra_ids=extra_ids,
+    )
+    return result, image_all, text_all, ids_all
+
+
+def global_loss(
+    video: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor | None = None
+) -> ContrastiveResult:
+    """Video ↔ caption InfoNCE over the whole (multi-rank) batch; ``contrastive_loss`` outside DDP.
+
+    Each rank returns the loss of its own rows; DDP's gradient averaging then
+    yields the gradient of the batch loss.
+    """
+    return _gathered_loss(video, text, scale, ids)[0]
+
+
+class FGCLIPLoss(nn.Module):
+    """Global loss + ``region_weight`` × region loss (with memory-bank negatives once it is on)."""
+
+    def __init__(self, region_weight: float, memory_bank: RegionMemoryBank | None = None) -> None:
+        super().__init__()
+        self.region_weight = region_weight
+        self.memory_bank = memory_bank
+
+    def forward(self, out: FGCLIPOutput) -> LossResult:
+        bank = self.memory_bank
+        if bank is not None:
+            bank.step()
+        glob = global_loss(out.video_embeds, out.text_embeds, out.logit_scale_global, out.caption_ids)
+
+        extra_image = extra_text = extra_ids = None
+        if bank is not None:
+            extra_image, extra_text, extra_ids = bank.negatives()
+        # Every rank runs the gather, even with no region of its own: it is a collective.
+        region, image_all, text_all, ids_all = _gathered_loss(
+            out.region_image_embeds,
+            out.region_text_embeds,
+            out.logit_scale_region,
+            out.region_caption_ids,
+            extra_text=extra_text,
+            extra_image=extra_image,
+            extra_ids=extra_ids,
+        )
+        if bank is not None:
+            # After the loss: the current batch must not be its own negative.
+            bank.enqueue(image_all.detach(), text_all.detach(), ids_all)
+
+        has_regions = out.region_image_embeds.shape[0] > 0
+        return LossResult(
+            loss=glob.loss + self.region_weight * region.loss,
+            loss_global=glob.loss,
+            loss_region=region.loss,
+            logits_i2t=region.logits_i2t if has_regions else glob.logits_i2t,
+            bank_negatives=0 if extra_ids is None else int(extra_ids.shape[0]),
+        )

@@ -1,0 +1,83 @@
+"""A two-rank gloo worker for the DDP loss test (runs in spawned processes).
+
+Kept apart from the test module and free of transformers so that each spawned
+process only imports torch and the loss code: spawning is the slow part of the test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fgclip.model.losses import FGCLIPLoss, global_loss
+from fgclip.model.memory_bank import RegionMemoryBank
+
+LN_100 = math.log(100.0)
+# Rank 1 holds fewer global pairs than rank 0, and no region at all.
+GLOBAL_SIZES = (3, 2)
+REGION_SIZES = (3, 0)
+GLOBAL_IDS = (0, 1, 0, 2, 3)
+
+
+def unit(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
+    """``n`` seeded random unit vectors."""
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(sizes: tuple[int, ...], rank: int) -> slice:
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def ddp_worker(rank: int, world: int, port: int, queue) -> None:
+    """Compute this rank's share of the global and region losses; put plain results on ``queue``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        rows = _rows(GLOBAL_SIZES, rank)
+        video, text = unit(sum(GLOBAL_SIZES), seed=0)[rows], unit(sum(GLOBAL_SIZES), seed=1)[rows]
+        ids = torch.tensor(GLOBAL_IDS)[rows]
+        video.requires_grad_(True)
+        result = global_loss(video, text, torch.tensor(LN_100), ids)
+        result.loss.backward()
+
+        r_rows = _rows(REGION_SIZES, rank)
+        bank = RegionMemoryBank(size=8, dim=8, warmup_steps=0)
+        # FGCLIPLoss only reads these fields of an FGCLIPOutput.
+        out = SimpleNamespace(
+            video_embeds=video.detach(),
+            text_embeds=text,
+            caption_ids=ids,
+            region_image_embeds=unit(sum(REGION_SIZES), seed=2)[r_rows],
+            region_text_embeds=unit(sum(REGION_SIZES), seed=3)[r_rows],
+            region_caption_ids=torch.arange(sum(REGION_SIZES))[r_rows],
+            logit_scale_global=torch.tensor(LN_100),
+            logit_scale_region=torch.tensor(LN_100),
+        )
+        region = FGCLIPLoss(region_weight=1.0, memory_bank=bank)(out)
+        queue.put(
+            (
+                rank,
+                {
+                    "loss": result.loss.item(),
+                    "logits": tuple(result.logits_i2t.shape),
+                    "grad": video.grad.tolist(),
+                    "region": region.loss_region.item(),
+                    "bank_ids": bank.negatives()[2].tolist(),
+                },
+            )
+        )
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,232 @@
+"""Contrastive losses against a reference written out row by row."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from model_ddp_worker import GLOBAL_IDS, GLOBAL_SIZES, REGION_SIZES, ddp_worker, free_port, unit
+
+from fgclip.model.fgclip import FGCLIPOutput
+from fgclip.model.losses import FGCLIPLoss, contrastive_loss
+from fgclip.model.memory_bank import RegionMemoryBank
+
+LN_100 = math.log(100.0)
+
+
+def _reference_direction(rows, cols, scale, ids=None, extra=None, extra_ids=None) -> float:
+    """Mean over rows of -log softmax(logits)[i, i], with masked columns left out of the sum."""
+    s = math.exp(float(scale))
+    total = 0.0
+    for i in range(rows.shape[0]):
+        logits = []
+        for j in range(cols.shape[0]):
+            if ids is not None and j != i and ids[j] == ids[i]:
+                continue
+            logits.append(s * float(rows[i] @ cols[j]))
+        for j in range(0 if extra is None else extra.shape[0]):
+            if ids is not None and extra_ids[j] == ids[i]:
+                continue
+            logits.append(s * float(rows[i] @ extra[j]))
+        top = max(logits)
+        log_sum_exp = top + math.log(sum(math.exp(v - top) for v in logits))
+        total += -(s * float(rows[i] @ cols[i]) - log_sum_exp)
+    return total / rows.shape[0]
+
+
+def _reference(image, text, scale, ids=None, extra_text=None, extra_image=None, extra_ids=None) -> float:
+    i2t = _reference_direction(image, text, scale, ids, extra_text, extra_ids)
+    t2i = _reference_direction(text, image, scale, ids, extra_image, extra_ids)
+    return (i2t + t2i) / 2
+
+
+def test_plain_infonce_matches_reference() -> None:
+    image, text = unit(5, seed=0), unit(5, seed=1)
+    scale = torch.tensor(LN_100)
+    result = contrastive_loss(image, text, scale)
+    assert result.loss.item() == pytest.approx(_reference(image, text, scale), rel=1e-5)
+    torch.testing.assert_close(result.logits_i2t, 100 * image @ text.T)
+    torch.testing.assert_close(result.logits_t2i, 100 * text @ image.T)
+
+
+def test_duplicate_ids_are_not_negatives() -> None:
+    image, text = unit(6, seed=2), unit(6, seed=3)
+    ids = torch.tensor([7, 1, 7, 2, 1, 7])
+    scale = torch.tensor(2.0)
+    result = contrastive_loss(image, text, scale, ids=ids)
+    assert result.loss.item() == pytest.approx(_reference(image, text, scale, ids), rel=1e-5)
+    assert result.loss.item() != pytest.approx(contrastive_loss(image, text, scale).loss.item(), rel=1e-3)
+    # The returned logits stay finite (diagnostics); masking lives inside the loss only.
+    assert torch.isfinite(result.logits_i2t).all()
+
+
+def test_extra_negatives_with_duplicate_ids() -> None:
+    image, text = unit(4, seed=4), unit(4, seed=5)
+    extra_image, extra_text = unit(6, seed=6), unit(6, seed=7)
+    ids = torch.tensor([0, 1, 2, 3])
+    extra_ids = torch.tensor([9, 1, 8, 1, 3, 7])
+    scale = torch.tensor(LN_100)
+    result = contrastive_loss(
+        image, text, scale, ids=ids, extra_text=extra_text, extra_image=extra_image, extra_ids=extra_ids
+    )
+    expected = _reference(image, text, scale, ids, extra_text, extra_image, extra_ids)
+    assert result.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert result.logits_i2t.shape == result.logits_t2i.shape == (4, 10)
+    torch.testing.assert_close(result.logits_t2i[:, 4:], 100 * text @ extra_image.T)
+    # Without ids nothing is masked, extra columns included.
+    unmasked = contrastive_loss(image, text, scale, extra_text=extra_text, extra_image=extra_image)
+    assert unmasked.loss.item() == pytest.approx(
+        _reference(image, text, scale, None, extra_text, extra_image), rel=1e-5
+    )
+
+
+def test_empty_batch_gives_a_connected_zero() -> None:
+    image = torch.zeros(0, 8, requires_grad=True)
+    scale = torch.tensor(LN_100, requires_grad=True)
+    result = contrastive_loss(image, image * 1, scale)
+    assert result.loss.item() == 0.0 and result.loss.requires_grad
+    result.loss.backward()
+    assert scale.grad is not None and scale.grad.item() == 0.0
+
+
+def _output(n_regions: int, seed: int, scale: float = LN_100, region_ids=None) -> FGCLIPOutput:
+    video, text = unit(3, seed=seed), unit(3, seed=seed + 1)
+    region_image, region_text = unit(n_regions, seed=seed + 2), unit(n_regions, seed=seed + 3)
+    s_global = torch.tensor(scale, requires_grad=True)
+    s_region = torch.tensor(scale, requires_grad=True)
+    for t in (video, text, region_image, region_text):
+        t.requires_grad_(True)
+    return FGCLIPOutput(
+        video_embeds=video,
+        text_embeds=text,
+        caption_ids=torch.tensor([0, 1, 0]),
+        region_image_embeds=region_image,
+        region_text_embeds=region_text,
+        region_caption_ids=torch.arange(n_regions) if region_ids is None else region_ids,
+        zero_norm_frac=0.0,
+        logit_scale_global=s_global,
+        logit_scale_region=s_region,
+    )
+
+
+def test_fgclip_loss_combines_global_and_region() -> None:
+    out = _output(4, seed=10)
+    result = FGCLIPLoss(region_weight=0.5)(out)
+    ids = out.caption_ids
+    expected_global = _reference(out.video_embeds.detach(), out.text_embeds.detach(), LN_100, ids)
+    expected_region = _reference(
+        out.region_image_embeds.detach(), out.region_text_embeds.detach(), LN_100, torch.arange(4)
+    )
+    assert result.loss_global.item() == pytest.approx(expected_global, rel=1e-5)
+    assert result.loss_region.item() == pytest.approx(expected_region, rel=1e-5)
+    assert result.loss.item() == pytest.approx(expected_global + 0.5 * expected_region, rel=1e-5)
+    assert result.logits_i2t.shape == (4, 4) and result.bank_negatives == 0
+    result.loss.backward()
+    assert out.logit_scale_region.grad is not None and out.region_image_embeds.grad.abs().sum() > 0
+
+
+def test_memory_bank_negatives_after_warmup() -> None:
+    bank = RegionMemoryBank(size=6, dim=8, warmup_steps=2)
+    loss = FGCLIPLoss(region_weight=1.0, memory_bank=bank)
+    first = loss(_output(4, seed=20))
+    assert first.bank_negatives == 0 and int(bank.filled) == 0  # pass 1: still warming up
+    second_out = _output(4, seed=30)
+    second = loss(second_out)  # pass 2: switched on, nothing queued yet, then this batch is queued
+    assert second.bank_negatives == 0 and int(bank.filled) == 4
+    third_out = _output(4, seed=40, region_ids=torch.tensor([0, 1, 2, 3]))
+    third = loss(third_out)
+    assert third.bank_negatives == 4 and third.logits_i2t.shape == (4, 8)
+    # The queued batch (ids 0..3 again) shares each anchor's id once: masked out.
+    expected = _reference(
+        third_out.region_image_embeds.detach(),
+        third_out.region_text_embeds.detach(),
+        LN_100,
+        torch.arange(4),
+        second_out.region_text_embeds.detach(),
+        second_out.region_image_embeds.detach(),
+        torch.arange(4),
+    )
+    assert third.loss_region.item() == pytest.approx(expected, rel=1e-5)
+    assert int(bank.filled) == 6 and int(bank.ptr) == 2 and int(bank.forward_passes) == 3
+
+
+def test_backward_after_the_bank_enqueues_in_place() -> None:
+    """The loss keeps the bank's negatives for backward; enqueueing must not invalidate them."""
+    bank = RegionMemoryBank(size=16, dim=8, warmup_steps=0)
+    loss = FGCLIPLoss(region_weight=1.0, memory_bank=bank)
+    for seed in (60, 61, 62):
+        out = _output(4, seed=seed)
+        leaf = out.region_image_embeds.detach().requires_grad_(True)
+        out.region_image_embeds = leaf
+        result = loss(out)
+        result.loss.backward()  # raised "modified by an inplace operation" when negatives were views
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    assert result.bank_negatives > 0
+
+
+def test_batch_without_regions_gives_zero_region_loss() -> None:
+    out = _output(0, seed=50)
+    result = FGCLIPLoss(region_weight=0.5)(out)
+    assert result.loss_region.item() == 0.0 and result.loss_region.requires_grad
+    assert torch.isfinite(result.loss)
+    assert result.logits_i2t.shape == (3, 3)  # the global logits stand in for diagnostics
+    result.loss.backward()
+    assert out.logit_scale_region.grad.item() == 0.0
+
+
+# ------------------------------------------------------------------ DDP (gloo, 2 CPU processes)
+
+
+def _sum_of_rank_losses_grad(video: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """d/d(video) of sum over ranks of (mean over the rank's rows of the symmetric row loss)."""
+    video = video.clone().requires_grad_(True)
+    same = (ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool)
+    logits = (100 * video @ text.T).masked_fill(same, float("-inf"))
+    targets = torch.arange(len(ids))
+    rows = (
+        F.cross_entropy(logits, targets, reduction="none")
+        + F.cross_entropy(logits.T, targets, reduction="none")
+    ) / 2
+    bounds = [0, GLOBAL_SIZES[0], sum(GLOBAL_SIZES)]
+    sum(rows[a:b].mean() for a, b in itertools.pairwise(bounds)).backward()
+    return video.grad
+
+
+def test_global_loss_across_uneven_ranks_matches_single_process() -> None:
+    # spawn, not fork: forking a process whose torch thread pools already ran deadlocks.
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    workers = [ctx.Process(target=ddp_worker, args=(rank, 2, port, queue)) for rank in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        results = dict(queue.get(timeout=120) for _ in workers)
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+    assert [w.exitcode for w in workers] == [0, 0]
+
+    n = sum(GLOBAL_SIZES)
+    video, text, ids = unit(n, seed=0), unit(n, seed=1), torch.tensor(GLOBAL_IDS)
+    full = contrastive_loss(video, text, torch.tensor(LN_100), ids=ids)
+    # Each rank's loss is the mean over its own rows: weighted by rows, they give the full loss.
+    weighted = sum(results[r]["loss"] * GLOBAL_SIZES[r] for r in range(2)) / n
+    assert weighted == pytest.approx(full.loss.item(), rel=1e-5)
+    assert results[0]["logits"] == (3, 5) and results[1]["logits"] == (2, 5)
+    assert results[0]["loss"] != pytest.approx(results[1]["loss"], rel=1e-3)
+    # Each rank's rows get the gradient of the SUM of all ranks' losses: their own
+    # rows' terms plus, through the gathered columns, the other ranks' terms.
+    per_rank = torch.tensor(results[0]["grad"] + results[1]["grad"])
+    torch.testing.assert_close(per_rank, _sum_of_rank_losses_grad(video, text, ids), rtol=1e-4, atol=1e-6)
+
+    m = sum(REGION_SIZES)
+    region = contrastive_loss(unit(m, seed=2), unit(m, seed=3), torch.tensor(LN_100), ids=torch.arange(m))
+    assert results[0]["region"] == pytest.approx(region.loss.item(), rel=1e-5)
+    assert results[1]["region"] == 0.0
+    # Both ranks queued the same gathered regions.
+    assert results[0]["bank_ids"] == results[1]["bank_ids"] == [0, 1, 2]
