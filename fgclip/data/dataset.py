@@ -1,0 +1,503 @@
+"""Training datasets over the extracted frames and the validated box shards.
+
+- :class:`VideoClipDataset`: one item per video (T frames, global caption,
+  regions with boxes on keyframes), for video FG-CLIP training; :func:`collate`
+  pads regions and keyframes into the batch dict the model's ``forward`` takes.
+- :class:`FramePairDataset`: (image, caption) pairs for the plain-CLIP
+  pretraining of the embedded stand-in: every train frame with its video's
+  global caption, every accepted box crop with its region caption.
+
+Both read ``<frames>/index.parquet`` and the box shards listed in
+``<boxes>/manifest.json`` once, group them with NumPy, and tokenize every
+caption once; items then only index arrays and decode JPEGs.
+
+Randomness is a pure function of ``(seed, epoch, index)``: an item does not
+depend on which worker loads it, nor on whether training was resumed, which is
+what makes a resumed run step-for-step identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from fgclip.config import Params
+from fgclip.model.tokenizer import tokenize
+
+logger = logging.getLogger(__name__)
+
+# OpenAI CLIP's pixel statistics: the stand-in and OpenAI weights share them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# region_caption_ids of padded regions: caption ids are 63-bit, never negative.
+PAD_CAPTION_ID = -1
+
+ItemKey = int | tuple[int, int]  # index, or (epoch, index) from EpochBatchSampler
+
+
+class DatasetError(ValueError):
+    """The frame index or the box shards cannot be used; the message names the file."""
+
+
+def caption_ids(texts: Sequence[str]) -> np.ndarray:
+    """Stable 63-bit id per caption (blake2b): equal texts, equal ids, in any process."""
+    out = np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return out
+
+
+def load_image(path: Path, size: int, box: Sequence[float] | None = None) -> torch.Tensor:
+    """A JPEG as ``uint8 [3, size, size]``, optionally cropped to a normalized xyxy box.
+
+    Frames are resized to a square without cropping: boxes are normalized to the
+    full frame, and a centre crop would cut boxes near the left and right edges.
+    """
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if box is not None:
+                w, h = img.size
+                x1, y1, x2, y2 = box
+                left, top = int(np.floor(x1 * w)), int(np.floor(y1 * h))
+                right, bottom = max(left + 1, int(np.ceil(x2 * w))), max(top + 1, int(np.ceil(y2 * h)))
+                img = img.crop((left, top, right, bottom))
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
+            array = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: frame image listed by the extraction stage is missing") from exc
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot decode frame image: {exc}") from exc
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8 [..., 3, H, W]`` to CLIP-normalised float32."""
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def _check_relative(paths: pa.ChunkedArray, source: Path) -> None:
+    """Frame paths must stay inside the frames directory."""
+    bad = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, ".."))
+    if pc.any(bad).as_py():
+        first = pc.filter(paths, bad)[0].as_py()
+        raise DatasetError(f"{source}: frame path {first!r} points outside the frames directory")
+
+
+def read_train_frames(frames_dir: Path, split: str) -> pa.Table:
+    """``video, frame, path`` of the ``train``-purpose frames of ``split``, sorted."""
+    index_path = frames_dir / "index.parquet"
+    if not index_path.is_file():
+        raise DatasetError(f"{index_path}: frame index not found (run the extract_frames stage)")
+    table = pq.read_table(index_path, columns=["video", "split", "frame", "path", "purpose"])
+    table = table.filter(pc.and_(pc.equal(table["split"], split), pc.equal(table["purpose"], "train")))
+    if table.num_rows == 0:
+        raise DatasetError(f"{index_path}: no 'train' frames for split {split!r}")
+    _check_relative(table["path"], index_path)
+    return table.select(["video", "frame", "path"]).sort_by([("video", "ascending"), ("frame", "ascending")])
+
+
+def read_boxes(boxes_dir: Path, split: str) -> pa.Table:
+    """Every accepted box row of ``split`` from the shards in ``manifest.json``, sorted."""
+    manifest_path = boxes_dir / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        shard_paths = [boxes_dir / shard["path"] for shard in manifest["shards"]]
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{manifest_path}: not found (run the validate_boxes stage)") from exc
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{manifest_path}: not a valid shard manifest: {exc}") from exc
+    columns = [
+        "video",
+        "split",
+        "region",
+        "region_caption",
+        "global_caption",
+        "frame",
+        "x1",
+        "y1",
+        "x2",
+        "y2",
+        "frame_path",
+    ]
+    tables = [pq.read_table(path, columns=columns) for path in shard_paths]
+    if not tables:
+        raise DatasetError(f"{manifest_path}: lists no shards")
+    table = pa.concat_tables(tables)
+    table = table.filter(pc.equal(table["split"], split))
+    _check_relative(table["frame_path"], manifest_path)
+    return table.sort_by([("video", "ascending"), ("region", "ascending"), ("frame", "ascending")])
+
+
+def _group_starts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(start, count)`` of each run of equal consecutive keys (keys already sorted)."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+    starts = np.concatenate([[0], change]).astype(np.int64)
+    counts = np.diff(np.concatenate([starts, [len(keys)]])).astype(np.int64)
+    return starts, counts
+
+
+def _keep_videos_with_both(frames: pa.Table, boxes: pa.Table, what: str) -> tuple[pa.Table, pa.Table]:
+    """Restrict both tables to videos present in both; the rest are reported, not dropped silently."""
+    frame_videos = pc.unique(frames["video"])
+    box_videos = pc.unique(boxes["video"])
+    no_caption = pc.filter(frame_videos, pc.invert(pc.is_in(frame_videos, box_videos))).to_pylist()
+    no_frames = pc.filter(box_videos, pc.invert(pc.is_in(box_videos, frame_videos))).to_pylist()
+    if no_caption:
+        logger.warning(
+            "%s: %d video(s) have frames but no accepted box rows (so no caption) and are left out: %s",
+            what,
+            len(no_caption),
+            ", ".join(no_caption),
+        )
+    if no_frames:
+        logger.warning(
+            "%s: %d video(s) have box rows but no extracted train frames and are left out: %s",
+            what,
+            len(no_frames),
+            ", ".join(no_frames),
+        )
+    frames = frames.filter(pc.is_in(frames["video"], box_videos))
+    boxes = boxes.filter(pc.is_in(boxes["video"], frame_videos))
+    if frames.num_rows == 0:
+        raise DatasetError(f"{what}: no video has both extracted frames and accepted box rows")
+    return frames, boxes
+
+
+@dataclass
+class _Captions:
+    """Every distinct caption, tokenized once."""
+
+    ids: torch.Tensor  # [N, L]
+    mask: torch.Tensor  # [N, L]
+    hashes: torch.Tensor  # [N] int64
+
+
+def _tokenize_captions(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> _Captions:
+    ids, mask = tokenize(tokenizer, texts, max_len)
+    return _Captions(ids, mask, torch.from_numpy(caption_ids(texts)))
+
+
+def _segment_indices(n: int, t: int, rng: np.random.Generator | None) -> np.ndarray:
+    """``t`` indices into ``n`` sorted frames: one per equal segment (random or middle).
+
+    With fewer frames than segments, neighbouring segments share a frame.
+    """
+    bounds = np.arange(t + 1) * n / t
+    lo = np.floor(bounds[:-1]).astype(np.int64)
+    hi = np.maximum(lo + 1, np.floor(bounds[1:]).astype(np.int64))
+    if rng is None:
+        return (lo + hi - 1) // 2
+    return lo + np.floor(rng.random(t) * (hi - lo)).astype(np.int64)
+
+
+class VideoClipDataset(Dataset):
+    """One item per video of ``split``: frames, global caption, regions on keyframes.
+
+    Keys are an index, or ``(epoch, index)`` (see :class:`EpochBatchSampler`):
+    with ``train=True`` the frame of each of the T segments, the regions kept
+    when a video has more than ``max_regions``, and the keyframes kept when the
+    regions' box frames exceed ``max_keyframes`` are drawn from a generator
+    seeded with ``(seed, epoch, index)``; with ``train=False`` they are fixed.
+    Keyframes first cover every kept region once, so a region has no valid box
+    only when there are more regions than keyframes.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        frames_dir: Path,
+        boxes_dir: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        split: str = "train",
+        *,
+        train: bool = True,
+    ) -> None:
+        self.frames_dir = Path(frames_dir)
+        self.image_size = params.model.image_size
+        self.num_frames = params.train.num_frames
+        self.max_regions = params.train.max_regions
+        self.max_keyframes = params.train.max_keyframes
+        self.seed = params.train.seed
+        self.train = train
+
+        frames = read_train_frames(self.frames_dir, split)
+        boxes = read_boxes(Path(boxes_dir), split)
+        frames, boxes = _keep_videos_with_both(frames, boxes, f"{split} dataset")
+
+        frame_videos = frames["video"].to_numpy(zero_copy_only=False)
+        self.frame_start, self.frame_count = _group_starts(frame_videos)
+        self.videos: list[str] = frame_videos[self.frame_start].tolist()
+        self.frame_paths = frames["path"].to_numpy(zero_copy_only=False)
+
+        box_videos = boxes["video"].to_numpy(zero_copy_only=False)
+        regions = boxes["region"].to_numpy().astype(np.int64)
+        self.row_frame = boxes["frame"].to_numpy().astype(np.int64)
+        self.row_box = np.stack([boxes[c].to_numpy().astype(np.float32) for c in ("x1", "y1", "x2", "y2")], 1)
+        self.row_path = boxes["frame_path"].to_numpy(zero_copy_only=False)
+        video_row_start, _ = _group_starts(box_videos)
+        # Region groups: a new group wherever the video or the region index changes.
+        region_change = np.ones(len(regions), dtype=bool)
+        region_change[1:] = (box_videos[1:] != box_videos[:-1]) | (regions[1:] != regions[:-1])
+        self.region_row_start = np.flatnonzero(region_change).astype(np.int64)
+        self.region_row_count = np.diff(np.concatenate([self.region_row_start, [len(regions)]]))
+        region_video = np.searchsorted(video_row_start, self.region_row_start, side="right") - 1
+        self.video_region_start, self.video_region_count = _group_starts(region_video)
+
+        # Both tables hold the same videos, sorted the same way: group i is video i.
+        global_texts = boxes["global_caption"].to_numpy(zero_copy_only=False)[video_row_start].tolist()
+        region_texts = boxes["region_caption"].to_numpy(zero_copy_only=False)[self.region_row_start].tolist()
+        texts, inverse = np.unique(np.array(global_texts + region_texts, dtype=object), return_inverse=True)
+        self.captions = _tokenize_captions(tokenizer, texts.tolist(), params.model.max_text_len)
+        self.video_caption = inverse[: len(global_texts)]
+        self.region_caption = inverse[len(global_texts) :]
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, key: ItemKey) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
+
+        start, count = self.frame_start[index], self.frame_count[index]
+        picked = start + _segment_indices(int(count), self.num_frames, rng)
+        frames = [load_image(self.frames_dir / p, self.image_size) for p in self.frame_paths[picked]]
+
+        regions = self.video_region_start[index] + self._pick_regions(
+            int(self.video_region_count[index]), rng
+        )
+        key_paths, boxes, box_mask = self._region_boxes(regions, rng)
+        keyframe_pixels = [load_image(self.frames_dir / p, self.image_size) for p in key_paths]
+
+        caption = self.video_caption[index]
+        region_captions = self.region_caption[regions]
+        return {
+            "video": self.videos[index],
+            "frames": normalize(torch.stack(frames)),
+            "text_ids": self.captions.ids[caption],
+            "text_mask": self.captions.mask[caption],
+            "caption_ids": self.captions.hashes[caption],
+            "keyframes": normalize(torch.stack(keyframe_pixels)),
+            "boxes": torch.from_numpy(boxes),
+            "box_mask": torch.from_numpy(box_mask),
+            "region_ids": self.captions.ids[region_captions],
+            "region_text_mask": self.captions.mask[region_captions],
+            "region_caption_ids": self.captions.hashes[region_captions],
+        }
+
+    def _pick_regions(self, count: int, rng: np.random.Generator | None) -> np.ndarray:
+        if count <= self.max_regions:
+            return np.arange(count)
+        if rng is None:
+            return np.arange(self.max_regions)
+        return np.sort(rng.choice(count, self.max_regions, replace=False))
+
+    def _region_boxes(
+        self, regions: np.ndarray, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keyframe image paths, ``boxes [R, K, 4]`` and ``box_mask [R, K]``."""
+        spans = [
+            np.arange(s, s + c)
+            for s, c in zip(self.region_row_start[regions], self.region_row_count[regions])
+        ]
+        rows = np.concatenate(spans)
+        row_region = np.repeat(np.arange(len(regions)), [len(s) for s in spans])
+        union = np.unique(self.row_frame[rows])
+        if len(union) <= self.max_keyframes:
+            keyframes = union
+        else:
+            # One frame per region first (random, or the region's middle box), then fill.
+            if rng is None:
+                cover = [self.row_frame[s[len(s) // 2]] for s in spans]
+            else:
+                cover = [self.row_frame[rng.choice(s)] for s in spans]
+            chosen = np.unique(np.asarray(cover))[: self.max_keyframes]
+            rest = np.setdiff1d(union, chosen)
+            need = self.max_keyframes - len(chosen)
+            if rng is None:
+                fill = (
+                    rest[np.linspace(0, len(rest) - 1, need).round().astype(np.int64)] if need else rest[:0]
+                )
+            else:
+                fill = rng.choice(rest, need, replace=False)
+            keyframes = np.sort(np.concatenate([chosen, fill]))
+        col = np.searchsorted(keyframes, self.row_frame[rows])
+        on_keyframe = (col < len(keyframes)) & (
+            keyframes[np.minimum(col, len(keyframes) - 1)] == self.row_frame[rows]
+        )
+        boxes = np.zeros((len(regions), len(keyframes), 4), dtype=np.float32)
+        box_mask = np.zeros((len(regions), len(keyframes)), dtype=bool)
+        boxes[row_region[on_keyframe], col[on_keyframe]] = self.row_box[rows[on_keyframe]]
+        box_mask[row_region[on_keyframe], col[on_keyframe]] = True
+        # Every keyframe comes from some row; all rows of one (video, frame) share its image.
+        path_of = np.empty(len(keyframes), dtype=object)
+        path_of[col[on_keyframe]] = self.row_path[rows[on_keyframe]]
+        return path_of, boxes, box_mask
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack items into the model's batch dict, padding regions (R) and keyframes (K).
+
+    Padded regions have ``region_mask`` False, padded keyframes zero pixels and
+    ``box_mask`` False, padded region caption ids ``PAD_CAPTION_ID``.
+    """
+    b = len(items)
+    r = max(item["region_ids"].shape[0] for item in items)
+    k = max(item["keyframes"].shape[0] for item in items)
+    first = items[0]
+    length = first["text_ids"].shape[-1]
+    keyframes = torch.zeros((b, k, *first["keyframes"].shape[1:]), dtype=first["keyframes"].dtype)
+    boxes = torch.zeros((b, r, k, 4), dtype=torch.float32)
+    box_mask = torch.zeros((b, r, k), dtype=torch.bool)
+    region_ids = torch.zeros((b, r, length), dtype=first["region_ids"].dtype)
+    region_text_mask = torch.zeros((b, r, length), dtype=first["region_text_mask"].dtype)
+    region_caption_ids = torch.full((b, r), PAD_CAPTION_ID, dtype=torch.int64)
+    region_mask = torch.zeros((b, r), dtype=torch.bool)
+    for i, item in enumerate(items):
+        ri, ki = item["boxes"].shape[:2]
+        keyframes[i, :ki] = item["keyframes"]
+        boxes[i, :ri, :ki] = item["boxes"]
+        box_mask[i, :ri, :ki] = item["box_mask"]
+        region_ids[i, :ri] = item["region_ids"]
+        region_text_mask[i, :ri] = item["region_text_mask"]
+        region_caption_ids[i, :ri] = item["region_caption_ids"]
+        region_mask[i, :ri] = True
+    return {
+        "video": [item["video"] for item in items],
+        "frames": torch.stack([item["frames"] for item in items]),
+        "text_ids": torch.stack([item["text_ids"] for item in items]),
+        "text_mask": torch.stack([item["text_mask"] for item in items]),
+        "caption_ids": torch.stack([item["caption_ids"] for item in items]),
+        "keyframes": keyframes,
+        "boxes": boxes,
+        "box_mask": box_mask,
+        "region_ids": region_ids,
+        "region_text_mask": region_text_mask,
+        "region_caption_ids": region_caption_ids,
+        "region_mask": region_mask,
+    }
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Shuffled batches of ``(epoch, index)`` keys, resumable at any batch.
+
+    The order of epoch ``e`` is a permutation seeded with ``(seed, e)``, so it
+    can be rebuilt after a restart; :meth:`set_position` picks the epoch and the
+    first batch. Incomplete last batches are dropped (contrastive losses want a
+    constant number of in-batch negatives). With ``world_size > 1`` each rank
+    takes every ``world_size``-th batch, so ranks never see uneven batches.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
+        if size < batch_size * world_size:
+            raise DatasetError(
+                f"{size} videos cannot fill one batch of {batch_size} per process × {world_size} "
+                "process(es): lower train.batch_size"
+            )
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self.size // (self.batch_size * self.world_size)
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for batch in range(self.start_batch, len(self)):
+            first = (batch * self.world_size + self.rank) * self.batch_size
+            yield [(self.epoch, i) for i in order[first : first + self.batch_size]]
+
+
+class FramePairDataset(Dataset):
+    """(image, caption) pairs for plain CLIP pretraining, decoded once into memory.
+
+    Pairs: each ``train`` frame with its video's global caption, and each
+    accepted box (virtual whole-frame boxes included) cropped from its frame
+    with its region caption. ``caption_ids`` let the loss treat repeated
+    captions (one caption per video, 16 frames) as positives, not negatives.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        frames_dir: Path,
+        boxes_dir: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        split: str = "train",
+    ) -> None:
+        frames_dir = Path(frames_dir)
+        size = params.model.image_size
+        frames = read_train_frames(frames_dir, split)
+        boxes = read_boxes(Path(boxes_dir), split)
+        frames, boxes = _keep_videos_with_both(frames, boxes, f"{split} pretraining pairs")
+
+        # Global caption of each frame's video: first box row of the video.
+        box_videos = boxes["video"].to_numpy(zero_copy_only=False)
+        video_start, _ = _group_starts(box_videos)
+        video_names = box_videos[video_start]
+        video_caption = boxes["global_caption"].to_numpy(zero_copy_only=False)[video_start]
+        frame_videos = frames["video"].to_numpy(zero_copy_only=False)
+        frame_texts = video_caption[np.searchsorted(video_names, frame_videos)]
+
+        frame_paths = frames["path"].to_numpy(zero_copy_only=False)
+        crop_paths = boxes["frame_path"].to_numpy(zero_copy_only=False)
+        crop_boxes = np.stack([boxes[c].to_numpy().astype(np.float32) for c in ("x1", "y1", "x2", "y2")], 1)
+        texts = np.concatenate([frame_texts, boxes["region_caption"].to_numpy(zero_copy_only=False)])
+
+        jobs = [(p, None) for p in frame_paths] + list(zip(crop_paths, crop_boxes.tolist()))
+        self.pixels = torch.stack(
+            [
+                load_image(frames_dir / p, size, box)
+                for p, box in tqdm(jobs, desc="decode pairs", disable=None)
+            ]
+        )
+        unique, inverse = np.unique(texts.astype(object), return_inverse=True)
+        self.captions = _tokenize_captions(tokenizer, unique.tolist(), params.model.max_text_len)
+        self.caption_index = torch.from_numpy(inverse.astype(np.int64))
+        self.num_frames, self.num_crops = len(frame_paths), len(crop_paths)
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pixels [B,3,S,S]`` (normalised), ``text_ids``/``text_mask [B,L]``, ``caption_ids [B]``.
+
+        ``L`` is the longest caption of the batch: CLIP's text tower is causal and
+        pools at EOS, so trailing padding columns change nothing but the cost.
+        """
+        captions = self.caption_index[indices]
+        mask = self.captions.mask[captions]
+        length = max(int(mask.sum(dim=1).max()), 1)
+        return {
+            "pixels": normalize(self.pixels[indices]),
+            "text_ids": self.captions.ids[captions, :length],
+            "text_mask": mask[:, :length],
+            "caption_ids": self.captions.hashes[captions],
+        }
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.batch(torch.tensor([index])).items()}

@@ -1,0 +1,540 @@
+"""Stage ``train``: fine-tune the video FG-CLIP, with checkpoints, tracking and health gates.
+
+One optimizer step = ``train.grad_accum_steps`` forward passes. Every step logs
+a ``[LOSS]`` line (logger ``fgclip.train``) and MLflow metrics; with runtime
+diagnostics on, ``[DIAG]`` lines every ``train.diag_every`` steps. Checkpoints
+are written every ``train.checkpoint_every`` steps and at the last one, and a
+run resumes from the newest checkpoint of the same configuration (see
+``checkpoints.py``) exactly where it stopped: same data order, same random
+draws, same memory bank, so on CPU a resumed run equals an uninterrupted one.
+
+A non-finite loss or gradient stops the run with :class:`NonFiniteLossError`
+before anything is written for that step. ``FGCLIP_FAULT_NAN_AT_STEP=N`` injects
+a NaN into the loss of optimizer step N, to exercise that path in tests and
+fault drills.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its
+own share of every batch (gloo on CPU, NCCL on CUDA), the losses gather features
+from all ranks, and only rank 0 logs, tracks and writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from fgclip.config import Params
+from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset, collate
+from fgclip.model.fgclip import FGCLIPVideoModel
+from fgclip.model.losses import FGCLIPLoss, LossResult
+from fgclip.model.memory_bank import RegionMemoryBank
+from fgclip.model.tokenizer import load_tokenizer
+from fgclip.train.checkpoints import (
+    capture_rng_state,
+    latest_resumable,
+    load_checkpoint,
+    restore_rng_state,
+    run_fingerprint,
+    save_checkpoint,
+)
+from fgclip.train.diagnostics import HealthMonitor, diag_figures, log_diag, runtime_diag_enabled
+from fgclip.train.optim import build_optimizer, cosine_with_warmup
+from fgclip.train.tracking import Tracker, flatten_params
+
+logger = logging.getLogger(__name__)
+train_log = logging.getLogger("fgclip.train")  # the user-facing [LOSS] / [DIAG] lines
+
+FAULT_ENV = "FGCLIP_FAULT_NAN_AT_STEP"
+RUN_FILE = "run.json"
+LOSS_COLUMNS = ("loss", "loss_global", "loss_region")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or the gradient norm became NaN/Inf; nothing was saved for that step."""
+
+    def __init__(self, step: int, what: str, value: float, last_checkpoint: Path | None) -> None:
+        self.step, self.what, self.value = step, what, value
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+        super().__init__(f"non-finite {what} = {value} at optimizer step {step}: training stopped; {where}")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Everything the stage reads and writes."""
+
+    frames: Path
+    boxes: Path
+    model: str  # pretrained CLIP: a directory or a hub id
+    out: Path
+    checkpoints: Path
+    health: Path
+    metrics: Path
+    loss_csv: Path
+
+
+@dataclass
+class _Run:
+    """The mutable training state a checkpoint captures."""
+
+    model: FGCLIPVideoModel
+    bank: RegionMemoryBank
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    monitor: HealthMonitor
+    step: int = 0
+    forward_passes: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "memory_bank": self.bank.state_dict(),
+            "health": self.monitor.state_dict(),
+            "history": self.history,
+            "rng": capture_rng_state(),
+        }
+
+    def restore(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.bank.load_state_dict(state["memory_bank"])
+        self.monitor.load_state_dict(state["health"])
+        self.history = list(state["history"])
+        restore_rng_state(state["rng"])
+        self.step, self.forward_passes = meta["step"], meta["forward_passes"]
+
+
+@dataclass
+class _Engine:
+    """What runs the forward/backward passes: the (maybe DDP-wrapped) model, loss and data."""
+
+    train_model: torch.nn.Module
+    loss_fn: FGCLIPLoss
+    batches: Iterator[dict[str, Any]]
+    device: torch.device
+    ctx: DistContext
+
+    def accumulate(self, run: _Run, paths: TrainPaths, step: int, accum: int, inject_nan: bool,
+                   last_checkpoint: Path | None) -> tuple[dict[str, float], float, LossResult, float]:  # fmt: skip
+        """The ``accum`` forward/backward passes of one optimizer step.
+
+        Returns the step's mean losses, its largest zero-norm fraction, the last
+        pass's loss result (for diagnostics) and the seconds spent waiting for data.
+        """
+        losses = dict.fromkeys(LOSS_COLUMNS, 0.0)
+        zero_norm, waited = 0.0, 0.0
+        cuda = self.device.type == "cuda"
+        for micro in range(accum):
+            fetch = time.perf_counter()
+            batch = _to_device(next(self.batches), self.device)
+            waited += time.perf_counter() - fetch
+            # Gradients are all-reduced once per optimizer step, on its last forward pass.
+            last = micro == accum - 1 or not self.ctx.enabled
+            with nullcontext() if last else self.train_model.no_sync():
+                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
+                    output = self.train_model(batch)
+                    result: LossResult = self.loss_fn(output)
+                loss = (result.loss + float("nan")) if inject_nan else result.loss
+                values = dict(
+                    zip(LOSS_COLUMNS, (loss.item(), result.loss_global.item(), result.loss_region.item()))
+                )
+                bad = _first_nonfinite(values, self.ctx, self.device)
+                if bad is not None:
+                    _stop(run, paths, self.ctx, step, *bad, last_checkpoint)
+                (loss / accum).backward()
+            run.forward_passes += 1
+            for name, value in values.items():
+                losses[name] += value / accum
+            zero_norm = max(zero_norm, output.zero_norm_frac)
+        return losses, zero_norm, result, waited
+
+
+def _init_distributed(device_choice: str) -> DistContext:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    ctx = DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        use_cuda = device_choice != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return ctx
+
+
+def resolve_device(choice: str, ctx: DistContext) -> torch.device:
+    """``auto`` is CUDA when available; under torchrun each rank takes its local GPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def train(
+    params: Params,
+    frames_dir: Path,
+    boxes_dir: Path,
+    model_path: str,
+    out: Path,
+    checkpoints_dir: Path,
+    health_path: Path,
+    *,
+    resume: bool = True,
+    max_steps: int | None = None,
+    metrics_path: Path | None = None,
+    loss_csv: Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune from the CLIP at ``model_path``; write the model to ``out``; return the summary.
+
+    ``max_steps`` stops this invocation after that optimizer step (a checkpoint is
+    written there) while the learning-rate schedule still spans ``train.max_steps``:
+    an interrupted run, on purpose. ``resume=False`` ignores existing checkpoints.
+    The summary also goes to ``metrics_path`` (default ``metrics/train.json``) and
+    the per-step losses of the whole run to ``loss_csv`` (``plots/train_loss.csv``).
+    """
+    paths = TrainPaths(
+        frames=Path(frames_dir),
+        boxes=Path(boxes_dir),
+        model=str(model_path),
+        out=Path(out),
+        checkpoints=Path(checkpoints_dir),
+        health=Path(health_path),
+        metrics=Path(metrics_path) if metrics_path else params.path("metrics/train.json"),
+        loss_csv=Path(loss_csv) if loss_csv else params.path("plots/train_loss.csv"),
+    )
+    ctx = _init_distributed(params.train.device)
+    device = resolve_device(params.train.device, ctx)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(params, paths, ctx, device, resume=resume, max_steps=max_steps)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+        if ctx.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build(params: Params, paths: TrainPaths, device: torch.device) -> tuple[_Run, FGCLIPLoss]:
+    cfg = params.train
+    model = FGCLIPVideoModel.from_clip(paths.model, params.model, source=paths.model).to(device)
+    dim = model.clip.config.projection_dim
+    bank = RegionMemoryBank(cfg.memory_bank_size, dim, cfg.memory_bank_warmup_steps, cfg.grad_accum_steps)
+    loss_fn = FGCLIPLoss(cfg.region_loss_weight, bank).to(device)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    monitor = HealthMonitor(cfg.health, params)
+    monitor.record_init(model.logit_scale_global.item(), model.logit_scale_region.item(), _init_note(model))
+    return _Run(model, bank, optimizer, scheduler, monitor), loss_fn
+
+
+def _loader(
+    dataset: VideoClipDataset, params: Params, ctx: DistContext, device: torch.device
+) -> tuple[DataLoader, EpochBatchSampler]:
+    cfg = params.train
+    sampler = EpochBatchSampler(
+        len(dataset), cfg.batch_size, cfg.seed, rank=ctx.rank, world_size=ctx.world_size
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return loader, sampler
+
+
+def _batches(loader: DataLoader, sampler: EpochBatchSampler, forward_passes: int) -> Iterator[dict[str, Any]]:
+    """Endless batches, cycling epochs, starting after ``forward_passes`` batches already consumed."""
+    epoch, start = divmod(forward_passes, len(sampler))
+    while True:
+        sampler.set_position(epoch, start)
+        yield from loader
+        epoch, start = epoch + 1, 0
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def _init_note(model: FGCLIPVideoModel) -> str:
+    report = model.load_report.get("global", {})
+    action = report.get("action")
+    if action == "reinit":
+        return f"the loaded global scale from {report.get('source')} was re-initialised (loaded_logit_scale=reinit)"
+    if action == "kept":
+        return f"the loaded global scale from {report.get('source')} was kept (loaded_logit_scale=keep)"
+    return ""
+
+
+def _clamp_scales(model: FGCLIPVideoModel, top: float) -> None:
+    """Keep the stored scales at most ``top``, as open_clip does after each step.
+
+    The forward pass clamps too, but there the gradient above the cap is zero
+    while Adam's momentum keeps pushing: the stored value would creep past ln 100
+    and a checkpoint would report a temperature the model never used.
+    """
+    with torch.no_grad():
+        model.logit_scale_global.clamp_(max=top)
+        model.logit_scale_region.clamp_(max=top)
+
+
+def _log_loaded_scales(model: FGCLIPVideoModel, source: Path) -> None:
+    for name, scale in (("global", model.logit_scale_global), ("region", model.logit_scale_region)):
+        value = scale.item()
+        logger.info("[%s] Loaded logit_scale = %.4f (exp=%.1f) from %s", name, value, math.exp(value), source)
+
+
+def _first_nonfinite(
+    values: dict[str, float], ctx: DistContext, device: torch.device
+) -> tuple[str, float] | None:
+    """The first non-finite ``(name, value)``; under DDP, every rank stops when any rank must.
+
+    A rank raising alone would leave the others waiting forever in the next collective.
+    """
+    bad = next(((name, v) for name, v in values.items() if not math.isfinite(v)), None)
+    if ctx.enabled:
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if bad is None and flag.item() > 0:
+            bad = ("loss (on another rank)", math.nan)
+    return bad
+
+
+def _train(
+    params: Params,
+    paths: TrainPaths,
+    ctx: DistContext,
+    device: torch.device,
+    *,
+    resume: bool,
+    max_steps: int | None,
+) -> dict[str, Any]:
+    cfg = params.train
+    stop_step = cfg.max_steps if max_steps is None else min(max_steps, cfg.max_steps)
+    # The same seed on every rank: the model's new layers must start identical
+    # everywhere (per-item data randomness is keyed on the item, not the rank).
+    _seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(paths.model)
+    run, loss_fn = _build(params, paths, device)
+    dataset = VideoClipDataset(params, paths.frames, paths.boxes, tokenizer, split="train")
+    loader, sampler = _loader(dataset, params, ctx, device)
+
+    fingerprint, fp_params = run_fingerprint(params)
+    run_dir = paths.checkpoints / cfg.run_name
+    run_id = None
+    last_checkpoint = latest_resumable(run_dir, fingerprint, fp_params) if resume else None
+    if last_checkpoint is not None:
+        state, meta = load_checkpoint(last_checkpoint, run.model, device)
+        run.restore(state, meta)
+        run_id = meta.get("run_id")
+        logger.info("Resuming from %s (optimizer step %d, %d forward passes)",
+                    last_checkpoint, run.step, run.forward_passes)  # fmt: skip
+        _log_loaded_scales(run.model, last_checkpoint)
+    elif not resume and run_dir.exists():
+        logger.warning("resume=False: ignoring the checkpoints in %s (equal steps are overwritten)", run_dir)
+
+    train_model: torch.nn.Module = run.model
+    if ctx.enabled:
+        train_model = DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    diag = runtime_diag_enabled(params)
+    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+    samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ctx.world_size
+    start_step, started = run.step, time.perf_counter()
+    tags = {"run_name": cfg.run_name, "fingerprint": fingerprint, "model_path": paths.model,
+            "device": str(device), "world_size": ctx.world_size}  # fmt: skip
+
+    with Tracker(params, cfg.run_name, run_id=run_id, enabled=ctx.is_main, tags=tags) as tracker:
+        tracker.log_params(flatten_params(params))
+        engine = _Engine(train_model, loss_fn, _batches(loader, sampler, run.forward_passes), device, ctx)
+        bar = tqdm(
+            total=stop_step,
+            initial=run.step,
+            desc="train",
+            unit="step",
+            disable=None if ctx.is_main else True,
+        )
+        run.model.train()
+        while run.step < stop_step:
+            step = run.step + 1
+            step_start = time.perf_counter()
+            losses, zero_norm, result, waited = engine.accumulate(
+                run, paths, step, cfg.grad_accum_steps, step == fault_step, last_checkpoint
+            )
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm).item()
+            if not math.isfinite(grad_norm):
+                _stop(run, paths, ctx, step, "gradient norm", grad_norm, last_checkpoint)
+            lr = run.optimizer.param_groups[0]["lr"]
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            _clamp_scales(run.model, params.model.logit_scale_max)
+            run.step = step
+            run.monitor.observe(step, losses["loss_region"], zero_norm)
+            run.history.append({"step": step, **losses})
+
+            throughput = samples_per_step / (time.perf_counter() - step_start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{throughput:.1f}")
+            scale_global, scale_region = (s.item() for s in run.model.scales())
+            if ctx.is_main and (step % cfg.log_every == 0 or step == stop_step):
+                train_log.info("[LOSS] step=%d loss=%.4f loss_global=%.4f loss_region=%.4f",
+                               step, losses["loss"], losses["loss_global"], losses["loss_region"])  # fmt: skip
+                metrics = {f"train/{name}": value for name, value in losses.items()}
+                metrics.update({
+                    "train/logit_scale": scale_global,
+                    "train/logit_scale_region": scale_region,
+                    "train/temperature": math.exp(scale_global),
+                    "train/temperature_region": math.exp(scale_region),
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "train/samples_per_s": throughput,
+                    "train/loader_samples_per_s": samples_per_step / max(waited, 1e-6),
+                })  # fmt: skip
+                tracker.log_metrics(metrics, step=step)
+            if ctx.is_main and diag and step % cfg.diag_every == 0:
+                figures = diag_figures(
+                    scale_global, scale_region, result.logits_i2t, run.bank.state(), zero_norm
+                )
+                log_diag(step, figures)
+                tracker.log_metrics(figures, step=step)
+            if step % cfg.checkpoint_every == 0 or step == stop_step:
+                if ctx.is_main:
+                    meta = {"forward_passes": run.forward_passes, "fingerprint": fingerprint,
+                            "fingerprint_params": fp_params, "run_id": tracker.run_id}  # fmt: skip
+                    last_checkpoint = save_checkpoint(
+                        run_dir,
+                        step,
+                        model=run.model,
+                        state=run.state(),
+                        meta=meta,
+                        keep=cfg.keep_checkpoints,
+                    )
+                if ctx.enabled:
+                    dist.barrier()
+        bar.close()
+
+        steps_run, seconds = run.step - start_step, time.perf_counter() - started
+        summary = _summary(
+            params, run, tracker, start_step, steps_run * samples_per_step / seconds if steps_run else None
+        )
+        if ctx.is_main:
+            _write_outputs(run, tokenizer, tracker, paths, summary)
+    if ctx.is_main:
+        run.monitor.raise_if_failed(summary["health"])
+    return summary
+
+
+def _stop(
+    run: _Run, paths: TrainPaths, ctx: DistContext, step: int, what: str, value: float, last: Path | None
+) -> None:
+    """Record the non-finite value in health.json and raise; the last checkpoint stays as it is."""
+    run.monitor.record_nonfinite(step, what, value)
+    if ctx.is_main:
+        run.monitor.write(paths.health, run.bank.state())
+    raise NonFiniteLossError(step, what, value, last)
+
+
+def _summary(
+    params: Params, run: _Run, tracker: Tracker, start_step: int, samples_per_s: float | None
+) -> dict[str, Any]:
+    scale_global, scale_region = (s.item() for s in run.model.scales())
+    checks = run.monitor.checks(run.bank.state())
+    return {
+        "steps": run.step,
+        "start_step": start_step,
+        "total_steps": params.train.max_steps,
+        "final": run.history[-1] if run.history else None,
+        "logit_scale_global": scale_global,
+        "logit_scale_region": scale_region,
+        "temperature_global": math.exp(scale_global),
+        "temperature_region": math.exp(scale_region),
+        "memory_bank": run.bank.state(),
+        "samples_per_s": samples_per_s,
+        "run_id": tracker.run_id,
+        "experiment_id": tracker.experiment_id,
+        "tracking_uri": tracker.tracking_uri,
+        "health_passed": all(c["passed"] for c in checks.values()),
+        "health": checks,
+    }
+
+
+def _write_outputs(
+    run: _Run,
+    tokenizer: PreTrainedTokenizerBase,
+    tracker: Tracker,
+    paths: TrainPaths,
+    summary: dict[str, Any],
+) -> None:
+    """Model + tokenizer + run.json, health.json, train.json and the loss curve (rank 0)."""
+    run.model.save_pretrained(paths.out)
+    tokenizer.save_pretrained(paths.out)
+    run_info = {
+        "run_id": tracker.run_id,
+        "experiment_id": tracker.experiment_id,
+        "tracking_uri": tracker.tracking_uri,
+    }
+    (paths.out / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
+
+    checks = run.monitor.write(paths.health, run.bank.state())
+    tracker.log_metrics({f"health/{name}": float(c["passed"]) for name, c in checks.items()}, step=run.step)
+    tracker.log_artifact(paths.health)
+
+    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    paths.loss_csv.parent.mkdir(parents=True, exist_ok=True)
+    with paths.loss_csv.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *LOSS_COLUMNS])
+        writer.writeheader()
+        writer.writerows(run.history)
+    logger.info("model saved to %s (MLflow run %s)", paths.out, tracker.run_id)

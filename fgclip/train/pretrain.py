@@ -1,0 +1,147 @@
+"""Stage ``pretrain``: the embedded stand-in for OpenAI's CLIP weights.
+
+No weights are ever downloaded, so when ``model.pretrained`` is null the
+pipeline pretrains a tiny CLIP from scratch on the sample's own (image, caption)
+pairs: every train frame with its video's caption and every accepted box crop
+with its region caption. Fine-tuning then starts from a model that already
+aligns images and words, as it would from OpenAI's weights.
+
+The tokenizer's vocabulary is every caption of ``annotations.json`` plus every
+zero-shot prompt of ``evaluate``, so evaluation prompts are in-vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import CLIPModel
+
+from fgclip.config import Params
+from fgclip.data.annotations import load_annotations
+from fgclip.data.dataset import FramePairDataset
+from fgclip.model.fgclip import tiny_clip_config
+from fgclip.model.losses import contrastive_loss
+from fgclip.model.tokenizer import build_tokenizer
+from fgclip.train.optim import build_optimizer, cosine_with_warmup
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "pretrain.json"
+
+
+def vocabulary_texts(params: Params, annotations: Path) -> list[str]:
+    """Every caption (global and region, all splits) and every filled evaluation prompt."""
+    records, _ = load_annotations(annotations)
+    texts = [r.global_caption for r in records]
+    texts += [caption for r in records for caption in r.region_captions]
+    texts += [
+        template.format(prompt)
+        for template in params.evaluate.templates
+        for prompts in params.evaluate.prompts.values()
+        for prompt in prompts
+    ]
+    return texts
+
+
+def pretrain_clip(
+    params: Params, frames_dir: Path, boxes_dir: Path, annotations: Path, out: Path
+) -> dict[str, Any]:
+    """Pretrain the tiny CLIP and save it (with its tokenizer) to ``out``; returns the summary.
+
+    Skipped, writing nothing, when ``model.pretrained`` names a real checkpoint.
+    """
+    if params.model.pretrained is not None:
+        logger.info(
+            "model.pretrained = %s: skipping the embedded stand-in pretraining", params.model.pretrained
+        )
+        return {"skipped": True, "pretrained": params.model.pretrained}
+
+    cfg = params.pretrain
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(vocabulary_texts(params, annotations))
+    model_cfg = params.model.model_copy(update={"logit_scale_init_value": cfg.logit_scale_init_value})
+    clip = CLIPModel(tiny_clip_config(model_cfg, tokenizer))
+    pairs = FramePairDataset(params, frames_dir, boxes_dir, tokenizer)
+    if len(pairs) < 2:
+        raise ValueError(
+            f"{frames_dir}, {boxes_dir}: {len(pairs)} image-caption pair(s); pretraining needs 2+"
+        )
+    logger.info(
+        "pretraining a tiny CLIP on %d pairs (%d frames, %d box crops), vocab %d, %d steps",
+        len(pairs),
+        pairs.num_frames,
+        pairs.num_crops,
+        len(tokenizer),
+        cfg.steps,
+    )
+
+    optimizer = build_optimizer(clip, cfg.lr, cfg.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batch_size = min(cfg.batch_size, len(pairs))
+    order, cursor = torch.randperm(len(pairs), generator=generator), 0
+    losses: list[float] = []
+    start = time.perf_counter()
+    clip.train()
+    bar = tqdm(range(1, cfg.steps + 1), desc="pretrain", unit="step", disable=None)
+    for step in bar:
+        if cursor + batch_size > len(order):  # a new epoch: every batch has the same size
+            order, cursor = torch.randperm(len(pairs), generator=generator), 0
+        batch = pairs.batch(order[cursor : cursor + batch_size])
+        cursor += batch_size
+
+        image = clip.get_image_features(pixel_values=batch["pixels"]).pooler_output
+        text = clip.get_text_features(
+            input_ids=batch["text_ids"], attention_mask=batch["text_mask"]
+        ).pooler_output
+        scale = clip.logit_scale.clamp(max=params.model.logit_scale_max)
+        result = contrastive_loss(
+            F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale, ids=batch["caption_ids"]
+        )
+        if not torch.isfinite(result.loss):
+            raise FloatingPointError(f"pretrain: non-finite loss {result.loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(result.loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step == 1 or step % 50 == 0 or step == cfg.steps:
+            logger.info(
+                "pretrain step=%d loss=%.4f logit_scale=%.4f", step, losses[-1], clip.logit_scale.item()
+            )
+
+    seconds = time.perf_counter() - start
+    # The average of the last few steps: a single batch's loss is noisy.
+    tail = losses[-min(10, len(losses)) :]
+    summary = {
+        "skipped": False,
+        "steps": cfg.steps,
+        "pairs": len(pairs),
+        "vocab_size": len(tokenizer),
+        "first_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+        "final_logit_scale": clip.logit_scale.item(),
+        "final_temperature": math.exp(clip.logit_scale.item()),
+        "seconds": round(seconds, 2),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    clip.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    logger.info(
+        "pretrained CLIP saved to %s: loss %.4f -> %.4f in %.1f s",
+        out,
+        summary["first_loss"],
+        summary["final_loss"],
+        seconds,
+    )
+    return summary

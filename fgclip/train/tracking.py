@@ -1,0 +1,244 @@
+"""MLflow tracking: the one module of the project that talks to MLflow.
+
+Everything goes through ``MlflowClient`` with an explicit run id (no fluent,
+process-global active run), so a training run, a resumed training run and the
+evaluation stage adding its metrics to the finished training run all use the
+same few calls. Metrics are buffered and written with ``log_batch``: one sqlite
+transaction per call makes per-step logging the slowest part of a tiny run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+from fgclip.config import Params
+
+logger = logging.getLogger(__name__)
+
+# Distinct logged steps kept in memory before a flush; the buffer is also
+# flushed on close, so nothing is lost when a run ends between flushes.
+FLUSH_EVERY_STEPS = 10
+
+
+def flatten_params(params: Params) -> dict[str, str]:
+    """``{"train.lr": "0.0003", "train.health.region_loss_max": "0.5", ...}``.
+
+    Lists become JSON; values longer than MLflow's limit are cut and marked, so
+    a long prompt table never makes ``log_params`` fail.
+    """
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, Mapping) and value:
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+            return
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        flat[prefix] = _truncate(text, MAX_PARAM_VAL_LENGTH)
+
+    walk("", params.model_dump(exclude={"base_dir"}))
+    return flat
+
+
+def _truncate(text: str, limit: int) -> str:
+    marker = "...[truncated]"
+    return text if len(text) <= limit else text[: limit - len(marker)] + marker
+
+
+def _sqlite_db(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, or None for any other store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """``<dir of the sqlite db>/mlartifacts`` as an absolute file URI.
+
+    Without it MLflow resolves a relative ``./mlartifacts`` against the current
+    directory of whichever process created the experiment, scattering artefacts.
+    Other stores (a tracking server) keep their own default.
+    """
+    db = _sqlite_db(tracking_uri)
+    return None if db is None else (db.parent / "mlartifacts").resolve().as_uri()
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    db = _sqlite_db(tracking_uri)
+    if db is not None:
+        # The db's directory must exist before SQLAlchemy can create the file.
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri))
+    except MlflowException:
+        # Another process created it between the lookup and the create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+class Tracker:
+    """One MLflow run, started or resumed; a no-op when ``enabled`` is false.
+
+    Used as a context manager: the run ends FINISHED on a normal exit, FAILED on
+    an exception and KILLED on Ctrl-C, after the metric buffer is flushed.
+    When resuming a run, metric points at steps the run already holds are not
+    written again, so each metric's history has every step exactly once even
+    when training restarts from a checkpoint older than the last logged step.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        run_name: str,
+        *,
+        run_id: str | None = None,
+        enabled: bool = True,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.tracking_uri = params.tracking_uri
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._buffer: list[Metric] = []
+        self._buffered_steps: set[int] = set()
+        self._logged_upto: dict[str, int] = {}
+        if not enabled:
+            return
+        self._client = _client(self.tracking_uri)
+        if run_id is not None:
+            try:
+                run = self._client.get_run(run_id)
+            except MlflowException:
+                logger.warning("MLflow run %s (from the checkpoint) is not in %s: starting a new run",
+                               run_id, self.tracking_uri)  # fmt: skip
+                run_id = None
+        if run_id is not None:
+            self.run_id, self.experiment_id = run_id, run.info.experiment_id
+            self._client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            for key in run.data.metrics:
+                history = self._client.get_metric_history(run_id, key)
+                self._logged_upto[key] = max(m.step for m in history)
+            logger.info("Resumed MLflow run %s (experiment %s)", run_id, self.experiment_id)
+        else:
+            self.experiment_id = _experiment_id(self._client, params.tracking.experiment, self.tracking_uri)
+            run = self._client.create_run(self.experiment_id, run_name=run_name)
+            self.run_id = run.info.run_id
+            logger.info("Started MLflow run %s (experiment %s)", self.run_id, self.experiment_id)
+        if tags:
+            self.set_tags(tags)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            status = RunStatus.FINISHED
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = RunStatus.KILLED
+        else:
+            status = RunStatus.FAILED
+        self.close(RunStatus.to_string(status))
+
+    def log_params(self, flat: Mapping[str, object]) -> None:
+        """Log flat params; on a resumed run, keys already logged are left alone.
+
+        MLflow refuses to change a logged param; a changed value on resume (say a
+        longer ``train.max_steps``) is reported as a warning and kept as a tag.
+        """
+        if not self.enabled:
+            return
+        existing = self._client.get_run(self.run_id).data.params
+        new: list[Param] = []
+        changed: dict[str, str] = {}
+        for key, value in flat.items():
+            text = _truncate(str(value), MAX_PARAM_VAL_LENGTH)
+            if key not in existing:
+                new.append(Param(key, text))
+            elif existing[key] != text:
+                changed[key] = text
+                logger.warning("param %s changed on resume: %s -> %s", key, existing[key], text)
+        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=new[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        if changed:
+            self.set_tags({f"changed_param.{k}": v for k, v in changed.items()})
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        if not self.enabled:
+            return
+        items = [RunTag(k, _truncate(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer metric points for ``step``; flushed every few steps and on close."""
+        if not self.enabled:
+            return
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step <= self._logged_upto.get(key, -1):
+                continue
+            self._buffer.append(Metric(key, float(value), now, step))
+        self._buffered_steps.add(step)
+        if len(self._buffered_steps) >= FLUSH_EVERY_STEPS or len(self._buffer) >= MAX_METRICS_PER_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled or not self._buffer:
+            return
+        for i in range(0, len(self._buffer), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=self._buffer[i : i + MAX_METRICS_PER_BATCH])
+        self._buffer.clear()
+        self._buffered_steps.clear()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and end the run (idempotent)."""
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self._client.set_terminated(self.run_id, status=status)
+            self.enabled = False
+
+
+def log_to_run(
+    tracking_uri: str,
+    run_id: str,
+    metrics: Mapping[str, float],
+    artifacts: Iterable[Path] = (),
+    step: int | None = None,
+) -> None:
+    """Add metrics and artefacts to an existing (possibly finished) run."""
+    client = _client(tracking_uri)
+    now = int(time.time() * 1000)
+    points = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    for i in range(0, len(points), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=points[i : i + MAX_METRICS_PER_BATCH])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))

@@ -1,0 +1,153 @@
+"""Atomic, fingerprinted checkpoints: round trip, skipped partial saves, stale refusal, retention."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fgclip.config import Params
+from fgclip.model.memory_bank import RegionMemoryBank
+from fgclip.train.checkpoints import (
+    StaleCheckpointError,
+    capture_rng_state,
+    checkpoint_dir,
+    latest_resumable,
+    load_checkpoint,
+    restore_rng_state,
+    run_fingerprint,
+    save_checkpoint,
+)
+from fgclip.train.optim import build_optimizer, cosine_with_warmup
+
+
+def _parts(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, object, RegionMemoryBank]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6))
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    sched = cosine_with_warmup(opt, warmup_steps=2, total_steps=10)
+    bank = RegionMemoryBank(size=8, dim=6, warmup_steps=1)
+    return model, opt, sched, bank
+
+
+def _train(model, opt, sched, bank, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(4, 6)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        bank.step()
+        bank.enqueue(torch.randn(3, 6), torch.randn(3, 6), torch.arange(3))
+
+
+def _save(run_dir: Path, step: int, parts, params: Params, keep: int = 5) -> Path:
+    model, opt, sched, bank = parts
+    fp, fp_params = run_fingerprint(params)
+    state = {
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "memory_bank": bank.state_dict(),
+        "rng": capture_rng_state(),
+        "forward_passes": step,
+    }
+    meta = {"fingerprint": fp, "fingerprint_params": fp_params, "forward_passes": step}
+    return save_checkpoint(run_dir, step, model=model, state=state, meta=meta, keep=keep)
+
+
+def test_round_trip_restores_weights_optimizer_bank_and_rng(tmp_path: Path) -> None:
+    params = Params()
+    parts = _parts(0)
+    _train(*parts, steps=3)
+    random.seed(5)
+    np.random.seed(5)
+    path = _save(tmp_path, 3, parts, params)
+    expected_draws = (random.random(), np.random.rand(), torch.rand(1).item())
+
+    model, opt, sched, bank = _parts(1)  # different init: everything must come from disk
+    state, meta = load_checkpoint(path, model)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    bank.load_state_dict(state["memory_bank"])
+    restore_rng_state(state["rng"])
+
+    src_model, src_opt, src_sched, src_bank = parts
+    assert meta["step"] == 3 and meta["forward_passes"] == 3
+    for a, b in zip(model.state_dict().values(), src_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for key, value in src_opt.state_dict()["state"][0].items():
+        assert torch.equal(opt.state_dict()["state"][0][key], value)
+    assert sched.get_last_lr() == src_sched.get_last_lr()
+    assert bank.state() == src_bank.state()
+    assert torch.equal(bank.image_queue, src_bank.image_queue)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected_draws
+
+
+def test_partial_and_corrupt_saves_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = Params()
+    fp, fp_params = run_fingerprint(params)
+    parts = _parts(0)
+    good = _save(tmp_path, 4, parts, params)
+    # An interrupted save (still in its temporary directory) ...
+    tmp = tmp_path / "checkpoint-000005.tmp-4242"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    # ... a directory whose meta.json (written last) never landed ...
+    no_meta = checkpoint_dir(tmp_path, 6)
+    no_meta.mkdir()
+    (no_meta / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    # ... and one whose state.pt was truncated.
+    corrupt = _save(tmp_path, 7, parts, params)
+    data = (corrupt / "state.pt").read_bytes()
+    (corrupt / "state.pt").write_bytes(data[: len(data) // 2])
+
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        assert latest_resumable(tmp_path, fp, fp_params) == good
+    text = caplog.text
+    assert "checkpoint-000005.tmp-4242" in text and "interrupted" in text
+    assert "checkpoint-000006" in text and "no meta.json" in text
+    assert "checkpoint-000007" in text and "state.pt" in text
+
+
+def test_no_checkpoint_means_fresh_start(tmp_path: Path) -> None:
+    fp, fp_params = run_fingerprint(Params())
+    assert latest_resumable(tmp_path / "missing", fp, fp_params) is None
+
+
+def test_stale_fingerprint_is_refused_naming_each_param(tmp_path: Path) -> None:
+    old = Params().with_overrides(model={"logit_scale_init_value": 2.6592}, train={"batch_size": 4})
+    _save(tmp_path, 2, _parts(0), old)
+    new = Params()
+    fp, fp_params = run_fingerprint(new)
+    with pytest.raises(StaleCheckpointError) as err:
+        latest_resumable(tmp_path, fp, fp_params)
+    message = str(err.value)
+    assert "model.logit_scale_init_value: 2.6592 -> 4.605170185988092" in message
+    assert "train.batch_size: 4 -> 8" in message
+    assert "train.run_name" in message and str(tmp_path) in message
+    # Params outside the fingerprint (schedule, logging) do not make a checkpoint stale.
+    same = Params().with_overrides(train={"max_steps": 999, "lr": 1.0, "log_every": 5})
+    assert run_fingerprint(same)[0] == fp
+
+
+def test_retention_keeps_newest_and_overwrite_is_atomic(tmp_path: Path) -> None:
+    params = Params()
+    parts = _parts(0)
+    for step in (1, 2, 3):
+        _save(tmp_path, step, parts, params, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
+    # A fresh run saving a step that already exists replaces it whole.
+    _train(*parts, steps=1)
+    path = _save(tmp_path, 3, parts, params, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
+    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6))
+    load_checkpoint(path, model)
+    assert torch.equal(model[0].weight, parts[0][0].weight)
+    assert json.loads((path / "meta.json").read_text())["step"] == 3

@@ -1,0 +1,119 @@
+"""Tracker against a real sqlite MLflow store in a temporary directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from fgclip.config import Params
+from fgclip.train import tracking
+from fgclip.train.tracking import Tracker, flatten_params, log_to_run
+
+
+@pytest.fixture(scope="module")
+def store(tracking_uri: str) -> tuple[Params, MlflowClient, Path]:
+    """The session's sqlite store (creating one costs seconds), in an experiment of its own."""
+    base = Path(tracking_uri[len("sqlite:///") :]).parent
+    params = Params(base_dir=base).with_overrides(
+        tracking={"uri": tracking_uri, "experiment": "tracking-tests"}
+    )
+    return params, MlflowClient(tracking_uri=tracking_uri), base
+
+
+def test_flatten_params_dotted_and_truncated() -> None:
+    long_prompt = "x" * 10_000
+    params = Params().with_overrides(evaluate={"prompts": {"Normal": [long_prompt]}})
+    flat = flatten_params(params)
+    assert flat["train.lr"] == "0.0003"
+    assert flat["train.health.region_loss_max"] == "0.5"
+    assert flat["model.pretrained"] == "null"
+    assert flat["sample.anomaly_classes"].startswith('["Arson"')
+    assert len(flat["evaluate.prompts.Normal"]) == tracking.MAX_PARAM_VAL_LENGTH
+    assert flat["evaluate.prompts.Normal"].endswith("[truncated]")
+    assert "base_dir" not in flat
+
+
+def test_params_metrics_and_artifacts_round_trip(store, tmp_path: Path) -> None:
+    params, client, base = store
+    steps = 23  # not a multiple of the flush interval: the tail is flushed on close
+    artifact = tmp_path / "health.json"
+    artifact.write_text('{"passed": true}')
+    with Tracker(params, "round-trip", tags={"stage": "test"}) as tracker:
+        tracker.log_params(flatten_params(params))
+        for step in range(1, steps + 1):
+            tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step=step)
+        tracker.log_artifact(artifact)
+        run_id = tracker.run_id
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "8"
+    assert run.data.tags["stage"] == "test"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))
+    assert {m.step: m.value for m in history}[4] == pytest.approx(0.25)
+    experiment = client.get_experiment(run.info.experiment_id)
+    # Artefacts live next to the db, whatever the current directory was.
+    assert experiment.artifact_location == (base / "mlartifacts").resolve().as_uri()
+    assert [a.path for a in client.list_artifacts(run_id)] == ["health.json"]
+
+
+def test_resume_never_logs_a_step_twice(store) -> None:
+    params, client, _ = store
+    with Tracker(params, "resume") as tracker:
+        for step in range(1, 8):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        run_id = tracker.run_id
+    # A restart from a checkpoint at step 4 replays steps 5..7 before going on.
+    with Tracker(params, "resume", run_id=run_id) as tracker:
+        tracker.log_params({"train.max_steps": "10"})
+        for step in range(5, 11):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 11))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_failed_run_is_marked_failed_and_flushed(store) -> None:
+    params, client, _ = store
+    with pytest.raises(RuntimeError, match="boom"), Tracker(params, "fails") as tracker:
+        tracker.log_metrics({"train/loss": 2.0}, step=1)
+        run_id = tracker.run_id
+        raise RuntimeError("boom")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]
+
+
+def test_disabled_tracker_writes_nothing(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'never.db'}"
+    params = Params(base_dir=tmp_path).with_overrides(tracking={"uri": uri})
+    with Tracker(params, "rank1", enabled=False) as tracker:
+        tracker.log_params({"a": 1})
+        tracker.log_metrics({"m": 1.0}, step=1)
+        assert tracker.run_id is None
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_log_to_run_adds_to_a_finished_run(store, tmp_path: Path) -> None:
+    params, client, _ = store
+    with Tracker(params, "evaluated") as tracker:
+        run_id = tracker.run_id
+    scores = tmp_path / "eval.json"
+    scores.write_text('{"frame_auc": 0.8}')
+    log_to_run(params.tracking_uri, run_id, {"eval/frame_auc": 0.8}, [scores])
+    run = client.get_run(run_id)
+    assert run.data.metrics["eval/frame_auc"] == pytest.approx(0.8)
+    assert "eval.json" in [a.path for a in client.list_artifacts(run_id)]
+
+
+def test_resuming_an_unknown_run_starts_a_new_one(store, caplog: pytest.LogCaptureFixture) -> None:
+    params, client, _ = store
+    with Tracker(params, "orphan", run_id="0123456789abcdef0123456789abcdef") as tracker:
+        tracker.log_metrics({"train/loss": 1.0}, step=3)
+        run_id = tracker.run_id
+    assert run_id != "0123456789abcdef0123456789abcdef"
+    assert "starting a new run" in caplog.text
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [3]
