@@ -1,0 +1,352 @@
+"""Stage ``evaluate``: frame-level AUC on the UCF-Crime test split, zero-shot from prompts.
+
+Three models go through the same code path, so their numbers are comparable:
+
+- ``finetuned``: the video FG-CLIP written by ``train`` (``models/fgclip``);
+- ``pretrained``: the CLIP it was fine-tuned from, with the temporal head at its
+  identity initialisation (what fine-tuning bought);
+- ``untrained``: the fine-tuned architecture with random weights from a fixed
+  seed (the floor: what the protocol gives with no learning at all).
+
+Outputs: ``metrics/eval.json``, every per-frame score of every model as Parquet
+(so any metric can be recomputed), the fine-tuned ROC curve as CSV for ``dvc
+plots``, and, when the model directory names its MLflow run, the metrics and the
+scores file added to that run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+from transformers import CLIPModel, PreTrainedTokenizerBase
+
+from fgclip.config import Params
+from fgclip.data.ucf import NORMAL_LABEL, read_split, read_temporal_annotations
+from fgclip.eval.protocol import (
+    AnnotatedVideo,
+    EvalInputError,
+    VideoScores,
+    build_test_set,
+    frame_level_metrics,
+    frame_score_table,
+    num_snippets,
+    snippet_to_frames,
+    write_frame_scores,
+    write_roc_csv,
+)
+from fgclip.eval.zeroshot import class_embeddings, frame_embeddings, snippet_scores
+from fgclip.model.fgclip import CONFIG_NAME, WEIGHTS_NAME, FGCLIPVideoModel
+from fgclip.model.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+FINETUNED, PRETRAINED, UNTRAINED = "finetuned", "pretrained", "untrained"
+
+
+@dataclass
+class ScoringModel:
+    """A model ready to score, with its class-prompt embeddings computed once."""
+
+    name: str
+    model: FGCLIPVideoModel
+    class_embeds: torch.Tensor  # [C, D]
+    normal_index: int
+
+
+def _read_table(path: Path, columns: list[str]) -> pa.Table:
+    if not path.is_file():
+        raise EvalInputError(f"{path} not found: run the extract_frames stage first")
+    table = pq.read_table(path)
+    missing = sorted(set(columns) - set(table.column_names))
+    if missing:
+        raise EvalInputError(f"{path}: missing column(s) {missing}")
+    return table.select(columns)
+
+
+def decoded_test_videos(split: list[str], frames_dir: Path) -> tuple[dict[str, int], list[dict[str, str]]]:
+    """Decoded frame counts of the split's videos, and the ones that failed to decode.
+
+    ``videos.parquet`` holds the authoritative frame count. A split video that is
+    absent from it means the frames directory was built from another dataset: an
+    error. One that failed to decode is left out and recorded with its reason.
+    """
+    videos_path = frames_dir / "videos.parquet"
+    videos = _read_table(videos_path, ["video", "num_frames", "status"]).to_pydict()
+    rows = {v: (n, s) for v, n, s in zip(videos["video"], videos["num_frames"], videos["status"])}
+    absent = [v for v in split if v not in rows]
+    if absent:
+        raise EvalInputError(
+            f"{videos_path}: test video(s) {', '.join(absent[:5])}"
+            + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+            + " not extracted: re-run extract_frames for this dataset"
+        )
+    reasons: dict[str, str] = {}
+    failures_path = frames_dir / "failures.parquet"
+    if failures_path.is_file():
+        failures = pq.read_table(failures_path, columns=["video", "reason"]).to_pydict()
+        reasons = dict(zip(failures["video"], failures["reason"]))
+    decoded, skipped = {}, []
+    for video in split:
+        num_frames, status = rows[video]
+        if status == "ok" and num_frames > 0:
+            decoded[video] = int(num_frames)
+        else:
+            reason = reasons.get(video, f"status {status}, {num_frames} frames")
+            log.warning("%s: test video %s skipped: %s", videos_path, video, reason)
+            skipped.append({"video": video, "reason": reason})
+    return decoded, skipped
+
+
+def eval_frame_paths(
+    frames_dir: Path, test_set: list[AnnotatedVideo], snippet_len: int
+) -> dict[str, list[Path]]:
+    """The ``eval`` frame of every snippet of every test video, checked against the protocol."""
+    index_path = frames_dir / "index.parquet"
+    index = _read_table(index_path, ["video", "frame", "path", "purpose"])
+    index = index.filter(pc.equal(index["purpose"], "eval"))
+    # Frame paths come from a file on disk: never open one outside the frames directory.
+    escapes = pc.or_(
+        pc.starts_with(index["path"], "/"), pc.match_substring_regex(index["path"], r"(^|[/\\])\.\.([/\\]|$)")
+    )
+    if pc.any(escapes).as_py():
+        bad = index.filter(escapes)["path"][0].as_py()
+        raise EvalInputError(f"{index_path}: frame path {bad!r} points outside {frames_dir}")
+    index = index.sort_by([("video", "ascending"), ("frame", "ascending")])
+    videos = index["video"].to_numpy(zero_copy_only=False)
+    frames = index["frame"].to_numpy()
+    paths = index["path"].to_numpy(zero_copy_only=False)
+    names, starts, counts = np.unique(videos, return_index=True, return_counts=True)
+    where = {name: (start, count) for name, start, count in zip(names, starts, counts)}
+    out: dict[str, list[Path]] = {}
+    for video in test_set:
+        n = video.labels.shape[0]
+        expected = num_snippets(n, snippet_len)
+        start, count = where.get(video.video, (0, 0))
+        snippet = frames[start : start + count] // snippet_len
+        if count != expected or not np.array_equal(snippet, np.arange(expected)):
+            raise EvalInputError(
+                f"{index_path}: {video.video} has {count} eval frames (snippets {snippet.tolist()[:8]}...), "
+                f"expected one in each of the {expected} snippets of {snippet_len} of its {n} decoded frames"
+            )
+        out[video.video] = [frames_dir / p for p in paths[start : start + count]]
+    return out
+
+
+def _round(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    return value
+
+
+def _mlflow_metrics(results: dict[str, dict]) -> dict[str, float]:
+    metrics = {"eval/frame_auc": results[FINETUNED]["frame_auc"]}
+    for name, m in results.items():
+        if "frame_auc" not in m:
+            continue  # a skipped model
+        for key in ("frame_auc", "frame_ap", "anomalous_auc"):
+            if m[key] is not None:
+                metrics[f"eval/{name}/{key}"] = m[key]
+        for cls, auc in m["per_class_auc"].items():
+            if auc is not None:
+                metrics[f"eval/{name}/auc_{cls}"] = auc
+    return metrics
+
+
+def training_run(model_dir: Path) -> tuple[str, str] | None:
+    """``(tracking_uri, run_id)`` of the MLflow run that trained the model, from ``run.json``."""
+    run_file = model_dir / "run.json"
+    if not run_file.is_file():
+        log.info("%s not found: evaluation metrics not logged to MLflow", run_file)
+        return None
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+        return str(run["tracking_uri"]), str(run["run_id"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise EvalInputError(
+            f"{run_file}: expected a JSON object with run_id and tracking_uri ({exc!r})"
+        ) from exc
+
+
+def _tokenizer(source: str | os.PathLike, what: str) -> PreTrainedTokenizerBase:
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError) as exc:
+        raise EvalInputError(f"{source}: cannot load the {what} tokenizer: {exc}") from exc
+
+
+def load_finetuned(model_dir: Path) -> tuple[FGCLIPVideoModel, PreTrainedTokenizerBase]:
+    """The fine-tuned model and its tokenizer from the ``train`` stage's output directory."""
+    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (model_dir / name).is_file()]
+    if missing:
+        raise EvalInputError(
+            f"{model_dir}: no fine-tuned model (missing {', '.join(missing)}): run the train stage first"
+        )
+    return FGCLIPVideoModel.from_pretrained(model_dir), _tokenizer(model_dir, "fine-tuned model's")
+
+
+def load_pretrained(
+    source: str | os.PathLike, like: FGCLIPVideoModel
+) -> tuple[FGCLIPVideoModel, PreTrainedTokenizerBase]:
+    """The CLIP that fine-tuning started from, wrapped exactly as training wrapped it.
+
+    ``from_clip`` with the fine-tuned model's config: same temporal head at its
+    identity initialisation and the same loaded-logit-scale policy, so this is
+    the model at fine-tuning step 0.
+    """
+    if isinstance(source, Path) and not source.is_dir():
+        raise EvalInputError(f"{source}: pretrained CLIP directory not found (run the pretrain stage)")
+    return FGCLIPVideoModel.from_clip(source, like.cfg, source=str(source)), _tokenizer(source, "pretrained")
+
+
+def build_untrained(like: FGCLIPVideoModel, seed: int) -> FGCLIPVideoModel:
+    """The fine-tuned architecture with fresh random weights from ``seed`` (nothing is loaded).
+
+    The global RNG is left as it was, so building the baseline never changes
+    what any later random draw gives.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FGCLIPVideoModel(CLIPModel(copy.deepcopy(like.clip.config)), like.cfg)
+
+
+def _resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _scoring_model(
+    name: str,
+    model: FGCLIPVideoModel,
+    tokenizer: PreTrainedTokenizerBase,
+    params: Params,
+    device: torch.device,
+) -> ScoringModel:
+    model = model.to(device).eval()
+    cfg = params.evaluate
+    try:
+        classes, embeds = class_embeddings(
+            model, tokenizer, cfg.prompts, cfg.templates, model.cfg.max_text_len, cfg.batch_size
+        )
+    except ValueError as exc:
+        raise EvalInputError(f"evaluate.prompts / evaluate.templates in params: {exc}") from exc
+    return ScoringModel(name, model, embeds, classes.index(NORMAL_LABEL))
+
+
+def evaluate(
+    params: Params,
+    frames_dir: Path,
+    model_dir: Path,
+    pretrained_dir: Path | str | None,
+    data_root: Path,
+    out: Path,
+    scores_path: Path,
+    roc_path: Path | None = None,
+) -> dict:
+    """Score the test split with the fine-tuned, pretrained and untrained models; write the results.
+
+    Args:
+        frames_dir: ``extract_frames`` output (``index.parquet``, ``videos.parquet``).
+        model_dir: ``train`` output (``model.safetensors``, ``fgclip_config.json``,
+            tokenizer, optional ``run.json``).
+        pretrained_dir: the CLIP fine-tuning started from (directory or hub id);
+            ``None`` skips the pretrained baseline, with a note in the results.
+        data_root: dataset root holding the test split and the temporal annotation.
+        out: metrics JSON; scores_path: per-frame scores Parquet;
+            roc_path: fine-tuned ROC curve CSV (not written when ``None``).
+
+    Returns the metrics written to ``out``.
+    """
+    frames_dir, model_dir, data_root = Path(frames_dir), Path(model_dir), Path(data_root)
+    snippet_len = params.frames.snippet_len
+    split_path = data_root / params.data.test_split
+    annotation_path = data_root / params.data.temporal_annotations
+    split = read_split(split_path)
+    annotations = read_temporal_annotations(annotation_path)
+    decoded, skipped = decoded_test_videos(split, frames_dir)
+    test_set = build_test_set(split, annotations, decoded, split_path, annotation_path)
+    paths = eval_frame_paths(frames_dir, test_set, snippet_len)
+    run = training_run(model_dir)
+
+    device = _resolve_device(params.train.device)
+    finetuned, tokenizer = load_finetuned(model_dir)
+    scorers = [_scoring_model(FINETUNED, finetuned, tokenizer, params, device)]
+    if pretrained_dir is None:
+        log.info("no pretrained CLIP given: pretrained baseline skipped")
+    else:
+        pretrained, pretrained_tokenizer = load_pretrained(pretrained_dir, finetuned)
+        scorers.append(_scoring_model(PRETRAINED, pretrained, pretrained_tokenizer, params, device))
+    untrained = build_untrained(finetuned, params.train.seed)
+    scorers.append(_scoring_model(UNTRAINED, untrained, tokenizer, params, device))
+
+    scored: dict[str, list[VideoScores]] = {s.name: [] for s in scorers}
+    clip_len = params.train.num_frames
+    for video in tqdm(test_set, desc="evaluate", unit="video", disable=None):
+        embeds = frame_embeddings([s.model for s in scorers], paths[video.video], params.evaluate.batch_size)
+        for scorer, frame_embeds in zip(scorers, embeds):
+            snippets = snippet_scores(
+                scorer.model,
+                frame_embeds,
+                scorer.class_embeds,
+                scorer.normal_index,
+                clip_len,
+                params.evaluate.batch_size,
+            ).numpy()
+            frames = snippet_to_frames(snippets, video.labels.shape[0], snippet_len)
+            scored[scorer.name].append(VideoScores(video.video, video.label, video.labels, frames))
+
+    results: dict[str, dict] = {name: frame_level_metrics(videos) for name, videos in scored.items()}
+    for name, m in results.items():
+        if m["saturated_frac"] > 0:
+            log.warning(
+                "%s: %.1f%% of test frames score exactly 1.0 (tied in the AUC)",
+                name,
+                100 * m["saturated_frac"],
+            )
+    if PRETRAINED not in results:
+        results[PRETRAINED] = {"skipped": "no pretrained CLIP given"}
+    summary = _round(
+        {
+            "frame_auc": results[FINETUNED]["frame_auc"],
+            **{name: results[name] for name in (FINETUNED, PRETRAINED, UNTRAINED)},
+            "clipped_intervals": [v.video for v in test_set if v.clipped],
+            "skipped_videos": skipped,
+        }
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    rows = write_frame_scores(
+        Path(scores_path), [frame_score_table(videos, name, snippet_len) for name, videos in scored.items()]
+    )
+    artifacts = [out, Path(scores_path)]
+    if roc_path is not None:
+        write_roc_csv(Path(roc_path), scored[FINETUNED])
+        artifacts.append(Path(roc_path))
+    log.info(
+        "frame AUC on %d test videos (%d frames): %s; %d score rows in %s",
+        len(test_set),
+        results[FINETUNED]["num_frames"],
+        ", ".join(f"{name} {results[name]['frame_auc']:.4f}" for name in scored),
+        rows,
+        scores_path,
+    )
+    if run is not None:
+        from fgclip.train.tracking import log_to_run  # MLflow is imported only when there is a run to log to
+
+        log_to_run(*run, _mlflow_metrics(results), artifacts)
+        log.info("Logged evaluation metrics to MLflow run %s", run[1])
+    return summary

@@ -1,0 +1,234 @@
+"""The ``evaluate`` stage end to end on the tiny generated sample, with tiny saved models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from fgclip.config import Params
+from fgclip.data.ucf import read_split, read_temporal_annotations
+from fgclip.eval.evaluate import (
+    build_untrained,
+    decoded_test_videos,
+    eval_frame_paths,
+    evaluate,
+    training_run,
+)
+from fgclip.eval.protocol import EvalInputError, build_test_set
+from fgclip.model.fgclip import FGCLIPVideoModel
+from fgclip.train import tracking
+
+MODELS = ("finetuned", "pretrained", "untrained")
+
+
+@pytest.fixture(scope="module")
+def run_eval(
+    eval_params: Params, tiny_frames: Path, tiny_sample: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., tuple[dict, Path]]:
+    """``run_eval(model_dir, pretrained, frames_dir=...)`` -> (summary, output dir)."""
+
+    def run(model_dir: Path, pretrained: Path | None, frames_dir: Path = tiny_frames) -> tuple[dict, Path]:
+        out = tmp_path_factory.mktemp("eval")
+        summary = evaluate(
+            eval_params,
+            frames_dir,
+            model_dir,
+            pretrained,
+            tiny_sample,
+            out / "metrics" / "eval.json",
+            out / "eval" / "frame_scores.parquet",
+            out / "plots" / "roc.csv",
+        )
+        return summary, out
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def first_run(run_eval, save_model_dir: Callable[[int], Path], pretrained_dir: Path) -> tuple[dict, Path]:
+    return run_eval(save_model_dir(1), pretrained_dir)
+
+
+def scores_of(out: Path, model: str) -> dict[str, list]:
+    table = pq.read_table(out / "eval" / "frame_scores.parquet")
+    return table.filter(pc.equal(table["model"], model)).to_pydict()
+
+
+def test_end_to_end_writes_all_three_models(
+    first_run, tiny_frames: Path, tiny_sample: Path, eval_params: Params
+):
+    summary, out = first_run
+    assert json.loads((out / "metrics" / "eval.json").read_text()) == summary
+    assert summary["frame_auc"] == summary["finetuned"]["frame_auc"]
+    split = read_split(tiny_sample / eval_params.data.test_split)
+    videos = pq.read_table(tiny_frames / "videos.parquet").to_pydict()
+    test_frames = sum(n for v, n in zip(videos["video"], videos["num_frames"]) if v in split)
+    for name in MODELS:
+        m = summary[name]
+        assert m["num_videos"] == len(split) and m["num_frames"] == test_frames
+        assert set(m["per_class_auc"]) == {"Arson", "RoadAccidents"}
+        rows = scores_of(out, name)
+        assert len(rows["score"]) == test_frames
+        assert all(0.0 <= s <= 1.0 for s in rows["score"])
+        # Every metric can be recomputed from the Parquet rows.
+        assert roc_auc_score(rows["label"], rows["score"]) == pytest.approx(m["frame_auc"], abs=1e-4)
+        assert m["frame_auc"] == round(m["frame_auc"], 4)
+    assert summary["skipped_videos"] == [] and summary["clipped_intervals"] == []
+    roc = (out / "plots" / "roc.csv").read_text().splitlines()
+    assert roc[0] == "fpr,tpr,threshold" and len(roc) > 2
+    assert scores_of(out, "untrained")["score"] != scores_of(out, "finetuned")["score"]
+
+
+def test_untrained_baseline_comes_from_the_seed_not_the_model_dir(
+    first_run, run_eval, save_model_dir: Callable[[int], Path], eval_params: Params
+):
+    _, first_out = first_run
+    other_dir = save_model_dir(2)
+    summary, out = run_eval(other_dir, None)
+    # Different fine-tuned weights, identical untrained baseline: nothing of it comes from model_dir.
+    assert scores_of(out, "finetuned")["score"] != scores_of(first_out, "finetuned")["score"]
+    assert scores_of(out, "untrained")["score"] == scores_of(first_out, "untrained")["score"]
+    assert summary["pretrained"] == {"skipped": "no pretrained CLIP given"}
+    assert scores_of(out, "pretrained")["score"] == []
+
+    finetuned = FGCLIPVideoModel.from_pretrained(other_dir)
+    untrained = build_untrained(finetuned, eval_params.train.seed)
+    again = build_untrained(finetuned, eval_params.train.seed)
+    key = "clip.vision_model.embeddings.patch_embedding.weight"
+    assert not torch.equal(untrained.state_dict()[key], finetuned.state_dict()[key])
+    assert torch.equal(untrained.state_dict()[key], again.state_dict()[key])
+
+
+def test_failed_test_video_is_skipped_and_recorded(
+    run_eval, save_model_dir: Callable[[int], Path], tiny_frames: Path, tmp_path: Path
+):
+    frames = tmp_path / "frames"
+    shutil.copytree(tiny_frames, frames)
+    videos = pq.read_table(frames / "videos.parquet")
+    victim = "Arson/Arson003_x264.mp4"
+    assert victim in videos["video"].to_pylist()
+    status = pc.if_else(pc.equal(videos["video"], victim), "failed", videos["status"])
+    pq.write_table(
+        videos.set_column(videos.column_names.index("status"), "status", status), frames / "videos.parquet"
+    )
+    summary, out = run_eval(save_model_dir(1), None, frames_dir=frames)
+    assert [s["video"] for s in summary["skipped_videos"]] == [victim]
+    assert summary["finetuned"]["num_videos"] == 5
+    assert victim not in scores_of(out, "finetuned")["video"]
+
+
+def test_model_dir_without_model_is_an_error(run_eval, tmp_path: Path):
+    empty = tmp_path / "models" / "fgclip"
+    empty.mkdir(parents=True)
+    with pytest.raises(EvalInputError, match=f"{empty}: no fine-tuned model .*model.safetensors"):
+        run_eval(empty, None)
+
+
+def test_metrics_logged_to_the_training_run(
+    run_eval, save_model_dir: Callable[[int], Path], eval_params: Params, tmp_path: Path
+):
+    model_dir = tmp_path / "fgclip"
+    shutil.copytree(save_model_dir(1), model_dir)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = eval_params.with_overrides(tracking={"uri": uri, "experiment": "eval-tests"})
+    with tracking.Tracker(params, "fgclip-test") as tracker:
+        run_id = tracker.run_id
+    (model_dir / "run.json").write_text(
+        json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment_id": "1"})
+    )
+    summary, _ = run_eval(model_dir, None)
+    run = tracking._client(uri).get_run(run_id)
+    assert run.data.metrics["eval/frame_auc"] == pytest.approx(summary["frame_auc"], abs=1e-4)
+    assert run.data.metrics["eval/untrained/frame_auc"] == pytest.approx(
+        summary["untrained"]["frame_auc"], abs=1e-4
+    )
+    assert "eval/pretrained/frame_auc" not in run.data.metrics
+    artifacts = {a.path for a in tracking._client(uri).list_artifacts(run_id)}
+    assert {"frame_scores.parquet", "eval.json", "roc.csv"} <= artifacts
+
+
+def test_malformed_run_json_is_an_error(tmp_path: Path):
+    (tmp_path / "run.json").write_text('{"run_id": "abc"}')
+    with pytest.raises(EvalInputError, match="run.json: expected a JSON object with run_id and tracking_uri"):
+        training_run(tmp_path)
+    (tmp_path / "run.json").unlink()
+    assert training_run(tmp_path) is None
+
+
+# --- input checks that need no model ------------------------------------------
+
+
+def _test_set(params: Params, data_root: Path, frames_dir: Path):
+    split_path = data_root / params.data.test_split
+    ann_path = data_root / params.data.temporal_annotations
+    split = read_split(split_path)
+    decoded, _ = decoded_test_videos(split, frames_dir)
+    return build_test_set(split, read_temporal_annotations(ann_path), decoded, split_path, ann_path)
+
+
+def _rewrite_index(src: Path, dst: Path, edit: Callable[[pa.Table], pa.Table]) -> Path:
+    dst.mkdir()
+    for name in ("videos.parquet", "index.parquet"):
+        shutil.copy(src / name, dst / name)
+    pq.write_table(edit(pq.read_table(dst / "index.parquet")), dst / "index.parquet")
+    return dst
+
+
+def test_eval_frames_follow_the_snippet_protocol(eval_params: Params, tiny_sample: Path, tiny_frames: Path):
+    test_set = _test_set(eval_params, tiny_sample, tiny_frames)
+    paths = eval_frame_paths(tiny_frames, test_set, 16)
+    for video in test_set:
+        frames = [int(p.stem) for p in paths[video.video]]
+        assert len(frames) == -(-video.labels.size // 16)
+        assert [f // 16 for f in frames] == list(range(len(frames)))
+        assert all(p.is_file() for p in paths[video.video])
+
+
+def test_missing_eval_frame_is_an_error(
+    eval_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
+    test_set = _test_set(eval_params, tiny_sample, tiny_frames)
+    video = test_set[0].video
+
+    def drop_last(index: pa.Table) -> pa.Table:
+        rows = np.flatnonzero(
+            (index["video"].to_numpy(zero_copy_only=False) == video)
+            & (index["purpose"].to_numpy(zero_copy_only=False) == "eval")
+        )
+        keep = np.ones(index.num_rows, dtype=bool)
+        keep[rows[index["frame"].to_numpy()[rows].argmax()]] = False
+        return index.filter(pa.array(keep))
+
+    frames = _rewrite_index(tiny_frames, tmp_path / "frames", drop_last)
+    with pytest.raises(EvalInputError, match=f"index.parquet: {video} has .* eval frames"):
+        eval_frame_paths(frames, test_set, 16)
+
+
+def test_frame_path_outside_frames_dir_is_an_error(
+    eval_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
+    test_set = _test_set(eval_params, tiny_sample, tiny_frames)
+
+    def escape(index: pa.Table) -> pa.Table:
+        paths = pc.if_else(pc.equal(index["purpose"], "eval"), "../../etc/passwd", index["path"])
+        return index.set_column(index.column_names.index("path"), "path", paths)
+
+    frames = _rewrite_index(tiny_frames, tmp_path / "frames", escape)
+    with pytest.raises(EvalInputError, match="points outside"):
+        eval_frame_paths(frames, test_set, 16)
+
+
+def test_test_video_absent_from_frames_is_an_error(tiny_sample: Path, tiny_frames: Path, tmp_path: Path):
+    split = read_split(tiny_sample / "Anomaly_Test.txt") + ["Arson/Arson999_x264.mp4"]
+    with pytest.raises(EvalInputError, match=r"videos\.parquet: test video\(s\) Arson/Arson999_x264\.mp4"):
+        decoded_test_videos(split, tiny_frames)
