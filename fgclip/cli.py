@@ -13,15 +13,17 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from fgclip.config import Params, ParamsError, load_params
+from fgclip.config import Params, load_params
+from fgclip.errors import FGClipError
 
 log = logging.getLogger("fgclip")
 
 # Errors a user can act on: printed as one clear line, exit status 1, no traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, ValueError)
+# Anything else is a bug and keeps its traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (FGClipError, FileNotFoundError)
 
 
 def _path(p: str | None) -> Path | None:
@@ -167,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "fine-tune video FG-CLIP (resumes from the latest matching checkpoint)")
     p.add_argument("--frames", help="frames directory (default: frames.out)")
     p.add_argument("--boxes", help="boxes directory (default: boxes.out)")
-    p.add_argument("--model", help="pretrained CLIP: directory or hub id (default: model.pretrained or pretrain.out)")
+    p.add_argument(
+        "--model", help="pretrained CLIP: directory or hub id (default: model.pretrained or pretrain.out)"
+    )
     p.add_argument("--out", help="fine-tuned model directory (default: train.out)")
     p.add_argument("--checkpoints", help="checkpoint root (default: train.checkpoints)")
     p.add_argument("--health", help="health report JSON (default: metrics/health.json)")
@@ -178,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="UCF-Crime root (default: data.root)")
     p.add_argument("--frames", help="frames directory (default: frames.out)")
     p.add_argument("--model", help="fine-tuned model directory (default: train.out)")
-    p.add_argument("--pretrained", help="pretrained CLIP baseline (default: model.pretrained or pretrain.out)")
+    p.add_argument(
+        "--pretrained", help="pretrained CLIP baseline (default: model.pretrained or pretrain.out)"
+    )
     p.add_argument("--out", help="metrics JSON (default: evaluate.out)")
     p.add_argument("--scores", help="per-frame scores Parquet (default: evaluate.scores)")
     p.add_argument("--roc", help="ROC curve CSV for `dvc plots` (default: plots/roc.csv)")

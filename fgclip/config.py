@@ -17,6 +17,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fgclip.errors import FGClipError
+
 LN_100 = math.log(100.0)  # 4.6052: the fine-tuning temperature cap (exp = 100)
 CLIP_SCRATCH_LOGIT_SCALE = math.log(1 / 0.07)  # 2.6592: CLIP's from-scratch init
 
@@ -49,7 +51,7 @@ class SampleConfig(_Section):
     bad_boxes: bool = True
 
     @model_validator(mode="after")
-    def _frames_range(self) -> "SampleConfig":
+    def _frames_range(self) -> SampleConfig:
         if self.max_frames < self.min_frames:
             raise ValueError("sample.max_frames must be >= sample.min_frames")
         return self
@@ -96,7 +98,7 @@ class ModelConfig(_Section):
     loaded_logit_scale: Literal["error", "keep", "reinit"] = "error"
 
     @model_validator(mode="after")
-    def _text_len(self) -> "ModelConfig":
+    def _text_len(self) -> ModelConfig:
         limit = 248 if self.long_text else 77
         if self.max_text_len > limit:
             raise ValueError(
@@ -116,6 +118,7 @@ class PretrainConfig(_Section):
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = 0.1
     logit_scale_init_value: float = CLIP_SCRATCH_LOGIT_SCALE
+    augment: bool = True
     seed: int = 0
 
 
@@ -160,11 +163,13 @@ class EvaluateConfig(_Section):
     out: str = "metrics/eval.json"
     scores: str = "data/eval/frame_scores.parquet"
     batch_size: int = Field(64, ge=1)
-    templates: list[str] = ["a surveillance video of {}", "{}"]
+    # Snippets per scoring clip, centred on the scored snippet; null = train.num_frames.
+    window_snippets: int | None = Field(None, ge=1)
+    templates: list[str] = ["{}"]
     prompts: dict[str, list[str]] = {}
 
     @model_validator(mode="after")
-    def _prompts(self) -> "EvaluateConfig":
+    def _prompts(self) -> EvaluateConfig:
         if self.prompts and "Normal" not in self.prompts:
             raise ValueError("evaluate.prompts needs a 'Normal' entry (the score is 1 - p(Normal))")
         for t in self.templates:
@@ -217,7 +222,7 @@ class Params(_Section):
             return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{(self.base_dir / 'mlflow.db').resolve()}"
 
-    def with_overrides(self, **sections: dict) -> "Params":
+    def with_overrides(self, **sections: dict) -> Params:
         """A copy with some fields of some sections replaced (validated again)."""
         raw = self.model_dump(exclude={"base_dir"})
         for name, values in sections.items():
@@ -234,7 +239,7 @@ def fingerprint(section: BaseModel | dict, keys: list[str] | None = None) -> str
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class ParamsError(ValueError):
+class ParamsError(FGClipError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message says where."""
 
 

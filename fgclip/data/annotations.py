@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fgclip.errors import FGClipError
+
 REQUIRED_KEYS = ("video", "global_caption", "region_captions", "box_infos")
 _NUMBER_TYPES = (int, float)
 
 
-class AnnotationFileError(ValueError):
+class AnnotationFileError(FGClipError, ValueError):
     """The annotation file cannot be read as a JSON list; the message names the file."""
 
 
@@ -104,7 +106,9 @@ def _record_problem(entry: Any) -> str | None:
         return f"{len(boxes)} box_infos lists for {len(captions)} region_captions"
     ts = entry.get("timestamps")
     if ts is not None and not (
-        isinstance(ts, list) and len(ts) == 2 and all(_is_number(t) and math.isfinite(t) for t in ts)
+        isinstance(ts, list)
+        and len(ts) == 2
+        and all(_is_number(t) and math.isfinite(t) for t in ts)
         and ts[0] <= ts[1]
     ):
         return "'timestamps' must be null or [start_s, end_s] with start_s <= end_s"
@@ -130,7 +134,9 @@ def parse_entry(index: int, entry: Any) -> tuple[AnnotationRecord | None, list[M
     problem = _record_problem(entry)
     if problem is not None:
         video = entry.get("video") if isinstance(entry, dict) else None
-        return None, [Malformed(index, video if isinstance(video, str) else None, None, None, _raw(entry), problem)]
+        return None, [
+            Malformed(index, video if isinstance(video, str) else None, None, None, _raw(entry), problem)
+        ]
     bad: list[Malformed] = []
     regions = []
     for r, keyframes in enumerate(entry["box_infos"]):

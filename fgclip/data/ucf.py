@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from fgclip.errors import FGClipError
+
 NORMAL_LABEL = "Normal"
 TRAIN_NORMAL_DIR = "Training_Normal_Videos_Anomaly"
 TEST_NORMAL_DIR = "Testing_Normal_Videos_Anomaly"
@@ -30,7 +32,7 @@ UNKNOWN_VIDEO = "unknown_video"
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(FGClipError, ValueError):
     """A dataset file breaks the UCF-Crime format; the message names the file and line."""
 
 
@@ -119,7 +121,9 @@ def read_temporal_annotations(path: Path) -> dict[str, TemporalAnnotation]:
             continue
         where = f"{path}:{lineno}"
         if len(fields) != 6:
-            raise DatasetFormatError(f"{where}: expected 6 fields (name class s1 e1 s2 e2), got {len(fields)}")
+            raise DatasetFormatError(
+                f"{where}: expected 6 fields (name class s1 e1 s2 e2), got {len(fields)}"
+            )
         name, label, *raw = fields
         try:
             s1, e1, s2, e2 = (int(v) for v in raw)

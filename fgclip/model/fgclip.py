@@ -34,6 +34,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
 from fgclip.config import ModelConfig
+from fgclip.errors import FGClipError
 from fgclip.model.roi_align import roi_align
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ ROI_SAMPLING_RATIO = 2
 _HEAD_KEYS = ("temporal_layers", "temporal_heads", "pooling", "max_frames", "long_text")
 
 
-class LogitScaleMismatch(ValueError):
+class LogitScaleMismatch(FGClipError, ValueError):
     """A loaded logit scale differs from ``model.logit_scale_init_value`` and the policy is "error"."""
 
 

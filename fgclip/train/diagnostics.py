@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from fgclip.config import HealthConfig, Params
+from fgclip.errors import FGClipError
 
 logger = logging.getLogger(__name__)
 
 DIAG_ENV = "ENABLE_RUNTIME_DIAG"
 
 
-class HealthCheckFailed(RuntimeError):
+class HealthCheckFailed(FGClipError, RuntimeError):
     """A health gate whose action is ``fail`` did not pass; health.json says which."""
 
 
