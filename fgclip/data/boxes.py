@@ -1,17 +1,28 @@
 """Stage ``validate_boxes``: check every annotated box, write accepted rows as Parquet shards.
 
-The annotation records are flattened into columns in one Python pass; every rule is
-then a vectorized mask, applied in a fixed order so that each rejected row carries
-the first rule it fails (``REASONS``). Candidate rows are:
+Two layers, so that the expensive part scales to tens of millions of boxes:
 
-- one per annotated keyframe of a region;
-- for a normal training video with ``box_infos: []``: the virtual whole-frame box
-  ``[0, 0, 1, 1]`` on each of its ``train`` frames inside the ``timestamps`` window,
-  one row per (region, frame), ``virtual=True``. Normal test videos are evaluation
-  data and yield no rows. A record with ``box_infos: []`` whose regions cannot be
-  given frames (unknown or failed video, an anomalous video) yields one placeholder
-  row per region (``frame`` null) so that it is counted and rejected, not lost;
-- one per malformed part of the file (a whole record, or one keyframe entry).
+1. ``raw_boxes`` flattens ``annotations.json`` into a table of raw boxes
+   (``RAW_BOX_SCHEMA``), one row per candidate, in one Python pass over the records
+   (the JSON is per-record Python by nature). Candidate rows are:
+
+   - one per annotated keyframe of a region;
+   - for a normal training video with ``box_infos: []``: the virtual whole-frame box
+     ``[0, 0, 1, 1]`` on each of its ``train`` frames inside the ``timestamps`` window,
+     one row per (region, frame), ``virtual=True``. Normal test videos are evaluation
+     data and yield no rows. A record with ``box_infos: []`` whose regions cannot be
+     given frames (unknown or failed video, an anomalous video) yields one placeholder
+     row per region (null ``frame``) so that it is counted and rejected, not lost;
+   - one per malformed part of the file (a whole record, or one keyframe entry), with
+     its JSON text in ``raw``.
+
+2. ``validate_batch`` is the rule engine: one Arrow record batch of raw boxes plus a
+   ``FrameLookup`` (decoded frame counts, extracted frames) in, accepted rows and
+   rejects out. Every rule is a vectorized mask, applied in a fixed order so that each
+   rejected row carries the first rule it fails (``REASONS``). ``validate_box_batches``
+   drives it over any iterable of batches (the flattened JSON, or a Parquet file of raw
+   boxes read row group by row group) and writes shards as it goes, so its memory is
+   one batch whatever the input's size.
 
 Outputs under ``out``: ``part-NNNNN.parquet`` shards (zstd) listed in ``manifest.json``
 (read shards through the manifest: ``rejects.parquet`` lives in the same directory),
@@ -25,90 +36,238 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from fgclip.config import BoxesConfig, Params
 from fgclip.data.annotations import AnnotationRecord, Malformed, load_annotations
-from fgclip.data.ucf import NORMAL_LABEL, VideoResolver
+from fgclip.data.ucf import NORMAL_LABEL, PATH_ESCAPES_ROOT, UNKNOWN_VIDEO, VideoResolver
 
 logger = logging.getLogger(__name__)
 
 # Reject reasons in the order the rules are applied: a row gets the first one it fails.
 REASONS = (
-    "malformed",               # wrong shape in annotations.json (see annotations.py)
-    "path_escapes_root",       # video field is absolute or has '..': never resolved, never opened
-    "unknown_video",           # video field names no video of the split files / frame index
-    "missing_boxes",           # an anomalous video's region has no box_infos at all
-    "empty_caption",           # empty region or global caption
-    "non_finite",              # NaN or infinite coordinate
-    "out_of_range",            # a coordinate outside [0, 1] (beyond clip_tolerance when clipping)
-    "inverted",                # x1 >= x2 or y1 >= y2, after clipping
-    "too_small",               # area under boxes.min_area_frac of the frame
-    "keyframe_out_of_range",   # frame < 0 or >= the decoded frame count
+    "malformed",  # wrong shape in annotations.json (see annotations.py)
+    "path_escapes_root",  # video field is absolute or has '..': never resolved, never opened
+    "unknown_video",  # video field names no video of the split files / frame index
+    "missing_boxes",  # an anomalous video's region has no box_infos at all
+    "empty_caption",  # empty region or global caption
+    "non_finite",  # NaN or infinite coordinate
+    "out_of_range",  # a coordinate outside [0, 1] (beyond clip_tolerance when clipping)
+    "inverted",  # x1 >= x2 or y1 >= y2, after clipping
+    "too_small",  # area under boxes.min_area_frac of the frame
+    "keyframe_out_of_range",  # frame < 0 or >= the decoded frame count
     "keyframe_not_extracted",  # no such frame in the index (or the video failed extraction)
 )
 _CODE = {reason: code for code, reason in enumerate(REASONS, start=1)}
+_REASON_NAMES = pa.array(("",) + REASONS, pa.string())  # indexed by code
 
-ACCEPTED_SCHEMA = pa.schema([
-    ("video", pa.string()), ("split", pa.string()), ("label", pa.string()), ("region", pa.int32()),
-    ("region_caption", pa.string()), ("global_caption", pa.string()), ("frame", pa.int64()),
-    ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()),
-    ("frame_path", pa.string()), ("virtual", pa.bool_()),
-])
-REJECTS_SCHEMA = pa.schema([
-    ("record", pa.int64()),  # position of the record in annotations.json
-    ("video", pa.string()),  # the record's video field as written
-    ("region", pa.int32()), ("frame", pa.int64()),
-    ("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()), ("y2", pa.float64()),
-    ("virtual", pa.bool_()),
-    ("raw", pa.string()),  # JSON text of a malformed entry
-    ("reason", pa.string()), ("detail", pa.string()),
-])
 COORDS = ("x1", "y1", "x2", "y2")
+RAW_BOX_SCHEMA = pa.schema(
+    [
+        ("record", pa.int64()),  # position of the record in annotations.json
+        ("video", pa.string()),  # the record's video field as written (null if it is not a string)
+        ("region", pa.int32()),  # index into region_captions; null only for a malformed whole record
+        ("region_caption", pa.string()),
+        ("global_caption", pa.string()),
+        ("frame", pa.int64()),  # null: a region that got no frame (placeholder) or a malformed entry
+        ("x1", pa.float64()),
+        ("y1", pa.float64()),
+        ("x2", pa.float64()),
+        ("y2", pa.float64()),  # as written
+        ("virtual", pa.bool_()),
+        ("raw", pa.string()),  # JSON text of a malformed entry, else null
+        ("detail", pa.string()),  # why the entry is malformed, else null
+    ]
+)
+ACCEPTED_SCHEMA = pa.schema(
+    [
+        ("video", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+        ("region", pa.int32()),
+        ("region_caption", pa.string()),
+        ("global_caption", pa.string()),
+        ("frame", pa.int64()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("x2", pa.float32()),
+        ("y2", pa.float32()),
+        ("frame_path", pa.string()),
+        ("virtual", pa.bool_()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("record", pa.int64()),  # position of the record in annotations.json
+        ("video", pa.string()),  # the record's video field as written
+        ("region", pa.int32()),
+        ("frame", pa.int64()),
+        ("x1", pa.float64()),
+        ("y1", pa.float64()),
+        ("x2", pa.float64()),
+        ("y2", pa.float64()),
+        ("virtual", pa.bool_()),
+        ("raw", pa.string()),  # JSON text of a malformed entry
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
 
 
 class BoxAccountingError(RuntimeError):
     """Rows read != accepted + rejected: a row was lost or counted twice (a bug, never bad input)."""
 
 
+# --------------------------------------------------------------------------- lookups
+
+
+class FrameLookup:
+    """What the rules need from ``extract_frames``: each video's facts and its extracted frames.
+
+    Videos are numbered by their row in ``videos``; per-video arrays carry one extra
+    entry at the end, the facts of "no video" (not ok, not normal, no frames), so that
+    number -1 (an unresolved reference) looks up cleanly. Extracted frames are a dense
+    table, one int32 per decoded frame of every video (its row in ``paths``, or -1):
+    4 bytes a frame (54 MB for UCF-Crime's 13.5M frames) buy a lookup of two gathers
+    per box, 7x faster than a binary search over the extracted frames.
+    """
+
+    def __init__(self, videos: pa.Table, index: pa.Table):
+        videos = videos.sort_by("video")
+        self.video_ids: pa.Array = videos["video"].combine_chunks()
+        self.splits: pa.Array = videos["split"].combine_chunks()
+        self.labels: pa.Array = videos["label"].combine_chunks()
+        self.ok = np.append(pc.fill_null(pc.equal(videos["status"], "ok"), False).to_numpy(), False)
+        self.normal = np.append(pc.equal(videos["label"], NORMAL_LABEL).to_numpy(zero_copy_only=False), False)
+        self.num_frames = np.append(pc.fill_null(videos["num_frames"], 0).to_numpy(), 0)
+
+        # Index rows of one frame (train and keyframe, say) share its path: any of them will do.
+        number = pc.fill_null(pc.index_in(index["video"], self.video_ids), len(self.video_ids)).to_numpy()
+        frame = index["frame"].to_numpy()
+        span = self.num_frames.copy()  # frames covered per video: all decoded ones, and any indexed beyond
+        np.maximum.at(span, number, frame + 1)
+        span[-1] = 0  # "no video" has no frames, whatever an index row of an unknown video says
+        self._span = span
+        self._base = np.concatenate([[0], np.cumsum(span)[:-1]])
+        self._row = np.full(int(span.sum()), -1, np.int32)
+        inside = (number < len(self.video_ids)) & (frame >= 0)
+        self._row[self._base[number[inside]] + frame[inside]] = np.flatnonzero(inside)
+        self.paths: pa.Array = index["path"].combine_chunks()
+
+        self._resolver = VideoResolver(self.video_ids.to_pylist())
+        self._number = {vid: k for k, vid in enumerate(self.video_ids.to_pylist())}
+        # Spellings met so far and their (video number, reject code): Python resolves each once.
+        self._spellings = pa.array([], pa.string())
+        self._resolved = np.empty((0, 2), np.int64)
+
+    @classmethod
+    def from_frames_dir(cls, frames_dir: Path) -> FrameLookup:
+        frames_dir = Path(frames_dir)
+        return cls(
+            pq.read_table(frames_dir / "videos.parquet"),
+            pq.read_table(frames_dir / "index.parquet", columns=["video", "frame", "path"]),
+        )
+
+    def _resolve_one(self, ref: str) -> tuple[int, int]:
+        vid, reason = self._resolver.resolve(ref)
+        return (self._number[vid], 0) if vid is not None else (-1, _CODE[reason])
+
+    def resolve(self, refs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Video numbers (-1: unresolved) and reference reject codes (0: resolved), per row of ``refs``.
+
+        Vectorized over the distinct spellings of the batch; only spellings never met
+        before go through ``VideoResolver`` (a few thousand at most, per run).
+        """
+        enc = refs if pa.types.is_dictionary(refs.type) else pc.dictionary_encode(refs)
+        known = pc.index_in(enc.dictionary, self._spellings)
+        new = enc.dictionary.filter(known.is_null())
+        if len(new):
+            self._spellings = pa.concat_arrays([self._spellings, new.cast(pa.string())])
+            self._resolved = np.concatenate(
+                [
+                    self._resolved,
+                    np.array([self._resolve_one(ref) for ref in new.to_pylist()], np.int64).reshape(-1, 2),
+                ]
+            )
+            known = pc.index_in(enc.dictionary, self._spellings)
+        # One more row: the codes of a null reference (a record whose video is not a string).
+        codes = np.concatenate(
+            [
+                self._resolved[known.to_numpy(zero_copy_only=False).astype(np.int64)],
+                [[-1, _CODE[UNKNOWN_VIDEO]]],
+            ]
+        )
+        rows = pc.fill_null(enc.indices, len(codes) - 1).to_numpy()
+        return codes[rows, 0], codes[rows, 1]
+
+    def find(self, number: np.ndarray, frame: np.ndarray) -> np.ndarray:
+        """Row into ``paths`` of each (video number, frame), or -1 when it was not extracted."""
+        inside = (frame >= 0) & (frame < self._span[number])
+        return np.where(inside, self._row[np.where(inside, self._base[number] + frame, 0)], -1)
+
+
+# --------------------------------------------------------------------------- JSON -> raw boxes
+
+
 def _records_table(records: list[AnnotationRecord], videos: pa.Table) -> pa.Table:
     """One row per record: its resolution to a video id, and that video's extraction facts."""
     resolver = VideoResolver(videos.column("video").to_pylist())
-    resolved = [resolver.resolve(r.video) for r in records]
-    table = pa.table({
-        "rec": pa.array(np.arange(len(records), dtype=np.int64)),
-        "video": pa.array([vid for vid, _ in resolved], pa.string()),
-        "resolve_reason": pa.array([reason for _, reason in resolved], pa.string()),
-        "n_regions": pa.array([len(r.region_captions) for r in records], pa.int64()),
-        "has_boxes": pa.array([bool(r.box_infos) for r in records], pa.bool_()),
-        "t0": pa.array([r.timestamps[0] if r.timestamps else None for r in records], pa.float64()),
-        "t1": pa.array([r.timestamps[1] if r.timestamps else None for r in records], pa.float64()),
-    })
-    facts = videos.select(["video", "split", "label", "num_frames", "fps", "status"])
+    ids = {ref: resolver.resolve(ref)[0] for ref in {r.video for r in records}}  # once per spelling
+    resolved = [ids[r.video] for r in records]
+    table = pa.table(
+        {
+            "rec": pa.array(np.arange(len(records), dtype=np.int64)),
+            "video": pa.array(resolved, pa.string()),
+            "n_regions": pa.array([len(r.region_captions) for r in records], pa.int64()),
+            "has_boxes": pa.array([bool(r.box_infos) for r in records], pa.bool_()),
+            "t0": pa.array([r.timestamps[0] if r.timestamps else None for r in records], pa.float64()),
+            "t1": pa.array([r.timestamps[1] if r.timestamps else None for r in records], pa.float64()),
+        }
+    )
+    facts = videos.select(["video", "split", "label", "fps", "status"])
     return table.join(facts, "video", join_type="left outer").sort_by("rec")
 
 
 def _keyframe_rows(records: list[AnnotationRecord]) -> dict[str, np.ndarray]:
-    flat = [(i, r, kf.frame, *kf.bbox) for i, rec in enumerate(records)
-            for r, kfs in enumerate(rec.box_infos) for kf in kfs]
+    flat = [
+        (i, r, kf.frame, *kf.bbox)
+        for i, rec in enumerate(records)
+        for r, kfs in enumerate(rec.box_infos)
+        for kf in kfs
+    ]
     cols = np.array(flat, dtype=np.float64).reshape(-1, 7)
-    n = len(cols)
-    return {"rec": cols[:, 0].astype(np.int64), "region": cols[:, 1].astype(np.int64),
-            "frame": cols[:, 2].astype(np.int64), **{c: cols[:, 3 + k] for k, c in enumerate(COORDS)},
-            "virtual": np.zeros(n, bool), "placeholder": np.zeros(n, bool)}
+    return {
+        "rec": cols[:, 0].astype(np.int64),
+        "region": cols[:, 1].astype(np.int64),
+        "frame": cols[:, 2].astype(np.int64),
+        **{c: cols[:, 3 + k] for k, c in enumerate(COORDS)},
+        "virtual": np.zeros(len(cols), bool),
+        "placeholder": np.zeros(len(cols), bool),
+    }
 
 
 def _virtual_rows(recs: pa.Table, index: pa.Table) -> dict[str, np.ndarray]:
     """Whole-frame boxes of normal training videos without boxes, plus placeholders for the unusable."""
     no_boxes = pc.invert(recs["has_boxes"])
     normal = pc.fill_null(pc.equal(recs["label"], NORMAL_LABEL), False)
-    usable = pc.and_(no_boxes, pc.and_(normal, pc.and_(
-        pc.fill_null(pc.equal(recs["split"], "train"), False), pc.fill_null(pc.equal(recs["status"], "ok"), False))))
+    usable = pc.and_(
+        no_boxes,
+        pc.and_(
+            normal,
+            pc.and_(
+                pc.fill_null(pc.equal(recs["split"], "train"), False),
+                pc.fill_null(pc.equal(recs["status"], "ok"), False),
+            ),
+        ),
+    )
     test_normal = pc.and_(normal, pc.fill_null(pc.equal(recs["split"], "test"), False))
 
     train = index.filter(pc.equal(index["purpose"], "train")).select(["video", "frame", "timestamp"])
@@ -125,8 +284,7 @@ def _virtual_rows(recs: pa.Table, index: pa.Table) -> dict[str, np.ndarray]:
     counts = pairs["n_regions"].to_numpy()
     rec = np.repeat(pairs["rec"].to_numpy(), counts)
     frame = np.repeat(pairs["frame"].to_numpy(), counts)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    region = np.arange(len(rec)) - starts
+    region = np.arange(len(rec)) - np.repeat(np.cumsum(counts) - counts, counts)
 
     # Records without boxes that got no frame at all: one placeholder row per region.
     got = np.zeros(recs.num_rows, bool)
@@ -139,172 +297,402 @@ def _virtual_rows(recs: pa.Table, index: pa.Table) -> dict[str, np.ndarray]:
 
     n_v, n_p = len(rec), len(p_rec)
     ones, zeros = np.ones(n_v + n_p), np.zeros(n_v + n_p)
-    return {"rec": np.concatenate([rec, p_rec]), "region": np.concatenate([region, p_region]),
-            "frame": np.concatenate([frame, np.full(n_p, -1, np.int64)]),
-            "x1": zeros, "y1": zeros, "x2": ones, "y2": ones,
-            "virtual": np.ones(n_v + n_p, bool), "placeholder": np.r_[np.zeros(n_v, bool), np.ones(n_p, bool)]}
+    return {
+        "rec": np.concatenate([rec, p_rec]),
+        "region": np.concatenate([region, p_region]),
+        "frame": np.concatenate([frame, np.full(n_p, -1, np.int64)]),
+        "x1": zeros,
+        "y1": zeros,
+        "x2": ones,
+        "y2": ones,
+        "virtual": np.ones(n_v + n_p, bool),
+        "placeholder": np.r_[np.zeros(n_v, bool), np.ones(n_p, bool)],
+    }
 
 
-def _candidates(records: list[AnnotationRecord], videos: pa.Table, index: pa.Table) -> pa.Table:
-    """Every candidate row with its record's and video's facts and its frame's image path."""
+def _malformed_rows(malformed: list[Malformed], first: int) -> dict[str, np.ndarray]:
+    """One row per malformed part; its ``rec`` numbers the part as an entry after the records."""
+    n = len(malformed)
+    return {
+        "rec": np.arange(first, first + n),
+        "region": np.array([-1 if m.region is None else m.region for m in malformed], np.int64),
+        "frame": np.full(n, -1, np.int64),
+        **{c: np.full(n, np.nan) for c in COORDS},
+        "virtual": np.zeros(n, bool),
+        "placeholder": np.ones(n, bool),
+    }
+
+
+def raw_boxes(
+    records: list[AnnotationRecord], malformed: list[Malformed], videos: pa.Table, index: pa.Table
+) -> pa.Table:
+    """Flatten the annotation records into raw boxes (``RAW_BOX_SCHEMA``), sorted by (record, region, frame).
+
+    ``videos`` and ``index`` are ``extract_frames``' tables: they decide which records get
+    virtual boxes, and on which frames. Nothing is judged here but the records' shape.
+    Rows are built and sorted as NumPy columns of numbers; strings are gathered once, in
+    the final order, from per-record arrays.
+    """
     recs = _records_table(records, videos)
-    parts = [_keyframe_rows(records), _virtual_rows(recs, index)]
+    n_rec = len(records)
+    parts = [_keyframe_rows(records), _virtual_rows(recs, index), _malformed_rows(malformed, n_rec)]
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.lexsort((cols["frame"], cols["region"], cols["rec"]))
-    rows = pa.table({k: v[order] for k, v in cols.items()})
+    # An entry is a record, or a malformed part after them: per-entry values, then per-row numbers.
+    position = np.array([r.index for r in records] + [m.index for m in malformed], np.int64)
+    no_region, no_frame = cols["region"] < 0, cols["placeholder"]  # a missing value sorts last
+    last = np.iinfo(np.int64).max
+    order = np.lexsort(
+        (
+            np.where(no_frame, last, cols["frame"]),
+            np.where(no_region, last, cols["region"]),
+            position[cols["rec"]],
+        )
+    )
+    cols = {k: v[order] for k, v in cols.items()}
+    rec, region, no_region, no_frame = cols["rec"], cols["region"], no_region[order], no_frame[order]
 
-    rec = rows["rec"].to_numpy()
-    for name in ("video", "resolve_reason", "split", "label", "num_frames", "status"):
-        rows = rows.append_column(name, recs[name].take(pa.array(rec)))
-    captions = np.array([c for r in records for c in r.region_captions], dtype=object)
-    offsets = np.concatenate([[0], np.cumsum(recs["n_regions"].to_numpy())])[:-1]
-    rows = rows.append_column("region_caption", pa.array(
-        captions[offsets[rec] + rows["region"].to_numpy()] if len(rec) else [], pa.string()))
-    globals_ = np.array([r.global_caption for r in records], dtype=object)
-    rows = rows.append_column("global_caption", pa.array(globals_[rec], pa.string()))
-    rows = rows.append_column("ref", pa.array(np.array([r.video for r in records], dtype=object)[rec], pa.string()))
-    rows = rows.append_column("record", pa.array(
-        np.array([r.index for r in records], dtype=np.int64)[rec] if len(rec) else [], pa.int64()))
+    captions = pa.array([c for r in records for c in r.region_captions] + [None], pa.string())
+    caption_row = np.full(len(rec), len(captions) - 1)  # malformed rows: the null at the end
+    is_record = rec < n_rec
+    offsets = np.concatenate([[0], np.cumsum(recs["n_regions"].to_numpy())])
+    caption_row[is_record] = offsets[rec[is_record]] + region[is_record]
+    entries = pa.array(rec)
 
-    frames = index.group_by(["video", "frame", "path"]).aggregate([])  # one path per extracted frame
-    rows = rows.append_column("row", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
-    return rows.join(frames, ["video", "frame"], join_type="left outer").sort_by("row")
+    def per_entry(from_records: list, from_malformed: list) -> pa.Array:
+        return pa.array(from_records + from_malformed, pa.string()).take(entries)
+
+    return pa.table(
+        {
+            "record": pa.array(position[rec]),
+            "video": per_entry([r.video for r in records], [m.video for m in malformed]),
+            "region": pa.array(region, pa.int32(), mask=no_region),
+            "region_caption": captions.take(pa.array(caption_row)),
+            "global_caption": per_entry([r.global_caption for r in records], [None] * len(malformed)),
+            "frame": pa.array(cols["frame"], pa.int64(), mask=no_frame),
+            **{c: pa.array(cols[c], pa.float64(), mask=no_frame) for c in COORDS},
+            "virtual": pa.array(cols["virtual"]),
+            "raw": per_entry([None] * n_rec, [m.raw for m in malformed]),
+            "detail": per_entry([None] * n_rec, [m.detail for m in malformed]),
+        },
+        schema=RAW_BOX_SCHEMA,
+    )
 
 
-def _apply_rules(rows: pa.Table, cfg: BoxesConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reason code per row (0 = accepted), the clipped coordinates, and which rows were clipped."""
-    n = rows.num_rows
-    code = np.zeros(n, np.int8)
+# --------------------------------------------------------------------------- rule engine
 
-    def reject(mask: np.ndarray, reason: str) -> None:
-        code[(code == 0) & mask] = _CODE[reason]
 
-    def arr(name: str) -> np.ndarray:
-        return rows[name].to_numpy(zero_copy_only=False)
+def _blank(strings: pa.Array) -> np.ndarray:
+    """Per row: the string is null, empty, or only whitespace. A dictionary is checked once per entry."""
+    if pa.types.is_dictionary(strings.type):
+        per_entry = np.append(_blank(strings.dictionary), True)
+        return per_entry[pc.fill_null(strings.indices, len(per_entry) - 1).to_numpy()]
+    blank = pc.or_(pc.equal(pc.binary_length(strings), 0), pc.utf8_is_space(strings))
+    return pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
 
-    def is_(name: str, value: str) -> np.ndarray:
-        return pc.fill_null(pc.equal(rows[name], value), False).to_numpy(zero_copy_only=False)
 
-    placeholder = arr("placeholder")
-    xyxy = np.stack([arr(c) for c in COORDS], axis=1) if n else np.zeros((0, 4))
-    frame, num_frames = arr("frame"), pc.fill_null(rows["num_frames"], 0).to_numpy()
-    ok_video = is_("status", "ok")
+def _numbers(array: pa.Array, null: float) -> np.ndarray:
+    return (pc.fill_null(array, null) if array.null_count else array).to_numpy(zero_copy_only=False)
 
-    reject(is_("resolve_reason", "path_escapes_root"), "path_escapes_root")
-    reject(is_("resolve_reason", "unknown_video"), "unknown_video")
-    reject(placeholder & ~is_("label", NORMAL_LABEL), "missing_boxes")
-    empty = pc.or_(pc.equal(pc.utf8_trim_whitespace(rows["region_caption"]), ""),
-                   pc.equal(pc.utf8_trim_whitespace(rows["global_caption"]), ""))
-    reject(empty.to_numpy(zero_copy_only=False), "empty_caption")
-    reject(~np.isfinite(xyxy).all(axis=1), "non_finite")
+
+def _strings(array: pa.Array) -> pa.Array:
+    return array.cast(pa.string()) if pa.types.is_dictionary(array.type) else array
+
+
+@dataclass
+class BatchResult:
+    """What ``validate_batch`` made of one batch of raw boxes."""
+
+    accepted: pa.Table  # ACCEPTED_SCHEMA, in input order
+    rejects: pa.Table  # REJECTS_SCHEMA, in input order
+    code: np.ndarray  # per input row: 0 accepted, else 1 + the index of its reason in REASONS
+    clipped: np.ndarray  # per input row: accepted after clipping into [0, 1]
+    video: np.ndarray  # per input row: the video's number in the lookup (-1 unresolved)
+
+
+def _rule_codes(
+    batch: pa.RecordBatch, lookup: FrameLookup, cfg: BoxesConfig
+) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """Reason code per row, clipped coordinates, which accepted rows were clipped, video numbers
+    and path rows of the batch."""
+    n = batch.num_rows
+    video, ref_code = lookup.resolve(batch["video"])
+    placeholder = batch["frame"].is_null().to_numpy(zero_copy_only=False)
+    frame = _numbers(batch["frame"], -1)
+    xyxy = [_numbers(batch[c], np.nan) for c in COORDS]
+    path_row = lookup.find(np.where(placeholder, -1, video), frame)
+    ok = lookup.ok[video]
+
     lo, hi = (-cfg.clip_tolerance, 1 + cfg.clip_tolerance) if cfg.clip_overshoot else (0.0, 1.0)
-    with np.errstate(invalid="ignore"):  # NaN rows are already rejected
-        reject(((xyxy < lo) | (xyxy > hi)).any(axis=1), "out_of_range")
-        clipped_xyxy = np.clip(xyxy, 0.0, 1.0)
-        clipped = (clipped_xyxy != xyxy).any(axis=1)
-        x1, y1, x2, y2 = clipped_xyxy.T
-        reject((x1 >= x2) | (y1 >= y2), "inverted")
-        reject((x2 - x1) * (y2 - y1) < cfg.min_area_frac, "too_small")
-    reject(~placeholder & ((frame < 0) | (ok_video & (frame >= num_frames))), "keyframe_out_of_range")
-    reject(~ok_video | placeholder | ~pc.is_valid(rows["path"]).to_numpy(zero_copy_only=False),
-           "keyframe_not_extracted")
-    return code, clipped_xyxy, clipped & (code == 0)
+    with np.errstate(invalid="ignore"):  # NaN coordinates compare False; their rows are non_finite
+        finite = np.isfinite(xyxy[0]) & np.isfinite(xyxy[1]) & np.isfinite(xyxy[2]) & np.isfinite(xyxy[3])
+        outside = np.zeros(n, bool)
+        for x in xyxy:
+            outside |= (x < lo) | (x > hi)
+        x1, y1, x2, y2 = (np.clip(x, 0.0, 1.0) for x in xyxy)
+        clipped = (x1 != xyxy[0]) | (y1 != xyxy[1]) | (x2 != xyxy[2]) | (y2 != xyxy[3])
+        rules = {
+            # A null region outside a malformed entry can only come from a hand-made raw file.
+            "malformed": pc.or_(batch["raw"].is_valid(), batch["region"].is_null()).to_numpy(
+                zero_copy_only=False
+            ),
+            "path_escapes_root": ref_code == _CODE[PATH_ESCAPES_ROOT],
+            "unknown_video": ref_code == _CODE[UNKNOWN_VIDEO],
+            "missing_boxes": placeholder & ~lookup.normal[video],
+            "empty_caption": _blank(batch["region_caption"]) | _blank(batch["global_caption"]),
+            "non_finite": ~placeholder & ~finite,
+            "out_of_range": outside,
+            "inverted": (x1 >= x2) | (y1 >= y2),
+            "too_small": (x2 - x1) * (y2 - y1) < cfg.min_area_frac,
+            "keyframe_out_of_range": ~placeholder
+            & ((frame < 0) | (ok & (frame >= lookup.num_frames[video]))),
+            "keyframe_not_extracted": ~ok | placeholder | (path_row < 0),
+        }
+    code = np.zeros(n, np.int8)
+    for reason in reversed(REASONS):  # the first failing rule is written last, so it wins
+        code[rules[reason]] = _CODE[reason]
+    return code, (x1, y1, x2, y2), clipped & (code == 0), video, path_row
 
 
-def _accepted(rows: pa.Table, code: np.ndarray, xyxy: np.ndarray) -> pa.Table:
-    keep = code == 0
-    kept = rows.filter(pa.array(keep))
-    return pa.table({
-        "video": kept["video"], "split": kept["split"], "label": kept["label"],
-        "region": pc.cast(kept["region"], pa.int32()), "region_caption": kept["region_caption"],
-        "global_caption": kept["global_caption"], "frame": kept["frame"],
-        **{c: pa.array(xyxy[keep, k].astype(np.float32)) for k, c in enumerate(COORDS)},
-        "frame_path": kept["path"], "virtual": kept["virtual"],
-    }, schema=ACCEPTED_SCHEMA)
+def _accepted(
+    batch: pa.RecordBatch,
+    keep: np.ndarray,
+    xyxy: tuple,
+    video: np.ndarray,
+    path_row: np.ndarray,
+    lookup: FrameLookup,
+) -> pa.Table:
+    rows = pa.array(np.flatnonzero(keep))
+    number = pa.array(video[keep])
+    return pa.table(
+        {
+            "video": lookup.video_ids.take(number),
+            "split": lookup.splits.take(number),
+            "label": lookup.labels.take(number),
+            "region": batch["region"].take(rows),
+            "region_caption": _strings(batch["region_caption"].take(rows)),
+            "global_caption": _strings(batch["global_caption"].take(rows)),
+            "frame": batch["frame"].take(rows),
+            **{c: pa.array(x[keep].astype(np.float32)) for c, x in zip(COORDS, xyxy)},
+            "frame_path": lookup.paths.take(pa.array(path_row[keep])),
+            "virtual": batch["virtual"].take(rows),
+        },
+        schema=ACCEPTED_SCHEMA,
+    )
 
 
-def _rejects(rows: pa.Table, code: np.ndarray, malformed: list[Malformed]) -> pa.Table:
-    bad = rows.filter(pa.array(code != 0))
-    placeholder = bad["placeholder"]
-    names = np.array(("",) + REASONS, dtype=object)
-    rule_rejects = pa.table({
-        "record": bad["record"], "video": bad["ref"], "region": pc.cast(bad["region"], pa.int32()),
-        "frame": pc.if_else(placeholder, pa.scalar(None, pa.int64()), bad["frame"]),
-        **{c: pc.if_else(placeholder, pa.scalar(None, pa.float64()), bad[c]) for c in COORDS},
-        "virtual": bad["virtual"], "raw": pa.nulls(bad.num_rows, pa.string()),
-        "reason": pa.array(names[code[code != 0]], pa.string()), "detail": pa.nulls(bad.num_rows, pa.string()),
-    }, schema=REJECTS_SCHEMA)
-    malformed_rejects = pa.Table.from_pylist([
-        {"record": m.index, "video": m.video, "region": m.region, "frame": None, "virtual": False,
-         "raw": m.raw, "reason": "malformed", "detail": m.detail}
-        for m in malformed
-    ], schema=REJECTS_SCHEMA)
-    return pa.concat_tables([malformed_rejects, rule_rejects]).sort_by(
-        [("record", "ascending"), ("region", "ascending"), ("frame", "ascending")])
+def _rejects(batch: pa.RecordBatch, code: np.ndarray) -> pa.Table:
+    rows = pa.array(np.flatnonzero(code))
+    return pa.table(
+        {
+            "record": batch["record"].take(rows),
+            "video": _strings(batch["video"].take(rows)),
+            "region": batch["region"].take(rows),
+            "frame": batch["frame"].take(rows),
+            **{c: batch[c].take(rows) for c in COORDS},
+            "virtual": batch["virtual"].take(rows),
+            "raw": _strings(batch["raw"].take(rows)),
+            "reason": _REASON_NAMES.take(pa.array(code[code != 0])),
+            "detail": _strings(batch["detail"].take(rows)),
+        },
+        schema=REJECTS_SCHEMA,
+    )
 
 
-def _write_outputs(accepted: pa.Table, rejects: pa.Table, cfg: BoxesConfig, out: Path) -> dict:
-    """Shards, manifest and rejects into a fresh directory that then replaces ``out``."""
+def validate_batch(batch: pa.RecordBatch, lookup: FrameLookup, cfg: BoxesConfig) -> BatchResult:
+    """Apply every rule to one batch of raw boxes (``RAW_BOX_SCHEMA``; strings may be dictionary-encoded).
+
+    Accepted rows carry the resolved video id, its split and label, the coordinates
+    clipped into [0, 1] (float32) and the frame's image path; rejects keep the values
+    as written and name the first rule they fail.
+    """
+    code, xyxy, clipped, video, path_row = _rule_codes(batch, lookup, cfg)
+    return BatchResult(
+        _accepted(batch, code == 0, xyxy, video, path_row, lookup),
+        _rejects(batch, code),
+        code,
+        clipped,
+        video,
+    )
+
+
+# --------------------------------------------------------------------------- streaming writer
+
+
+# The columns a row group holds few distinct values of, and a reader filters on: they alone
+# get dictionary encoding and min/max statistics. Captions, image paths and coordinates are
+# nearly unique per row: a dictionary costs a hash per value and overflows its page, for
+# files no smaller (zstd catches the repeats). Measured on 1M rows: writing takes 40% less
+# time and the shards are 25% smaller than with Parquet's defaults (both on everything).
+_KEY_COLUMNS = ["video", "split", "label", "region", "frame", "virtual"]
+
+
+class _ShardWriter:
+    """Accepted rows into ``part-NNNNN.parquet`` files of at most ``shard_rows`` rows each."""
+
+    def __init__(self, directory: Path, cfg: BoxesConfig):
+        self.directory, self.cfg = directory, cfg
+        self.shards: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                name = f"part-{len(self.shards):05d}.parquet"
+                self._writer = pq.ParquetWriter(
+                    self.directory / name,
+                    ACCEPTED_SCHEMA,
+                    compression="zstd",
+                    use_dictionary=_KEY_COLUMNS,
+                    write_statistics=_KEY_COLUMNS,
+                )
+                self.shards.append({"path": name, "rows": 0})
+            part = table.slice(0, self.cfg.shard_rows - self._rows)
+            table = table.slice(part.num_rows)
+            self._writer.write_table(part, row_group_size=self.cfg.row_group_rows)
+            self._rows += part.num_rows
+            self.shards[-1]["rows"] = self._rows
+            if self._rows == self.cfg.shard_rows:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._writer.close()
+        self._writer, self._rows = None, 0
+
+    def close(self) -> list[dict]:
+        if self._writer is not None:
+            self._close_shard()
+        return self.shards
+
+
+def _validate_into(
+    batches: Iterable[pa.RecordBatch], lookup: FrameLookup, cfg: BoxesConfig, directory: Path
+) -> dict:
+    """The streaming loop: validate each batch, append its rows to the open writers, count."""
+    shards = _ShardWriter(directory, cfg)
+    read = rejected = accepted = virtual = clipped = 0
+    codes = np.zeros(len(REASONS) + 1, np.int64)
+    seen = np.zeros(len(lookup.video_ids) + 1, bool)  # videos with an accepted row (+ "no video")
+    with (
+        pq.ParquetWriter(directory / "rejects.parquet", REJECTS_SCHEMA, compression="zstd") as rejects,
+        tqdm(desc="validate_boxes", unit="box", unit_scale=True, disable=None) as bar,
+    ):
+        try:
+            for batch in batches:
+                missing = sorted(set(RAW_BOX_SCHEMA.names) - set(batch.schema.names))
+                if missing:
+                    raise ValueError(f"raw boxes lack columns {missing}; expected {RAW_BOX_SCHEMA.names}")
+                result = validate_batch(batch, lookup, cfg)
+                shards.write(result.accepted)
+                rejects.write_table(result.rejects)
+                read += batch.num_rows
+                accepted += result.accepted.num_rows
+                rejected += result.rejects.num_rows
+                codes += np.bincount(result.code, minlength=len(codes))
+                virtual += pc.sum(result.accepted["virtual"].cast(pa.int64())).as_py() or 0
+                clipped += int(result.clipped.sum())
+                seen[result.video[result.code == 0]] = True
+                bar.update(batch.num_rows)
+        finally:
+            manifest = {"shards": shards.close(), "rows": accepted}
+    by_reason = {reason: int(codes[_CODE[reason]]) for reason in REASONS}
+    # Counted from what was written, not from the masks: catches a row lost on the way out.
+    if (
+        accepted + rejected != read
+        or sum(by_reason.values()) != rejected
+        or sum(s["rows"] for s in manifest["shards"]) != accepted
+    ):
+        raise BoxAccountingError(
+            f"validate_boxes: read {read} rows but accepted {accepted} + rejected {rejected} "
+            f"(by reason {by_reason})"
+        )
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return {
+        "read": read,
+        "accepted": accepted,
+        "rejected": rejected,
+        "by_reason": by_reason,
+        "virtual": virtual,
+        "clipped": clipped,
+        "videos": int(seen[:-1].sum()),
+        "shards": len(manifest["shards"]),
+    }
+
+
+def validate_box_batches(
+    batches: Iterable[pa.RecordBatch], lookup: FrameLookup, cfg: BoxesConfig, out: Path
+) -> dict:
+    """Validate raw boxes batch by batch, writing shards, manifest and rejects under ``out``.
+
+    ``batches`` is any iterable of ``RAW_BOX_SCHEMA`` record batches, e.g.
+    ``pq.ParquetFile(path).iter_batches()``. Memory is one batch plus one row group per
+    open Parquet writer, whatever the number of batches. Output goes into a fresh
+    directory that replaces ``out`` only when the stream ended and the counts add up;
+    on any error ``out`` is left as it was. Returns ``{"read", "accepted", "rejected",
+    "by_reason", "virtual", "clipped", "videos", "shards"}``, accepted and rejected
+    being the rows actually written.
+    """
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shards = []
-    for n, start in enumerate(range(0, accepted.num_rows, cfg.shard_rows)):
-        part = accepted.slice(start, cfg.shard_rows)
-        name = f"part-{n:05d}.parquet"
-        pq.write_table(part, tmp / name, compression="zstd", row_group_size=cfg.row_group_rows)
-        shards.append({"path": name, "rows": part.num_rows})
-    manifest = {"shards": shards, "rows": sum(s["rows"] for s in shards)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    pq.write_table(rejects, tmp / "rejects.parquet", compression="zstd")
+    try:
+        counts = _validate_into(batches, lookup, cfg, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return manifest
+    return counts
 
 
-def validate_boxes(params: Params, annotations: Path, frames_dir: Path, out: Path, metrics_path: Path) -> dict:
+# --------------------------------------------------------------------------- stage
+
+
+def validate_boxes(
+    params: Params, annotations: Path, frames_dir: Path, out: Path, metrics_path: Path
+) -> dict:
     """Run the stage; return the metrics (also written to ``metrics_path``)."""
     started = time.perf_counter()
     cfg, frames_dir, out, metrics_path = params.boxes, Path(frames_dir), Path(out), Path(metrics_path)
     records, malformed = load_annotations(Path(annotations))
     videos = pq.read_table(frames_dir / "videos.parquet")
-    index = pq.read_table(frames_dir / "index.parquet", columns=["video", "frame", "timestamp", "path", "purpose"])
-
-    rows = _candidates(records, videos, index)
-    code, xyxy, clipped = _apply_rules(rows, cfg)
-    accepted = _accepted(rows, code, xyxy)
-    rejects = _rejects(rows, code, malformed)
-    manifest = _write_outputs(accepted, rejects, cfg, out)
-
-    counts = np.bincount(code, minlength=len(REASONS) + 1)
-    by_reason = {reason: int(counts[_CODE[reason]]) for reason in REASONS}
-    by_reason["malformed"] += len(malformed)
+    index = pq.read_table(
+        frames_dir / "index.parquet", columns=["video", "frame", "timestamp", "path", "purpose"]
+    )
+    lookup = FrameLookup(videos, index)
+    raw = raw_boxes(records, malformed, videos, index)
+    counts = validate_box_batches(raw.combine_chunks().to_batches(), lookup, cfg, out)
+    metrics = {**counts, "records": len(records) + len({m.index for m in malformed if m.region is None})}
     metrics = {
-        "read": rows.num_rows + len(malformed),
-        "accepted": manifest["rows"],
-        "rejected": rejects.num_rows,
-        "by_reason": by_reason,
-        "virtual": int(pc.sum(accepted["virtual"].cast(pa.int64())).as_py() or 0),
-        "clipped": int(clipped.sum()),
-        "records": len(records) + len({m.index for m in malformed if m.region is None}),
-        "videos": pc.count_distinct(accepted["video"]).as_py(),
-        "shards": len(manifest["shards"]),
-    }
-    # Counted from what was written, not from the masks: catches a row lost on the way out.
-    if metrics["accepted"] + metrics["rejected"] != metrics["read"] or sum(by_reason.values()) != metrics["rejected"]:
-        raise BoxAccountingError(
-            f"validate_boxes: read {metrics['read']} rows but accepted {metrics['accepted']} + "
-            f"rejected {metrics['rejected']} (by reason {by_reason})"
+        k: metrics[k]
+        for k in (
+            "read",
+            "accepted",
+            "rejected",
+            "by_reason",
+            "virtual",
+            "clipped",
+            "records",
+            "videos",
+            "shards",
         )
+    }
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
     tmp.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, metrics_path)
 
-    reasons = ", ".join(f"{r}={n}" for r, n in by_reason.items() if n)
+    reasons = ", ".join(f"{r}={n}" for r, n in metrics["by_reason"].items() if n)
     logger.info(
         "validate_boxes: read %d, accepted %d (%d virtual, %d clipped), rejected %d (%s) -> %s in %.1fs",
-        metrics["read"], metrics["accepted"], metrics["virtual"], metrics["clipped"], metrics["rejected"],
-        reasons or "none", out, time.perf_counter() - started,
+        metrics["read"],
+        metrics["accepted"],
+        metrics["virtual"],
+        metrics["clipped"],
+        metrics["rejected"],
+        reasons or "none",
+        out,
+        time.perf_counter() - started,
     )
     return {**metrics, "out": str(out)}

@@ -51,22 +51,41 @@ SKIN: Color = (225, 180, 140)
 TROUSERS: Color = (40, 40, 60)
 
 GLOBAL_CAPTIONS: dict[str, list[str]] = {
-    "Normal": ["people walk along the street", "a quiet street with people walking",
-               "people walk on the sidewalk"],
+    "Normal": [
+        "people walk along the street",
+        "a quiet street with people walking",
+        "people walk on the sidewalk",
+    ],
     "Normal1": [  # a normal video with a single walker"a person walks along the street", "a person in {a} walks along the street",
-                "a quiet street with a person walking"],
-    "Arson": ["a fire spreads and burns", "flames burn on the street",
-              "a person in {a} starts a fire and flames spread"],
-    "Explosion": ["an explosion flashes and blasts", "a bright blast explodes",
-                  "a bright blast explodes and dark smoke rises"],
-    "Fighting": ["two people fight each other", "people hit each other",
-                 "a man in {a} and a man in {b} fight each other"],
-    "RoadAccidents": ["a car crashes into another car", "two cars collide on the road",
-                      "a {a} car crashes into a {b} car"],
+        "a quiet street with a person walking"
+    ],
+    "Arson": [
+        "a fire spreads and burns",
+        "flames burn on the street",
+        "a person in {a} starts a fire and flames spread",
+    ],
+    "Explosion": [
+        "an explosion flashes and blasts",
+        "a bright blast explodes",
+        "a bright blast explodes and dark smoke rises",
+    ],
+    "Fighting": [
+        "two people fight each other",
+        "people hit each other",
+        "a man in {a} and a man in {b} fight each other",
+    ],
+    "RoadAccidents": [
+        "a car crashes into another car",
+        "two cars collide on the road",
+        "a {a} car crashes into a {b} car",
+    ],
 }
 REGION_CAPTIONS: dict[str, list[str]] = {
-    "walker": ["a person in {a} walks", "a man in {a} walks along the street",
-               "a person in {a} walks on the sidewalk"],
+    "walker": [
+        "a person in {a} walks",
+        "a man in {a} walks along the street",
+        "a person in {a} walks on the sidewalk",
+    ],
     "fire": ["flames burn", "a fire spreads", "orange flames burn on the street"],
     "arsonist": ["a person in {a} starts a fire", "a man in {a} sets a fire"],
     "blast": ["a bright blast explodes", "an explosion flashes"],
@@ -107,8 +126,9 @@ def _ellipse(img: np.ndarray, cx: float, cy: float, rx: float, ry: float, color:
     img[r1:r2, c1:c2][mask] = color
 
 
-def _rotated_rect(img: np.ndarray, cx: float, cy: float, w: float, h: float, angle: float,
-                  color: Color) -> Box:
+def _rotated_rect(
+    img: np.ndarray, cx: float, cy: float, w: float, h: float, angle: float, color: Color
+) -> Box:
     """Fill a rectangle rotated by ``angle`` radians about its centre; return its bounds."""
     c, s = math.cos(angle), math.sin(angle)
     ex = abs(w / 2 * c) + abs(h / 2 * s)
@@ -125,12 +145,17 @@ def _rotated_rect(img: np.ndarray, cx: float, cy: float, w: float, h: float, ang
 
 
 def _union(*boxes: Box) -> Box:
-    return (min(b[0] for b in boxes), min(b[1] for b in boxes),
-            max(b[2] for b in boxes), max(b[3] for b in boxes))
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
 
 
-def _person(img: np.ndarray, x: float, feet: float, w: float, h: float, color: Color, stride: float,
-            punch: int = 0) -> Box:
+def _person(
+    img: np.ndarray, x: float, feet: float, w: float, h: float, color: Color, stride: float, punch: int = 0
+) -> Box:
     """An upright person (head, shirt, two legs); ``punch`` = -1/+1 extends an arm left/right."""
     swing = 0.1 * w * math.sin(stride)
     _rect(img, x + 0.1 * w + swing, feet - 0.36 * h, x + 0.45 * w + swing, feet, TROUSERS)
@@ -151,12 +176,12 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     img = np.empty((h, w, 3), np.float32)
     bands = [(0.0, 0.3, grey - 15), (0.3, 0.45, grey + 25), (0.45, 0.8, grey - 30), (0.8, 1.0, grey + 20)]
     for top, bottom, level in bands:
-        img[int(top * h): int(bottom * h)] = level
+        img[int(top * h) : int(bottom * h)] = level
     for x in range(int(rng.integers(0, w // 8)), w, max(w // 6, 4)):  # building blocks
-        img[: int(0.3 * h), x: x + max(w // 8, 2)] += float(rng.integers(-20, 20))
+        img[: int(0.3 * h), x : x + max(w // 8, 2)] += float(rng.integers(-20, 20))
     dash, lane = max(w // 10, 2), int(0.625 * h)
     for x in range(int(rng.integers(0, 2 * dash)), w, 2 * dash):
-        img[lane: lane + max(h // 60, 1), x: x + dash] = grey + 60
+        img[lane : lane + max(h // 60, 1), x : x + dash] = grey + 60
     img += rng.normal(0.0, 5.0, size=(h, w, 1))  # static texture, a little colour-neutral grain
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -257,11 +282,15 @@ class Explosion:
             q = (p - 0.35) / 0.65
             r = self.radius * (0.45 + 0.5 * q)
             up = self.cy - self.rise * q
-            blobs = [(self.cx + dx * r, up + dy * r, r * s) for dx, dy, s in
-                     ((-0.5, 0.1, 0.6), (0.5, 0.1, 0.6), (0.0, -0.35, 0.7), (0.0, 0.2, 0.55))]
+            blobs = [
+                (self.cx + dx * r, up + dy * r, r * s)
+                for dx, dy, s in ((-0.5, 0.1, 0.6), (0.5, 0.1, 0.6), (0.0, -0.35, 0.7), (0.0, 0.2, 0.55))
+            ]
             for bx, by, br in blobs:
                 _ellipse(img, bx, by, br, br * 0.8, (55, 55, 58))
-            boxes["smoke"] = _union(*((bx - br, by - 0.8 * br, bx + br, by + 0.8 * br) for bx, by, br in blobs))
+            boxes["smoke"] = _union(
+                *((bx - br, by - 0.8 * br, bx + br, by + 0.8 * br) for bx, by, br in blobs)
+            )
         return boxes
 
 
@@ -283,10 +312,26 @@ class Fighting:
         jx = self.w * (0.35 * math.sin(2.1 * t) + 0.2 * math.sin(5.3 * t))
         jy = 0.06 * self.h * abs(math.sin(3.1 * t))
         turn = (t // 3) % 2
-        a = _person(img, self.x - self.w + jx, self.feet - jy, self.w, self.h, PALETTE[self.color_a],
-                    2.5 * t, punch=+1 if turn == 0 else 0)
-        b = _person(img, self.x + 0.6 * self.w - jx, self.feet + jy - 0.06 * self.h, self.w, self.h,
-                    PALETTE[self.color_b], 2.5 * t + 1.0, punch=-1 if turn == 1 else 0)
+        a = _person(
+            img,
+            self.x - self.w + jx,
+            self.feet - jy,
+            self.w,
+            self.h,
+            PALETTE[self.color_a],
+            2.5 * t,
+            punch=+1 if turn == 0 else 0,
+        )
+        b = _person(
+            img,
+            self.x + 0.6 * self.w - jx,
+            self.feet + jy - 0.06 * self.h,
+            self.w,
+            self.h,
+            PALETTE[self.color_b],
+            2.5 * t + 1.0,
+            punch=-1 if turn == 1 else 0,
+        )
         return {"fighter_a": a, "fighter_b": b, "fight": _union(a, b)}
 
 
@@ -324,18 +369,41 @@ class RoadAccident:
 def _make_event(label: str, rng: np.random.Generator, w: int, h: int, colors: list[str]) -> Event:
     pw, ph = 0.07 * w, 0.27 * h  # a person's size
     if label == "Arson":
-        return Arson(colors[0], x_from=float(rng.uniform(0.0, 0.2) * w), fire_x=float(rng.uniform(0.45, 0.8) * w),
-                     ground=float(rng.uniform(0.8, 0.95) * h), size=float(rng.uniform(0.35, 0.45) * h),
-                     w=pw, h=ph, phases=rng.uniform(0, 2 * math.pi, 5))
+        return Arson(
+            colors[0],
+            x_from=float(rng.uniform(0.0, 0.2) * w),
+            fire_x=float(rng.uniform(0.45, 0.8) * w),
+            ground=float(rng.uniform(0.8, 0.95) * h),
+            size=float(rng.uniform(0.35, 0.45) * h),
+            w=pw,
+            h=ph,
+            phases=rng.uniform(0, 2 * math.pi, 5),
+        )
     if label == "Explosion":
-        return Explosion(cx=float(rng.uniform(0.35, 0.65) * w), cy=float(rng.uniform(0.5, 0.65) * h),
-                         radius=float(rng.uniform(0.2, 0.28) * min(w, h) * 1.2), rise=0.2 * h)
+        return Explosion(
+            cx=float(rng.uniform(0.35, 0.65) * w),
+            cy=float(rng.uniform(0.5, 0.65) * h),
+            radius=float(rng.uniform(0.2, 0.28) * min(w, h) * 1.2),
+            rise=0.2 * h,
+        )
     if label == "Fighting":
-        return Fighting(colors[0], colors[1], x=float(rng.uniform(0.3, 0.7) * w),
-                        feet=float(rng.uniform(0.85, 0.97) * h), w=pw * 1.3, h=ph * 1.3)
+        return Fighting(
+            colors[0],
+            colors[1],
+            x=float(rng.uniform(0.3, 0.7) * w),
+            feet=float(rng.uniform(0.85, 0.97) * h),
+            w=pw * 1.3,
+            h=ph * 1.3,
+        )
     if label == "RoadAccidents":
-        return RoadAccident(colors[0], colors[1], lane=float(rng.uniform(0.58, 0.68) * h),
-                            w=0.24 * w, h=0.13 * h, frame_w=float(w))
+        return RoadAccident(
+            colors[0],
+            colors[1],
+            lane=float(rng.uniform(0.58, 0.68) * h),
+            w=0.24 * w,
+            h=0.13 * h,
+            frame_w=float(w),
+        )
     raise ValueError(f"sample: no renderer for anomaly class {label!r}; supported: {list(EVENTS)}")
 
 
@@ -357,9 +425,12 @@ class VideoPlan:
 def _plan(cfg: SampleConfig) -> list[VideoPlan]:
     rng = np.random.default_rng([cfg.seed, 0])
     plans: list[VideoPlan] = []
-    counts = [("train", c, cfg.train_per_class) for c in cfg.anomaly_classes] + [
-        ("train", NORMAL_LABEL, cfg.train_normal)] + [
-        ("test", c, cfg.test_per_class) for c in cfg.anomaly_classes] + [("test", NORMAL_LABEL, cfg.test_normal)]
+    counts = (
+        [("train", c, cfg.train_per_class) for c in cfg.anomaly_classes]
+        + [("train", NORMAL_LABEL, cfg.train_normal)]
+        + [("test", c, cfg.test_per_class) for c in cfg.anomaly_classes]
+        + [("test", NORMAL_LABEL, cfg.test_normal)]
+    )
     numbers: dict[str, int] = {}
     for split, label, count in counts:
         for _ in range(count):
@@ -367,7 +438,9 @@ def _plan(cfg: SampleConfig) -> list[VideoPlan]:
             numbers[key] = numbers.get(key, 0) + 1
             n = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
             intervals = [] if label == NORMAL_LABEL else _intervals(rng, n, split)
-            plans.append(VideoPlan(video_id(label, numbers[key], split), split, label, len(plans), n, intervals))
+            plans.append(
+                VideoPlan(video_id(label, numbers[key], split), split, label, len(plans), n, intervals)
+            )
     return plans
 
 
@@ -405,8 +478,14 @@ def _render(plan: VideoPlan, cfg: SampleConfig, path: Path) -> dict:
     n_walkers = int(rng.integers(1, 4)) if plan.label == NORMAL_LABEL else int(rng.integers(1, 3))
     walker_colors = colors[-n_walkers:]  # the event's actors take colours from the front: never shared
     walkers = [
-        Walker(PALETTE[c], x0=float(rng.uniform(0, w)), feet=float(rng.uniform(*band) * h),
-               speed=float(rng.choice([-1, 1]) * rng.uniform(0.003, 0.007) * w), w=0.07 * w, h=0.27 * h)
+        Walker(
+            PALETTE[c],
+            x0=float(rng.uniform(0, w)),
+            feet=float(rng.uniform(*band) * h),
+            speed=float(rng.choice([-1, 1]) * rng.uniform(0.003, 0.007) * w),
+            w=0.07 * w,
+            h=0.27 * h,
+        )
         for c, band in zip(walker_colors, [(0.38, 0.45), (0.86, 0.97), (0.38, 0.45)])
     ]
     event = None if plan.label == NORMAL_LABEL else _make_event(plan.label, rng, w, h, colors)
@@ -456,8 +535,13 @@ def _render(plan: VideoPlan, cfg: SampleConfig, path: Path) -> dict:
         start = int(rng.integers(0, max(plan.num_frames // 10, 1)))
         end = plan.num_frames - 1 - int(rng.integers(0, max(plan.num_frames // 10, 1)))
         timestamps = [start / cfg.fps, end / cfg.fps]  # unrounded: rounding up could pass the last frame
-    return {"video": plan.vid, "global_caption": caption, "region_captions": regions,
-            "box_infos": box_infos, "timestamps": timestamps}
+    return {
+        "video": plan.vid,
+        "global_caption": caption,
+        "region_captions": regions,
+        "box_infos": box_infos,
+        "timestamps": timestamps,
+    }
 
 
 def _plant_bad_boxes(records: list[dict], plans: list[VideoPlan]) -> int:
@@ -473,7 +557,12 @@ def _plant_bad_boxes(records: list[dict], plans: list[VideoPlan]) -> int:
         frame = min(good["frame"] + 1, plan.num_frames - 1)
         bbox = {
             "out_of_range": [x1, y1, 1.4, y2],
-            "too_small": [min(x1, 0.9), min(y1, 0.9), round(min(x1, 0.9) + 0.04, 4), round(min(y1, 0.9) + 0.04, 4)],
+            "too_small": [
+                min(x1, 0.9),
+                min(y1, 0.9),
+                round(min(x1, 0.9) + 0.04, 4),
+                round(min(y1, 0.9) + 0.04, 4),
+            ],
             "non_finite": [float("nan"), y1, x2, y2],
             "inverted": [x2, y1, x1, y2],
             "keyframe_out_of_range": [x1, y1, x2, y2],
@@ -507,7 +596,9 @@ def _prepare_root(root: Path, data: DataConfig) -> Path:
 def generate_sample(cfg: SampleConfig, data: DataConfig, root: Path) -> dict:
     """Write the synthetic UCF-Crime-style dataset under ``root``; return a summary."""
     if cfg.width % 2 or cfg.height % 2:
-        raise ValueError(f"sample.width and sample.height must be even for yuv420p, got {cfg.width}x{cfg.height}")
+        raise ValueError(
+            f"sample.width and sample.height must be even for yuv420p, got {cfg.width}x{cfg.height}"
+        )
     unknown = sorted(set(cfg.anomaly_classes) - set(EVENTS))
     if unknown:
         raise ValueError(f"sample.anomaly_classes: no renderer for {unknown}; supported: {list(EVENTS)}")
@@ -527,9 +618,14 @@ def generate_sample(cfg: SampleConfig, data: DataConfig, root: Path) -> dict:
 
     for split, name in (("train", data.train_split), ("test", data.test_split)):
         _write_text(root / name, "".join(f"{p.vid}\n" for p in plans if p.split == split))
-    _write_text(root / data.temporal_annotations, "".join(
-        format_temporal_line(p.vid.rsplit("/", 1)[1], p.label, p.intervals) + "\n"
-        for p in plans if p.split == "test"))
+    _write_text(
+        root / data.temporal_annotations,
+        "".join(
+            format_temporal_line(p.vid.rsplit("/", 1)[1], p.label, p.intervals) + "\n"
+            for p in plans
+            if p.split == "test"
+        ),
+    )
     # One record a line: readable, and diffs between two samples stay small.
     lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
     _write_text(root / data.annotations, f"[\n{lines}\n]\n")
@@ -545,10 +641,17 @@ def generate_sample(cfg: SampleConfig, data: DataConfig, root: Path) -> dict:
         "bad_boxes": planted,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _write_text(root / MARKER, json.dumps({k: v for k, v in summary.items() if k != "seconds"}, indent=1) + "\n")
+    _write_text(
+        root / MARKER, json.dumps({k: v for k, v in summary.items() if k != "seconds"}, indent=1) + "\n"
+    )
     logger.info(
         "sample: %d videos (%d train, %d test), %d frames, %d bad boxes planted -> %s in %.1fs",
-        len(plans), sum(by_split["train"].values()), sum(by_split["test"].values()),
-        summary["frames"], planted, root, summary["seconds"],
+        len(plans),
+        sum(by_split["train"].values()),
+        sum(by_split["test"].values()),
+        summary["frames"],
+        planted,
+        root,
+        summary["seconds"],
     )
     return summary

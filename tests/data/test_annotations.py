@@ -12,12 +12,19 @@ GOOD = {
     "video": "Abuse001.mp4",
     "global_caption": "a man attacks a woman inside a shop",
     "region_captions": ["a man pulls the woman's red bag", "another man hits her"],
-    "box_infos": [[{"frame": 192, "bbox": [0.10, 0.35, 0.61, 0.92]}],
-                  [{"frame": 816.0, "bbox": [0.09, 0.39, 0.58, 0.88]}]],
+    "box_infos": [
+        [{"frame": 192, "bbox": [0.10, 0.35, 0.61, 0.92]}],
+        [{"frame": 816.0, "bbox": [0.09, 0.39, 0.58, 0.88]}],
+    ],
     "timestamps": None,
 }
-NORMAL = {"video": "Normal_Videos001_x264.mp4", "global_caption": "people walk",
-          "region_captions": ["a person walks"], "box_infos": [], "timestamps": [1.5, 9]}
+NORMAL = {
+    "video": "Normal_Videos001_x264.mp4",
+    "global_caption": "people walk",
+    "region_captions": ["a person walks"],
+    "box_infos": [],
+    "timestamps": [1.5, 9],
+}
 
 
 def _write(tmp_path: Path, data, name: str = "annotations.json") -> Path:
@@ -45,17 +52,20 @@ def test_nan_token_is_kept_for_validation(tmp_path: Path):
     assert math.isnan(records[0].box_infos[0][0].bbox[2])
 
 
-@pytest.mark.parametrize("entry,detail", [
-    ("just a string", "not an object"),
-    ({k: v for k, v in GOOD.items() if k != "region_captions"}, "missing keys"),
-    ({**GOOD, "video": 7}, "'video'"),
-    ({**GOOD, "global_caption": None}, "'global_caption'"),
-    ({**GOOD, "region_captions": ["ok", 3]}, "'region_captions'"),
-    ({**GOOD, "box_infos": {"frame": 1}}, "'box_infos'"),
-    ({**GOOD, "box_infos": GOOD["box_infos"][:1]}, "1 box_infos lists for 2 region_captions"),
-    ({**GOOD, "timestamps": [3, 1]}, "'timestamps'"),
-    ({**GOOD, "timestamps": "0-3"}, "'timestamps'"),
-])
+@pytest.mark.parametrize(
+    "entry,detail",
+    [
+        ("just a string", "not an object"),
+        ({k: v for k, v in GOOD.items() if k != "region_captions"}, "missing keys"),
+        ({**GOOD, "video": 7}, "'video'"),
+        ({**GOOD, "global_caption": None}, "'global_caption'"),
+        ({**GOOD, "region_captions": ["ok", 3]}, "'region_captions'"),
+        ({**GOOD, "box_infos": {"frame": 1}}, "'box_infos'"),
+        ({**GOOD, "box_infos": GOOD["box_infos"][:1]}, "1 box_infos lists for 2 region_captions"),
+        ({**GOOD, "timestamps": [3, 1]}, "'timestamps'"),
+        ({**GOOD, "timestamps": "0-3"}, "'timestamps'"),
+    ],
+)
 def test_malformed_records_are_rejects(tmp_path: Path, entry, detail: str):
     records, bad = load_annotations(_write(tmp_path, [NORMAL, entry]))
     assert [r.video for r in records] == [NORMAL["video"]]
@@ -64,15 +74,18 @@ def test_malformed_records_are_rejects(tmp_path: Path, entry, detail: str):
     assert json.loads(bad[0].raw) == entry
 
 
-@pytest.mark.parametrize("keyframe,detail", [
-    ({"frame": 3, "bbox": [0.1, 0.2, 0.3]}, "not 4 numbers"),
-    ({"frame": 3, "bbox": [0.1, 0.2, 0.3, "0.4"]}, "not 4 numbers"),
-    ({"frame": 3, "bbox": [0.1, 0.2, 0.3, True]}, "not 4 numbers"),
-    ({"frame": 3.5, "bbox": [0.1, 0.2, 0.3, 0.4]}, "not an integer"),
-    ({"frame": "3", "bbox": [0.1, 0.2, 0.3, 0.4]}, "not an integer"),
-    ({"bbox": [0.1, 0.2, 0.3, 0.4]}, "'frame' and 'bbox'"),
-    ([3, [0.1, 0.2, 0.3, 0.4]], "'frame' and 'bbox'"),
-])
+@pytest.mark.parametrize(
+    "keyframe,detail",
+    [
+        ({"frame": 3, "bbox": [0.1, 0.2, 0.3]}, "not 4 numbers"),
+        ({"frame": 3, "bbox": [0.1, 0.2, 0.3, "0.4"]}, "not 4 numbers"),
+        ({"frame": 3, "bbox": [0.1, 0.2, 0.3, True]}, "not 4 numbers"),
+        ({"frame": 3.5, "bbox": [0.1, 0.2, 0.3, 0.4]}, "not an integer"),
+        ({"frame": "3", "bbox": [0.1, 0.2, 0.3, 0.4]}, "not an integer"),
+        ({"bbox": [0.1, 0.2, 0.3, 0.4]}, "'frame' and 'bbox'"),
+        ([3, [0.1, 0.2, 0.3, 0.4]], "'frame' and 'bbox'"),
+    ],
+)
 def test_malformed_keyframe_drops_only_that_keyframe(tmp_path: Path, keyframe, detail: str):
     entry = {**GOOD, "box_infos": [GOOD["box_infos"][0] + [keyframe], GOOD["box_infos"][1]]}
     records, bad = load_annotations(_write(tmp_path, [entry]))
@@ -83,11 +96,14 @@ def test_malformed_keyframe_drops_only_that_keyframe(tmp_path: Path, keyframe, d
     assert detail in bad[0].detail
 
 
-@pytest.mark.parametrize("content,match", [
-    ('{"video": "a.mp4"}', "expected a JSON list"),
-    ("[{", "not valid JSON"),
-    (b"\xff\xfe[]", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"video": "a.mp4"}', "expected a JSON list"),
+        ("[{", "not valid JSON"),
+        (b"\xff\xfe[]", "not valid JSON"),
+    ],
+)
 def test_unreadable_file_is_a_clear_error(tmp_path: Path, content, match: str):
     path = tmp_path / "ann.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

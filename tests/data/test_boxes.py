@@ -1,17 +1,29 @@
-"""Stage validate_boxes: every reject reason, accounting, virtual boxes, shards, outputs."""
+"""Stage validate_boxes: every reject reason, accounting, virtual boxes, shards, outputs, streaming."""
 
 import json
 import math
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 import fgclip.data.boxes as boxes_mod
 from fgclip.config import Params
-from fgclip.data.boxes import ACCEPTED_SCHEMA, REASONS, REJECTS_SCHEMA, BoxAccountingError, validate_boxes
+from fgclip.data.annotations import load_annotations
+from fgclip.data.boxes import (
+    ACCEPTED_SCHEMA,
+    RAW_BOX_SCHEMA,
+    REASONS,
+    REJECTS_SCHEMA,
+    BoxAccountingError,
+    FrameLookup,
+    raw_boxes,
+    validate_box_batches,
+    validate_boxes,
+)
 from fgclip.data.frames import extract_frames
 
 VIDEO = "Arson/Arson001_x264.mp4"
@@ -33,9 +45,14 @@ def frames_facts(tiny_frames: Path) -> dict:
 
 
 def _record(frame: int, bbox: list, **fields) -> dict:
-    return {"video": "Arson001.mp4", "global_caption": "a fire spreads and burns",
-            "region_captions": ["flames burn"], "box_infos": [[{"frame": frame, "bbox": bbox}]],
-            "timestamps": None, **fields}
+    return {
+        "video": "Arson001.mp4",
+        "global_caption": "a fire spreads and burns",
+        "region_captions": ["flames burn"],
+        "box_infos": [[{"frame": frame, "bbox": bbox}]],
+        "timestamps": None,
+        **fields,
+    }
 
 
 def _run(params: Params, records: list, frames: Path, tmp_path: Path) -> tuple[dict, Path]:
@@ -67,8 +84,9 @@ def test_every_reason_has_a_case():
 
 
 @pytest.mark.parametrize("reason", REASONS)
-def test_each_reject_reason(reason: str, tiny_params: Params, tiny_frames: Path, frames_facts: dict,
-                            tmp_path: Path):
+def test_each_reject_reason(
+    reason: str, tiny_params: Params, tiny_frames: Path, frames_facts: dict, tmp_path: Path
+):
     records = [_record(frames_facts["ok"], GOOD), CASES[reason](frames_facts)]
     metrics, out = _run(tiny_params, records, tiny_frames, tmp_path)
     assert (metrics["read"], metrics["accepted"], metrics["rejected"]) == (2, 1, 1)
@@ -83,8 +101,8 @@ def test_each_reject_reason(reason: str, tiny_params: Params, tiny_frames: Path,
 
 def test_first_failing_rule_wins(tiny_params: Params, tiny_frames: Path, frames_facts: dict, tmp_path: Path):
     records = [
-        _record(frames_facts["n"], [float("nan"), 0.2, 0.5, 0.6]),        # non_finite before keyframe range
-        _record(frames_facts["ok"], [0.5, 0.2, 0.1, 1.5]),                # out_of_range before inverted
+        _record(frames_facts["n"], [float("nan"), 0.2, 0.5, 0.6]),  # non_finite before keyframe range
+        _record(frames_facts["ok"], [0.5, 0.2, 0.1, 1.5]),  # out_of_range before inverted
         _record(frames_facts["ok"], GOOD, video="Nope.mp4", region_captions=[""]),  # unknown before empty
     ]
     _, out = _run(tiny_params, records, tiny_frames, tmp_path)
@@ -92,9 +110,15 @@ def test_first_failing_rule_wins(tiny_params: Params, tiny_frames: Path, frames_
     assert reasons == ["non_finite", "out_of_range", "unknown_video"]
 
 
-def test_rejects_keep_original_values(tiny_params: Params, tiny_frames: Path, frames_facts: dict, tmp_path: Path):
-    records = [_record(frames_facts["ok"], [0.1, 0.2, 1.4, 0.6]), _record(frames_facts["ok"], [1, 2, 3]),
-               "not a record", _record(frames_facts["ok"], [float("nan"), 0.2, 0.5, 0.6])]
+def test_rejects_keep_original_values(
+    tiny_params: Params, tiny_frames: Path, frames_facts: dict, tmp_path: Path
+):
+    records = [
+        _record(frames_facts["ok"], [0.1, 0.2, 1.4, 0.6]),
+        _record(frames_facts["ok"], [1, 2, 3]),
+        "not a record",
+        _record(frames_facts["ok"], [float("nan"), 0.2, 0.5, 0.6]),
+    ]
     _, out = _run(tiny_params, records, tiny_frames, tmp_path)
     rejects = pq.read_table(out / "rejects.parquet")
     assert rejects.schema.remove_metadata() == REJECTS_SCHEMA
@@ -108,10 +132,13 @@ def test_rejects_keep_original_values(tiny_params: Params, tiny_frames: Path, fr
 
 
 @pytest.mark.parametrize("clip,expected", [(True, "accepted"), (False, "out_of_range")])
-def test_overshoot_within_tolerance(clip: bool, expected: str, tiny_params: Params, tiny_frames: Path,
-                                    frames_facts: dict, tmp_path: Path):
+def test_overshoot_within_tolerance(
+    clip: bool, expected: str, tiny_params: Params, tiny_frames: Path, frames_facts: dict, tmp_path: Path
+):
     params = tiny_params.with_overrides(boxes={"clip_overshoot": clip, "clip_tolerance": 0.02})
-    metrics, out = _run(params, [_record(frames_facts["ok"], [-0.01, 0.2, 1.015, 0.6])], tiny_frames, tmp_path)
+    metrics, out = _run(
+        params, [_record(frames_facts["ok"], [-0.01, 0.2, 1.015, 0.6])], tiny_frames, tmp_path
+    )
     if expected == "accepted":
         (row,) = _accepted(out)
         assert [row[c] for c in ("x1", "y1", "x2", "y2")] == pytest.approx([0.0, 0.2, 1.0, 0.6])
@@ -122,7 +149,9 @@ def test_overshoot_within_tolerance(clip: bool, expected: str, tiny_params: Para
 
 def test_clipping_then_inverted(tiny_params: Params, tiny_frames: Path, frames_facts: dict, tmp_path: Path):
     """A box that only exists outside the frame collapses when clipped: inverted, not accepted."""
-    metrics, _ = _run(tiny_params, [_record(frames_facts["ok"], [1.005, 0.2, 1.015, 0.6])], tiny_frames, tmp_path)
+    metrics, _ = _run(
+        tiny_params, [_record(frames_facts["ok"], [1.005, 0.2, 1.015, 0.6])], tiny_frames, tmp_path
+    )
     assert metrics["by_reason"]["inverted"] == 1
 
 
@@ -154,8 +183,11 @@ def test_virtual_boxes_for_normals(tiny_boxes: Path, tiny_frames: Path, tiny_sam
         t0, t1 = ann[vid]["timestamps"]
         assert all(t0 - 1e-6 <= t <= t1 + 1e-6 for t in train["timestamp"].to_pylist())
         captions = ann[vid]["region_captions"]
-        expected = sorted((r, f, p) for r in range(len(captions))
-                          for f, p in zip(train["frame"].to_pylist(), train["path"].to_pylist()))
+        expected = sorted(
+            (r, f, p)
+            for r in range(len(captions))
+            for f, p in zip(train["frame"].to_pylist(), train["path"].to_pylist())
+        )
         assert sorted((r["region"], r["frame"], r["frame_path"]) for r in mine) == expected
         assert all(r["virtual"] and (r["x1"], r["y1"], r["x2"], r["y2"]) == (0, 0, 1, 1) for r in mine)
         assert all(r["region_caption"] == captions[r["region"]] for r in mine)
@@ -170,7 +202,9 @@ def test_failed_video_rows_are_not_extracted(tiny_params: Params, tiny_sample: P
         (root / "videos" / vid).unlink()
     params = tiny_params.with_overrides(frames={"max_failure_frac": 1.0})
     extract_frames(params, root, root / "annotations.json", tmp_path / "frames")
-    validate_boxes(params, root / "annotations.json", tmp_path / "frames", tmp_path / "boxes", tmp_path / "m.json")
+    validate_boxes(
+        params, root / "annotations.json", tmp_path / "frames", tmp_path / "boxes", tmp_path / "m.json"
+    )
     ann = {r["video"]: r for r in json.loads((root / "annotations.json").read_text())}
     rejects = pq.read_table(tmp_path / "boxes" / "rejects.parquet").to_pylist()
     road = [r for r in rejects if r["video"] == "RoadAccidents/RoadAccidents002_x264.mp4"]
@@ -179,10 +213,13 @@ def test_failed_video_rows_are_not_extracted(tiny_params: Params, tiny_sample: P
     assert sorted({r["reason"] for r in road}) == ["inverted", "keyframe_not_extracted"]
     placeholders = [r for r in rejects if r["video"] == normal]
     assert [r["region"] for r in placeholders] == list(range(len(ann[normal]["region_captions"])))
-    assert all(r["reason"] == "keyframe_not_extracted" and r["frame"] is None and r["virtual"]
-               for r in placeholders)
-    assert not any(r["video"] in (normal, "RoadAccidents/RoadAccidents002_x264.mp4")
-                   for r in _accepted(tmp_path / "boxes"))
+    assert all(
+        r["reason"] == "keyframe_not_extracted" and r["frame"] is None and r["virtual"] for r in placeholders
+    )
+    assert not any(
+        r["video"] in (normal, "RoadAccidents/RoadAccidents002_x264.mp4")
+        for r in _accepted(tmp_path / "boxes")
+    )
 
 
 def test_shards_and_stale_outputs(tiny_params: Params, tiny_frames: Path, tiny_sample: Path, tmp_path: Path):
@@ -203,16 +240,59 @@ def test_shards_and_stale_outputs(tiny_params: Params, tiny_frames: Path, tiny_s
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-00000.parquet", "rejects.parquet"]
 
 
-def test_accounting_error_when_a_row_is_lost(tiny_params: Params, tiny_frames: Path, tiny_sample: Path,
-                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_accounting_error_when_a_row_is_lost(
+    tiny_params: Params, tiny_frames: Path, tiny_sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     real = boxes_mod._accepted
     monkeypatch.setattr(boxes_mod, "_accepted", lambda *a: real(*a).slice(1))  # a bug that drops a row
     with pytest.raises(BoxAccountingError, match=r"read \d+ rows but accepted \d+ \+ rejected"):
-        validate_boxes(tiny_params, tiny_sample / "annotations.json", tiny_frames, tmp_path / "b", tmp_path / "m")
+        validate_boxes(
+            tiny_params, tiny_sample / "annotations.json", tiny_frames, tmp_path / "b", tmp_path / "m"
+        )
     assert not (tmp_path / "m").exists()
 
 
 def test_unreadable_annotations_name_the_file(tiny_params: Params, tiny_frames: Path, tmp_path: Path):
     (tmp_path / "annotations.json").write_text("{}")
     with pytest.raises(ValueError, match="annotations.json: expected a JSON list"):
-        validate_boxes(tiny_params, tmp_path / "annotations.json", tiny_frames, tmp_path / "b", tmp_path / "m")
+        validate_boxes(
+            tiny_params, tmp_path / "annotations.json", tiny_frames, tmp_path / "b", tmp_path / "m"
+        )
+
+
+def test_streaming_matches_whole_table(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, frames_facts: dict, tmp_path: Path
+):
+    """Raw boxes streamed from Parquet in small dictionary-encoded batches == the stage's one-batch run."""
+    records = json.loads((tiny_sample / "annotations.json").read_text())
+    records += [CASES[reason](frames_facts) for reason in REASONS]  # every rule fires
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps(records))
+    whole = validate_boxes(tiny_params, ann, tiny_frames, tmp_path / "whole", tmp_path / "m.json")
+
+    videos = pq.read_table(tiny_frames / "videos.parquet")
+    index = pq.read_table(tiny_frames / "index.parquet")
+    raw = raw_boxes(*load_annotations(ann), videos, index)
+    assert raw.schema == RAW_BOX_SCHEMA
+    pq.write_table(raw, tmp_path / "raw.parquet", row_group_size=7)
+    source = pq.ParquetFile(tmp_path / "raw.parquet", read_dictionary=["video", "region_caption", "raw"])
+    streamed = validate_box_batches(
+        source.iter_batches(batch_size=7), FrameLookup(videos, index), tiny_params.boxes, tmp_path / "stream"
+    )
+    assert source.num_row_groups > 10
+    assert streamed == {k: whole[k] for k in streamed}
+    assert all(n for n in whole["by_reason"].values())
+    assert _accepted(tmp_path / "stream") == _accepted(tmp_path / "whole")
+    rejects = [pq.read_table(tmp_path / d / "rejects.parquet").to_pylist() for d in ("stream", "whole")]
+    assert str(rejects[0]) == str(rejects[1])  # str(): NaN coordinates compare equal
+
+
+def test_stream_without_a_column_is_refused(
+    tiny_params: Params, tiny_frames: Path, tiny_boxes: Path, tmp_path: Path
+):
+    lookup = FrameLookup.from_frames_dir(tiny_frames)
+    batch = pa.record_batch({"video": ["Arson001.mp4"], "frame": [3]})
+    with pytest.raises(ValueError, match=r"raw boxes lack columns \['detail', 'global_caption'"):
+        validate_box_batches([batch], lookup, tiny_params.boxes, tiny_boxes)
+    assert (tiny_boxes / "manifest.json").is_file()  # the previous outputs are untouched
+    assert not list(tiny_boxes.parent.glob(f".{tiny_boxes.name}.tmp"))

@@ -1,7 +1,13 @@
 """Stage extract_frames: selection, index schema, failures, threshold, resume, workers."""
 
 import json
+import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import av
@@ -10,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from fgclip.config import Params
@@ -109,7 +116,9 @@ def test_images_are_jpegs_of_the_frames(tiny_sample: Path, tiny_frames: Path):
     index = pq.read_table(tiny_frames / "index.parquet").to_pylist()
     row = next(r for r in index if r["purpose"] == "eval")
     with av.open(str(tiny_sample / "videos" / row["video"])) as c:
-        frame = next(f for k, f in enumerate(c.decode(video=0)) if k == row["frame"]).to_ndarray(format="rgb24")
+        frame = next(f for k, f in enumerate(c.decode(video=0)) if k == row["frame"]).to_ndarray(
+            format="rgb24"
+        )
     image = Image.open(tiny_frames / row["path"])
     assert image.format == "JPEG" and image.size == (96, 72)
     assert np.abs(np.asarray(image, dtype=int) - frame).mean() < 4  # quality 95: nearly lossless
@@ -152,8 +161,13 @@ def _break_videos(root: Path) -> dict[str, str]:
                 c.mux(packet)
         for packet in stream.encode():
             c.mux(packet)
-    return {garbage: "corrupt", cut: "corrupt", cut_clean: "truncated", missing: "missing",
-            audio: "no video stream"}
+    return {
+        garbage: "corrupt",
+        cut: "corrupt",
+        cut_clean: "truncated",
+        missing: "missing",
+        audio: "no video stream",
+    }
 
 
 def test_bad_videos_fail_alone(tiny_params: Params, tiny_frames: Path, sample_copy: Path, tmp_path: Path):
@@ -162,8 +176,11 @@ def test_bad_videos_fail_alone(tiny_params: Params, tiny_frames: Path, sample_co
     out = tmp_path / "frames"
     summary = extract_frames(params, sample_copy, sample_copy / "annotations.json", out)
     assert (summary["failed"], summary["ok"]) == (5, 7)
-    reasons = {r["video"]: r["reason"] for r in pq.read_table(out / "failures.parquet").to_pylist()
-               if not r["reason"].startswith("keyframe past end")}
+    reasons = {
+        r["video"]: r["reason"]
+        for r in pq.read_table(out / "failures.parquet").to_pylist()
+        if not r["reason"].startswith("keyframe past end")
+    }
     assert {v: r.split(":")[0] for v, r in reasons.items()} == broken
     videos = _videos(out)
     assert {v for v, m in videos.items() if m["status"] == "failed"} == set(broken)
@@ -180,7 +197,9 @@ def test_bad_videos_fail_alone(tiny_params: Params, tiny_frames: Path, sample_co
 def test_failure_threshold_raises_after_writing(tiny_params: Params, sample_copy: Path, tmp_path: Path):
     broken = _break_videos(sample_copy)
     out = tmp_path / "frames"
-    with pytest.raises(ExtractionError, match=r"5 of 12 videos failed .*max_failure_frac=0.1.*failures.parquet"):
+    with pytest.raises(
+        ExtractionError, match=r"5 of 12 videos failed .*max_failure_frac=0.1.*failures.parquet"
+    ):
         extract_frames(tiny_params, sample_copy, sample_copy / "annotations.json", out)
     assert pq.read_table(out / "videos.parquet").num_rows == 12
     assert set(pq.read_table(out / "failures.parquet")["video"].to_pylist()) >= set(broken)
@@ -202,10 +221,13 @@ def test_resume_after_interruption(tiny_params: Params, tiny_sample: Path, tiny_
     for name in ("index.parquet", "videos.parquet", "failures.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(tiny_frames / name)), name
     assert sorted(p.relative_to(out) for p in out.rglob("*.jpg")) == sorted(
-        p.relative_to(tiny_frames) for p in tiny_frames.rglob("*.jpg"))
+        p.relative_to(tiny_frames) for p in tiny_frames.rglob("*.jpg")
+    )
 
 
-def test_changed_selection_is_not_resumed(tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path):
+def test_changed_selection_is_not_resumed(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
     out = tmp_path / "frames"
     shutil.copytree(tiny_frames, out)
     params = tiny_params.with_overrides(frames={"train_frames_per_video": 4})
@@ -217,9 +239,127 @@ def test_changed_selection_is_not_resumed(tiny_params: Params, tiny_sample: Path
     assert len(kept) < len({p.name for p in (tiny_frames / "images" / "Arson/Arson001_x264").glob("*.jpg")})
 
 
-def test_process_pool_matches_in_process(tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path):
+def test_process_pool_matches_in_process(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
     params = tiny_params.with_overrides(frames={"workers": 2})
     out = tmp_path / "frames"
     extract_frames(params, tiny_sample, tiny_sample / "annotations.json", out)
     for name in ("index.parquet", "videos.parquet", "failures.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(tiny_frames / name)), name
+
+
+def _done_markers(out: Path) -> list[Path]:
+    return list((out / "images").rglob(DONE_MARKER)) if (out / "images").exists() else []
+
+
+def test_resume_after_kill(tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path):
+    """SIGKILL the real CLI once some videos are done; a rerun completes them, identical to a clean run."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params.model_dump(mode="json", exclude={"base_dir"})))
+    out = tmp_path / "frames"
+    # niced: on a busy machine the poll below still gets to kill it halfway
+    cmd = [
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        "-m",
+        "fgclip.cli",
+        "extract-frames",
+        "--params",
+        str(params_file),
+        "--data-root",
+        str(tiny_sample),
+        "--out",
+        str(out),
+    ]
+    log = tmp_path / "stderr.log"
+    # Its own session: the kill takes the whole process group, as a scheduler or OOM killer would.
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 60
+            while not _done_markers(out) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the stage ended before it was killed: {log.read_text()}"
+    done_at_kill = len(_done_markers(out))
+    assert 0 < done_at_kill < len(_videos(tiny_frames))
+    assert not (out / "index.parquet").exists()
+    # Images are renamed into place whole: whatever the kill interrupted, no *.jpg is partial.
+    for jpg in out.rglob("*.jpg"):
+        with Image.open(jpg) as image:
+            image.load()
+
+    summary = extract_frames(tiny_params, tiny_sample, tiny_sample / "annotations.json", out)
+    assert summary["resumed"] == done_at_kill  # every finished video is reused, no other
+    for name in ("index.parquet", "videos.parquet", "failures.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(tiny_frames / name)), name
+    # The rerun left no temporary file, and exactly the clean run's images.
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert sorted(p.relative_to(out) for p in out.rglob("*.jpg")) == sorted(
+        p.relative_to(tiny_frames) for p in tiny_frames.rglob("*.jpg")
+    )
+
+
+LONG_VIDEO_FRAMES = 3300
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 110 s video at UCF-Crime's 320x240, 30 fps (x264 ultrafast: a few seconds to write)."""
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 256, (30, 80, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)  # 8x8 blocks
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "30"}
+        for t in range(LONG_VIDEO_FRAMES):
+            shift = t % 320  # a texture sliding by: every frame differs, so none is skipped
+            frame = av.VideoFrame.from_ndarray(
+                np.ascontiguousarray(texture[:, shift : shift + 320]), format="rgb24"
+            )
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+# Run in a fresh interpreter and read its peak RSS from VmHWM: a child's ru_maxrss starts at
+# its parent's RSS (Linux keeps it across fork and exec), so under pytest it would hide growth.
+_MEASURE = """
+import json, sys
+from fgclip.data.frames import VideoJob, extract_video
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+job = VideoJob(video="Testing_Normal_Videos_Anomaly/Normal_Videos_001_x264.mp4", split="test", label="Normal",
+               source=sys.argv[1], out=sys.argv[2], train_frames=0, snippet_len=16, window=None,
+               keyframes=(5, 3000), jpeg_quality=95)
+before = peak_kib()
+result = extract_video(job)
+print(json.dumps({"growth_kib": peak_kib() - before, "decoded": result["decoded"], "rows": len(result["frames"])}))
+"""
+
+
+def test_long_video_in_bounded_memory(long_video: Path, tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(long_video), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(proc.stdout)
+    assert result["decoded"] == LONG_VIDEO_FRAMES
+    assert result["rows"] == math.ceil(LONG_VIDEO_FRAMES / 16) + 2  # eval frames + the two keyframes
+    # Holding every decoded frame (yuv420p: 1.5 bytes a pixel) would take 380 MB (measured:
+    # 480 MB), one snippet of 16 frames 1.8 MB (measured growth: 11 MB with the decoder's
+    # and JPEG buffers). The bound is far from both.
+    all_frames_kib = LONG_VIDEO_FRAMES * 320 * 240 * 1.5 / 1024
+    assert result["growth_kib"] < 64 * 1024 < all_frames_kib / 5, result

@@ -31,8 +31,12 @@ def test_deterministic_from_seed(tiny_params: Params, tiny_sample: Path, tmp_pat
     again = tmp_path / "again"
     generate_sample(tiny_params.sample, tiny_params.data, again)
     generate_sample(tiny_params.sample, tiny_params.data, again)  # a rerun over its own output is allowed
-    for name in ("annotations.json", "Anomaly_Train.txt", "Anomaly_Test.txt",
-                 "Temporal_Anomaly_Annotation_for_Testing_Videos.txt"):
+    for name in (
+        "annotations.json",
+        "Anomaly_Train.txt",
+        "Anomaly_Test.txt",
+        "Temporal_Anomaly_Annotation_for_Testing_Videos.txt",
+    ):
         assert (again / name).read_bytes() == (tiny_sample / name).read_bytes(), name
     videos = sorted(p.relative_to(tiny_sample) for p in tiny_sample.rglob("*.mp4"))
     assert videos == sorted(p.relative_to(again) for p in again.rglob("*.mp4"))
@@ -47,21 +51,34 @@ def test_deterministic_from_seed(tiny_params: Params, tiny_sample: Path, tmp_pat
 def test_layout_and_counts(tiny_params: Params, tiny_sample: Path):
     cfg = tiny_params.sample
     ids = _ids(tiny_params, tiny_sample)
-    expected = {s: {c: n for c in cfg.anomaly_classes} | {"Normal": m}
-                for s, n, m in (("train", cfg.train_per_class, cfg.train_normal),
-                                ("test", cfg.test_per_class, cfg.test_normal))}
+    expected = {
+        s: {c: n for c in cfg.anomaly_classes} | {"Normal": m}
+        for s, n, m in (
+            ("train", cfg.train_per_class, cfg.train_normal),
+            ("test", cfg.test_per_class, cfg.test_normal),
+        )
+    }
     for split, vids in ids.items():
         labels = [video_label(v) for v in vids]
         assert {c: labels.count(c) for c in set(labels)} == expected[split]
     assert not set(ids["train"]) & set(ids["test"])
     on_disk = {p.relative_to(tiny_sample / "videos").as_posix() for p in tiny_sample.rglob("*.mp4")}
     assert on_disk == set(ids["train"]) | set(ids["test"])
-    assert all(re.fullmatch(r"Training_Normal_Videos_Anomaly/Normal_Videos\d{3}_x264\.mp4", v)
-               for v in ids["train"] if video_label(v) == "Normal")
-    assert all(re.fullmatch(r"Testing_Normal_Videos_Anomaly/Normal_Videos_\d{3}_x264\.mp4", v)
-               for v in ids["test"] if video_label(v) == "Normal")
-    assert all(re.fullmatch(rf"{video_label(v)}/{video_label(v)}\d{{3}}_x264\.mp4", v)
-               for v in ids["train"] + ids["test"] if video_label(v) != "Normal")
+    assert all(
+        re.fullmatch(r"Training_Normal_Videos_Anomaly/Normal_Videos\d{3}_x264\.mp4", v)
+        for v in ids["train"]
+        if video_label(v) == "Normal"
+    )
+    assert all(
+        re.fullmatch(r"Testing_Normal_Videos_Anomaly/Normal_Videos_\d{3}_x264\.mp4", v)
+        for v in ids["test"]
+        if video_label(v) == "Normal"
+    )
+    assert all(
+        re.fullmatch(rf"{video_label(v)}/{video_label(v)}\d{{3}}_x264\.mp4", v)
+        for v in ids["train"] + ids["test"]
+        if video_label(v) != "Normal"
+    )
     assert set(_annotations(tiny_sample)) == on_disk  # train AND test videos annotated
 
 
@@ -103,8 +120,14 @@ def _is_bad(kf: dict, n: int) -> bool:
     x1, y1, x2, y2 = kf["bbox"]
     if not all(math.isfinite(v) for v in kf["bbox"]):
         return True
-    return (min(kf["bbox"]) < 0 or max(kf["bbox"]) > 1 or x1 >= x2 or y1 >= y2
-            or (x2 - x1) * (y2 - y1) < 0.005 or kf["frame"] >= n)
+    return (
+        min(kf["bbox"]) < 0
+        or max(kf["bbox"]) > 1
+        or x1 >= x2
+        or y1 >= y2
+        or (x2 - x1) * (y2 - y1) < 0.005
+        or kf["frame"] >= n
+    )
 
 
 def test_annotations_boxes_and_planted_bad_boxes(tiny_params: Params, tiny_sample: Path):
@@ -134,8 +157,10 @@ def test_annotations_boxes_and_planted_bad_boxes(tiny_params: Params, tiny_sampl
 
 
 def test_captions_use_prompt_vocabulary(tiny_params: Params, tiny_sample: Path):
-    vocab = {label: {w for p in prompts for w in p.split() if len(w) > 3}
-             for label, prompts in tiny_params.evaluate.prompts.items()}
+    vocab = {
+        label: {w for p in prompts for w in p.split() if len(w) > 3}
+        for label, prompts in tiny_params.evaluate.prompts.items()
+    }
     for vid, rec in _annotations(tiny_sample).items():
         words = set(rec["global_caption"].split())
         assert words & vocab[video_label(vid)], (vid, rec["global_caption"])
@@ -155,7 +180,7 @@ def test_region_captions_name_the_colour_in_the_box(tiny_params: Params, tiny_sa
         color = next(c for c in PALETTE if c in rec["region_captions"][0].split())  # "the red car"
         kf = rec["box_infos"][0][0]
         x1, y1, x2, y2 = kf["bbox"]
-        patch = frames[kf["frame"], int(y1 * h):math.ceil(y2 * h), int(x1 * w):math.ceil(x2 * w)]
+        patch = frames[kf["frame"], int(y1 * h) : math.ceil(y2 * h), int(x1 * w) : math.ceil(x2 * w)]
         assert _color_fraction(patch, PALETTE[color]) > 0.3, (vid, color)
         checked += 1
     assert checked > 0
@@ -173,7 +198,7 @@ def test_event_only_inside_its_intervals(tiny_params: Params, tiny_sample: Path)
         orange = ((r > 200) & (g > 60) & (g < 200) & (b < 80)).sum(axis=(1, 2))
         inside = np.zeros(len(frames), bool)
         for s, e in temporal[vid.rsplit("/", 1)[1]].intervals:
-            inside[s:e + 1] = True
+            inside[s : e + 1] = True
             assert orange[s + (e - s) * 3 // 4] > 30
         assert orange[~inside].max(initial=0) <= 3
         checked += 1
@@ -188,10 +213,13 @@ def test_refuses_to_overwrite_a_foreign_dataset(tiny_params: Params, tmp_path: P
     assert (tmp_path / "videos" / "Arson" / "Arson001_x264.mp4").read_bytes() == b"real data"
 
 
-@pytest.mark.parametrize("update,match", [
-    ({"width": 97}, "must be even"),
-    ({"anomaly_classes": ["Arson", "Shoplifting"]}, "no renderer for \\['Shoplifting'\\]"),
-])
+@pytest.mark.parametrize(
+    "update,match",
+    [
+        ({"width": 97}, "must be even"),
+        ({"anomaly_classes": ["Arson", "Shoplifting"]}, "no renderer for \\['Shoplifting'\\]"),
+    ],
+)
 def test_bad_config(tiny_params: Params, tmp_path: Path, update: dict, match: str):
     with pytest.raises(ValueError, match=match):
         generate_sample(tiny_params.sample.model_copy(update=update), tiny_params.data, tmp_path)

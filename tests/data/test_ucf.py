@@ -40,12 +40,15 @@ def test_read_split_normalises(tmp_path: Path):
     assert read_split(f) == ["Arson/Arson001_x264.mp4", "Abuse/Abuse001_x264.mp4"]
 
 
-@pytest.mark.parametrize("line,match", [
-    ("../secret/x.mp4", "escapes"),
-    ("/etc/passwd", "escapes"),
-    ("C:\\videos\\a.mp4", "escapes"),
-    ("Arson001_x264.mp4", "no class folder"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("../secret/x.mp4", "escapes"),
+        ("/etc/passwd", "escapes"),
+        ("C:\\videos\\a.mp4", "escapes"),
+        ("Arson001_x264.mp4", "no class folder"),
+    ],
+)
 def test_read_split_rejects_bad_lines(tmp_path: Path, line: str, match: str):
     f = tmp_path / "split.txt"
     f.write_text(f"Arson/Arson001_x264.mp4\n{line}\n")
@@ -77,12 +80,15 @@ def test_temporal_annotations_parse_any_whitespace(tmp_path: Path):
     assert ann["Explosion002_x264.mp4"].intervals == ((10, 20),)
 
 
-@pytest.mark.parametrize("line,match", [
-    ("Arson011_x264.mp4  Arson  150  420  680", "expected 6 fields"),
-    ("Arson011_x264.mp4  Arson  150  4x0  -1  -1", "integers"),
-    ("Arson011_x264.mp4  Arson  150  -1  -1  -1", "only one end"),
-    ("Arson011_x264.mp4  Arson  420  150  -1  -1", "bad interval"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("Arson011_x264.mp4  Arson  150  420  680", "expected 6 fields"),
+        ("Arson011_x264.mp4  Arson  150  4x0  -1  -1", "integers"),
+        ("Arson011_x264.mp4  Arson  150  -1  -1  -1", "only one end"),
+        ("Arson011_x264.mp4  Arson  420  150  -1  -1", "bad interval"),
+    ],
+)
 def test_temporal_annotations_bad_lines_name_file_and_line(tmp_path: Path, line: str, match: str):
     f = tmp_path / "t.txt"
     f.write_text(f"Normal_Videos_003_x264.mp4  Normal  -1  -1  -1  -1\n{line}\n")
@@ -102,7 +108,10 @@ def test_format_temporal_line_round_trip(tmp_path: Path):
     assert line == "Arson011_x264.mp4  Arson  150  420  680  1267"
     assert format_temporal_line("N_x264.mp4", "Normal", []) == "N_x264.mp4  Normal  -1  -1  -1  -1"
     (tmp_path / "t.txt").write_text(line + "\n")
-    assert read_temporal_annotations(tmp_path / "t.txt")["Arson011_x264.mp4"].intervals == ((150, 420), (680, 1267))
+    assert read_temporal_annotations(tmp_path / "t.txt")["Arson011_x264.mp4"].intervals == (
+        (150, 420),
+        (680, 1267),
+    )
     with pytest.raises(ValueError, match="at most two"):
         format_temporal_line("x", "A", [(1, 2), (3, 4), (5, 6)])
 
@@ -115,28 +124,34 @@ IDS = [
 ]
 
 
-@pytest.mark.parametrize("ref,expected", [
-    ("Abuse/Abuse001_x264.mp4", "Abuse/Abuse001_x264.mp4"),
-    ("Abuse001.mp4", "Abuse/Abuse001_x264.mp4"),          # the users' spelling
-    ("Abuse001_x264.mp4", "Abuse/Abuse001_x264.mp4"),
-    ("Abuse/Abuse001.mp4", "Abuse/Abuse001_x264.mp4"),
-    ("Abuse\\Abuse001_x264.mp4", "Abuse/Abuse001_x264.mp4"),
-    ("Normal_Videos001.mp4", "Training_Normal_Videos_Anomaly/Normal_Videos001_x264.mp4"),
-    ("Normal_Videos_003_x264.mp4", "Testing_Normal_Videos_Anomaly/Normal_Videos_003_x264.mp4"),
-])
+@pytest.mark.parametrize(
+    "ref,expected",
+    [
+        ("Abuse/Abuse001_x264.mp4", "Abuse/Abuse001_x264.mp4"),
+        ("Abuse001.mp4", "Abuse/Abuse001_x264.mp4"),  # the users' spelling
+        ("Abuse001_x264.mp4", "Abuse/Abuse001_x264.mp4"),
+        ("Abuse/Abuse001.mp4", "Abuse/Abuse001_x264.mp4"),
+        ("Abuse\\Abuse001_x264.mp4", "Abuse/Abuse001_x264.mp4"),
+        ("Normal_Videos001.mp4", "Training_Normal_Videos_Anomaly/Normal_Videos001_x264.mp4"),
+        ("Normal_Videos_003_x264.mp4", "Testing_Normal_Videos_Anomaly/Normal_Videos_003_x264.mp4"),
+    ],
+)
 def test_resolver_spellings(ref: str, expected: str):
     assert VideoResolver(IDS).resolve(ref) == (expected, None)
 
 
-@pytest.mark.parametrize("ref,reason", [
-    ("../Abuse/Abuse001_x264.mp4", PATH_ESCAPES_ROOT),
-    ("Abuse/../../etc/passwd", PATH_ESCAPES_ROOT),
-    ("/data/Abuse/Abuse001_x264.mp4", PATH_ESCAPES_ROOT),
-    ("..\\Abuse001.mp4", PATH_ESCAPES_ROOT),
-    ("Abuse002.mp4", UNKNOWN_VIDEO),
-    ("Arson/Abuse001.mp4", UNKNOWN_VIDEO),  # right name, wrong folder
-    ("Normal_Videos003.mp4", UNKNOWN_VIDEO),  # train-style name of a test video
-])
+@pytest.mark.parametrize(
+    "ref,reason",
+    [
+        ("../Abuse/Abuse001_x264.mp4", PATH_ESCAPES_ROOT),
+        ("Abuse/../../etc/passwd", PATH_ESCAPES_ROOT),
+        ("/data/Abuse/Abuse001_x264.mp4", PATH_ESCAPES_ROOT),
+        ("..\\Abuse001.mp4", PATH_ESCAPES_ROOT),
+        ("Abuse002.mp4", UNKNOWN_VIDEO),
+        ("Arson/Abuse001.mp4", UNKNOWN_VIDEO),  # right name, wrong folder
+        ("Normal_Videos003.mp4", UNKNOWN_VIDEO),  # train-style name of a test video
+    ],
+)
 def test_resolver_refuses(ref: str, reason: str):
     assert VideoResolver(IDS).resolve(ref) == (None, reason)
 
