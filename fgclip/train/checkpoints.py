@@ -15,6 +15,7 @@ temperature into the users' old runs, so a mismatch is an error, never a guess.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from fgclip.config import Params, fingerprint
+from fgclip.errors import FGClipError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,13 @@ FINGERPRINT_TRAIN_KEYS = [
     "memory_bank_warmup_steps",
     "grad_accum_steps",
     "batch_size",
+    # The optimisation trajectory: resuming a finished run after changing one of
+    # these would silently hand back the old model.
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "max_grad_norm",
+    "seed",
 ]
 # pretrain.* keys that define the embedded stand-in base model (used when
 # model.pretrained is null): a re-pretrained base is a different run.
@@ -66,7 +75,7 @@ FINGERPRINT_PRETRAIN_KEYS = [
 ]
 
 
-class StaleCheckpointError(RuntimeError):
+class StaleCheckpointError(FGClipError, RuntimeError):
     """A checkpoint of this run was written with different model/loss params."""
 
 
@@ -81,8 +90,40 @@ def fingerprint_params(params: Params) -> dict[str, Any]:
     return fp
 
 
-def run_fingerprint(params: Params) -> tuple[str, dict[str, Any]]:
-    fp_params = fingerprint_params(params)
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def input_fingerprint(model_path: str | Path, frames_dir: Path, boxes_dir: Path) -> dict[str, str]:
+    """Content hashes of what a run trains on: the base model and the data.
+
+    Params alone cannot tell a re-pretrained stand-in or re-extracted frames from
+    the old ones, and resuming across such a change hands back a model trained on
+    something else (the users' stale-checkpoint story). A hub id stands for itself.
+    """
+    base = Path(model_path)
+    if base.is_dir():
+        files = sorted(p for p in base.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+        base_id = _digest(files) if files else str(model_path)
+    else:
+        base_id = str(model_path)
+    shards = sorted(Path(boxes_dir).glob("*.parquet")) + [Path(boxes_dir) / "manifest.json"]
+    return {
+        "input.base_model": base_id,
+        "input.frames_index": _digest([Path(frames_dir) / "index.parquet"]),
+        "input.boxes": _digest([p for p in shards if p.is_file()]),
+    }
+
+
+def run_fingerprint(params: Params, inputs: dict[str, str] | None = None) -> tuple[str, dict[str, Any]]:
+    """The run's fingerprint and the flat params (plus input hashes, when given) behind it."""
+    fp_params = {**fingerprint_params(params), **(inputs or {})}
     return fingerprint(fp_params), fp_params
 
 

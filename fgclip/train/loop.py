@@ -43,12 +43,14 @@ from transformers import PreTrainedTokenizerBase
 
 from fgclip.config import Params
 from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset, collate
+from fgclip.errors import FGClipError
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.losses import FGCLIPLoss, LossResult
 from fgclip.model.memory_bank import RegionMemoryBank
 from fgclip.model.tokenizer import load_tokenizer
 from fgclip.train.checkpoints import (
     capture_rng_state,
+    input_fingerprint,
     latest_resumable,
     load_checkpoint,
     restore_rng_state,
@@ -67,7 +69,7 @@ RUN_FILE = "run.json"
 LOSS_COLUMNS = ("loss", "loss_global", "loss_region")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(FGClipError, FloatingPointError):
     """A loss or the gradient norm became NaN/Inf; nothing was saved for that step."""
 
     def __init__(self, step: int, what: str, value: float, last_checkpoint: Path | None) -> None:
@@ -367,7 +369,9 @@ def _train(
     dataset = VideoClipDataset(params, paths.frames, paths.boxes, tokenizer, split="train")
     loader, sampler = _loader(dataset, params, ctx, device)
 
-    fingerprint, fp_params = run_fingerprint(params)
+    fingerprint, fp_params = run_fingerprint(
+        params, input_fingerprint(paths.model, paths.frames, paths.boxes)
+    )
     run_dir = paths.checkpoints / cfg.run_name
     run_id = None
     last_checkpoint = latest_resumable(run_dir, fingerprint, fp_params) if resume else None

@@ -18,6 +18,7 @@ from fgclip.train.checkpoints import (
     StaleCheckpointError,
     capture_rng_state,
     checkpoint_dir,
+    input_fingerprint,
     latest_resumable,
     load_checkpoint,
     restore_rng_state,
@@ -132,9 +133,40 @@ def test_stale_fingerprint_is_refused_naming_each_param(tmp_path: Path) -> None:
     assert "model.logit_scale_init_value: 2.6592 -> 4.605170185988092" in message
     assert "train.batch_size: 4 -> 8" in message
     assert "train.run_name" in message and str(tmp_path) in message
-    # Params outside the fingerprint (schedule, logging) do not make a checkpoint stale.
-    same = Params().with_overrides(train={"max_steps": 999, "lr": 1.0, "log_every": 5})
+    # Params outside the fingerprint (run length, logging) do not make a checkpoint stale.
+    same = Params().with_overrides(train={"max_steps": 999, "log_every": 5, "num_workers": 0})
     assert run_fingerprint(same)[0] == fp
+
+
+def test_changed_learning_rate_is_refused(tmp_path: Path) -> None:
+    """Resuming a finished run after an lr change would hand back the old model unchanged."""
+    _save(tmp_path, 2, _parts(0), Params())
+    fp, fp_params = run_fingerprint(Params().with_overrides(train={"lr": 1e-4}))
+    with pytest.raises(StaleCheckpointError, match=r"train.lr: 0.0003 -> 0.0001"):
+        latest_resumable(tmp_path, fp, fp_params)
+
+
+def test_input_fingerprint_follows_base_model_and_data_contents(tmp_path: Path) -> None:
+    base, frames, boxes = tmp_path / "clip", tmp_path / "frames", tmp_path / "boxes"
+    for d in (base, frames, boxes):
+        d.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights v1")
+    (frames / "index.parquet").write_bytes(b"index v1")
+    (boxes / "part-00000.parquet").write_bytes(b"boxes v1")
+    (boxes / "manifest.json").write_text("{}")
+    first = input_fingerprint(base, frames, boxes)
+    assert input_fingerprint(base, frames, boxes) == first
+    assert input_fingerprint("openai/clip-vit-base-patch32", frames, boxes)["input.base_model"] == (
+        "openai/clip-vit-base-patch32"
+    )
+    (base / "model.safetensors").write_bytes(b"weights v2")  # a re-pretrained stand-in
+    second = input_fingerprint(base, frames, boxes)
+    assert second["input.base_model"] != first["input.base_model"]
+    (boxes / "part-00000.parquet").write_bytes(b"boxes v2")  # re-validated boxes
+    assert input_fingerprint(base, frames, boxes)["input.boxes"] != second["input.boxes"]
+    fp1, _ = run_fingerprint(Params(), first)
+    fp2, _ = run_fingerprint(Params(), second)
+    assert fp1 != fp2
 
 
 def test_retention_keeps_newest_and_overwrite_is_atomic(tmp_path: Path) -> None:
