@@ -45,7 +45,7 @@ from fgclip.eval.protocol import (
     write_frame_scores,
     write_roc_csv,
 )
-from fgclip.eval.zeroshot import class_embeddings, frame_embeddings, snippet_scores
+from fgclip.eval.zeroshot import class_embeddings, frame_embeddings, snippet_log_odds
 from fgclip.model.fgclip import CONFIG_NAME, WEIGHTS_NAME, FGCLIPVideoModel
 from fgclip.model.tokenizer import load_tokenizer
 
@@ -293,26 +293,34 @@ def evaluate(
     scorers.append(_scoring_model(UNTRAINED, untrained, tokenizer, params, device))
 
     scored: dict[str, list[VideoScores]] = {s.name: [] for s in scorers}
-    clip_len = params.train.num_frames
+    clip_len = params.evaluate.window_snippets or params.train.num_frames
     for video in tqdm(test_set, desc="evaluate", unit="video", disable=None):
         embeds = frame_embeddings([s.model for s in scorers], paths[video.video], params.evaluate.batch_size)
         for scorer, frame_embeds in zip(scorers, embeds):
-            snippets = snippet_scores(
+            log_odds = snippet_log_odds(
                 scorer.model,
                 frame_embeds,
                 scorer.class_embeds,
                 scorer.normal_index,
                 clip_len,
                 params.evaluate.batch_size,
-            ).numpy()
-            frames = snippet_to_frames(snippets, video.labels.shape[0], snippet_len)
-            scored[scorer.name].append(VideoScores(video.video, video.label, video.labels, frames))
+            )
+            n = video.labels.shape[0]
+            scored[scorer.name].append(
+                VideoScores(
+                    video.video,
+                    video.label,
+                    video.labels,
+                    snippet_to_frames(torch.sigmoid(log_odds).numpy(), n, snippet_len),
+                    snippet_to_frames(log_odds.numpy(), n, snippet_len),
+                )
+            )
 
     results: dict[str, dict] = {name: frame_level_metrics(videos) for name, videos in scored.items()}
     for name, m in results.items():
         if m["saturated_frac"] > 0:
-            log.warning(
-                "%s: %.1f%% of test frames score exactly 1.0 (tied in the AUC)",
+            log.info(
+                "%s: %.1f%% of test frames score 1.0 in float64; the AUC ranks by log-odds, which do not tie",
                 name,
                 100 * m["saturated_frac"],
             )

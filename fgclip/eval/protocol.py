@@ -47,6 +47,7 @@ FRAME_SCORES_SCHEMA = pa.schema(
         ("frame", pa.int64()),
         ("snippet", pa.int64()),
         ("score", pa.float64()),
+        ("log_odds", pa.float64()),
         ("label", pa.int8()),
         ("model", pa.string()),
     ]
@@ -74,7 +75,14 @@ class VideoScores:
     video: str
     label: str
     labels: np.ndarray  # int8[num_frames]
-    scores: np.ndarray  # float[num_frames]
+    scores: np.ndarray  # float[num_frames]: 1 - p(Normal)
+    # float[num_frames]: the same order as ``scores`` without float saturation; the
+    # metrics rank by it when given (see zeroshot.snippet_log_odds).
+    log_odds: np.ndarray | None = None
+
+    @property
+    def ranking(self) -> np.ndarray:
+        return self.scores if self.log_odds is None else self.log_odds
 
 
 def frame_ground_truth(entry: TemporalAnnotation, num_frames: int, source: Path) -> tuple[np.ndarray, bool]:
@@ -204,7 +212,8 @@ def frame_level_metrics(videos: Sequence[VideoScores]) -> dict:
                 f"{v.video}: {v.labels.shape[0]} ground-truth frames but {v.scores.shape[0]} scores"
             )
     labels = np.concatenate([v.labels for v in videos])
-    scores = np.concatenate([v.scores for v in videos])
+    scores = np.concatenate([v.ranking for v in videos])
+    saturated = np.concatenate([v.scores for v in videos]) >= 1.0
     classes = np.array([v.label for v in videos])
     frame_class = np.repeat(classes, [v.labels.shape[0] for v in videos])
     if labels.min() == labels.max():
@@ -226,15 +235,16 @@ def frame_level_metrics(videos: Sequence[VideoScores]) -> dict:
         "num_anomalous_videos": int((classes != NORMAL).sum()),
         "num_frames": int(labels.size),
         "num_anomalous_frames": int(labels.sum()),
-        # Scores of exactly 1.0 (p(Normal) under float64 resolution) tie in the AUC.
-        "saturated_frac": float((scores >= 1.0).mean()),
+        # Scores of exactly 1.0 (p(Normal) under float64 resolution): they would tie
+        # in the AUC if it were ranked by the score instead of the log-odds.
+        "saturated_frac": float(saturated.mean()),
     }
 
 
 def roc_points(videos: Sequence[VideoScores]) -> dict[str, np.ndarray]:
     """The frame-level ROC curve over all test frames: ``fpr``, ``tpr``, ``threshold``."""
     labels = np.concatenate([v.labels for v in videos])
-    scores = np.concatenate([v.scores for v in videos])
+    scores = np.concatenate([v.ranking for v in videos])
     fpr, tpr, threshold = roc_curve(labels, scores)
     return {"fpr": fpr, "tpr": tpr, "threshold": threshold}
 
@@ -262,6 +272,7 @@ def frame_score_table(videos: Sequence[VideoScores], model: str, snippet_len: in
             "frame": frame,
             "snippet": frame // snippet_len,
             "score": np.concatenate([v.scores for v in videos]).astype(np.float64),
+            "log_odds": np.concatenate([v.ranking for v in videos]).astype(np.float64),
             "label": np.concatenate([v.labels for v in videos]).astype(np.int8),
             "model": np.full(total, model, dtype=object),
         },

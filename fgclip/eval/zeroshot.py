@@ -103,7 +103,7 @@ def frame_embeddings(
 
 
 @torch.no_grad()
-def snippet_scores(
+def snippet_log_odds(
     model: FGCLIPVideoModel,
     frame_embeds: Tensor,
     class_embeds: Tensor,
@@ -111,11 +111,14 @@ def snippet_scores(
     clip_len: int,
     batch_size: int,
 ) -> Tensor:
-    """Anomaly score ``1 - p(Normal)`` of every snippet of one video, ``[S]`` float64 on the CPU.
+    """Anomaly log-odds ``log((1 - p(Normal)) / p(Normal))`` of every snippet, ``[S]`` float64 on the CPU.
 
     ``frame_embeds`` are the model's embeddings of the video's eval frames, one
     per snippet in frame order. Snippet ``s`` is scored as the clip of the
     ``clip_len`` snippets centred on it (:func:`snippet_windows`).
+    The log-odds order snippets exactly as ``1 - p(Normal)`` does, but never
+    saturate: at temperature 100 logit gaps of tens are common, and ``1 - p``
+    rounds to exactly 1.0 (a tie in the AUC) once p(Normal) < 1e-16.
     """
     windows = snippet_windows(len(frame_embeds), clip_len).to(frame_embeds.device)
     clips = frame_embeds[windows]  # [S, T, D]
@@ -124,10 +127,13 @@ def snippet_scores(
     )
     global_scale, _ = model.scales()
     logits = (global_scale.exp() * video_embeds @ class_embeds.T).double()
-    # At temperature 100 logit gaps of tens are common (untrained models above all):
-    # 1 - softmax in float32 rounds every such snippet to exactly 1.0 and the AUC
-    # sees ties. -expm1(log p) in float64 keeps scores distinct down to p ~ 1e-16.
-    return (-torch.expm1(logits.log_softmax(dim=-1)[:, normal_index])).cpu()
+    anomaly = torch.cat([logits[:, :normal_index], logits[:, normal_index + 1 :]], dim=1)
+    return (anomaly.logsumexp(dim=1) - logits[:, normal_index]).cpu()
+
+
+def snippet_scores(*args, **kwargs) -> Tensor:
+    """Anomaly score ``1 - p(Normal)`` of every snippet (the sigmoid of :func:`snippet_log_odds`)."""
+    return torch.sigmoid(snippet_log_odds(*args, **kwargs))
 
 
 def _device(model: FGCLIPVideoModel) -> torch.device:

@@ -80,8 +80,10 @@ def test_end_to_end_writes_all_three_models(
         rows = scores_of(out, name)
         assert len(rows["score"]) == test_frames
         assert all(0.0 <= s <= 1.0 for s in rows["score"])
-        # Every metric can be recomputed from the Parquet rows.
-        assert roc_auc_score(rows["label"], rows["score"]) == pytest.approx(m["frame_auc"], abs=1e-4)
+        # Every metric can be recomputed from the Parquet rows: the AUC ranks by the
+        # log-odds, of which the score is the sigmoid (same order, no saturation at 1.0).
+        assert roc_auc_score(rows["label"], rows["log_odds"]) == pytest.approx(m["frame_auc"], abs=1e-4)
+        assert np.allclose(1 / (1 + np.exp(-np.asarray(rows["log_odds"]))), rows["score"])
         assert m["frame_auc"] == round(m["frame_auc"], 4)
     assert summary["skipped_videos"] == [] and summary["clipped_intervals"] == []
     roc = (out / "plots" / "roc.csv").read_text().splitlines()

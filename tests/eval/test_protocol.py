@@ -227,7 +227,7 @@ def test_frame_scores_parquet_recomputes_the_metric(tmp_path: Path):
     path = tmp_path / "eval" / "frame_scores.parquet"
     assert write_frame_scores(path, tables) == 76
     table = pq.read_table(path)
-    assert table.column_names == ["video", "class", "frame", "snippet", "score", "label", "model"]
+    assert table.column_names == ["video", "class", "frame", "snippet", "score", "log_odds", "label", "model"]
     finetuned = table.filter(table["model"].to_numpy(zero_copy_only=False) == "finetuned").to_pydict()
     assert finetuned["frame"][:3] == [0, 1, 2] and finetuned["frame"][20:22] == [0, 1]
     assert finetuned["snippet"][15:17] == [0, 1]
@@ -248,3 +248,16 @@ def test_roc_csv(tmp_path: Path):
     points = np.loadtxt(path, delimiter=",", skiprows=1)
     assert points[0, :2].tolist() == [0.0, 0.0] and points[-1, :2].tolist() == [1.0, 1.0]
     assert np.all(np.diff(points[:, 0]) >= 0) and np.all(np.diff(points[:, 1]) >= 0)
+
+
+def test_auc_ranks_by_log_odds_when_scores_saturate():
+    """Two anomalous and two normal frames all score 1.0 in float64; their log-odds still rank them."""
+    labels = np.array([1, 1, 0, 0], dtype=np.int8)
+    log_odds = np.array([60.0, 55.0, 50.0, 40.0])
+    scores = 1 / (1 + np.exp(-log_odds))
+    assert (scores == 1.0).all()  # ranking by the score would be a four-way tie: AUC 0.5
+    video = VideoScores("Arson/Arson001_x264.mp4", "Arson", labels, scores, log_odds)
+    other = VideoScores(NORMAL, "Normal", np.zeros(2, np.int8), np.full(2, 1.0), np.array([10.0, 20.0]))
+    metrics = frame_level_metrics([video, other])
+    assert metrics["frame_auc"] == pytest.approx(1.0)
+    assert metrics["saturated_frac"] == pytest.approx(1.0)
