@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fgclip.config import Params
+from fgclip.errors import FGClipError
 from fgclip.model.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ PAD_CAPTION_ID = -1
 ItemKey = int | tuple[int, int]  # index, or (epoch, index) from EpochBatchSampler
 
 
-class DatasetError(ValueError):
+class DatasetError(FGClipError, ValueError):
     """The frame index or the box shards cannot be used; the message names the file."""
 
 
@@ -84,6 +85,26 @@ def load_image(path: Path, size: int, box: Sequence[float] | None = None) -> tor
     except OSError as exc:
         raise DatasetError(f"{path}: cannot decode frame image: {exc}") from exc
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def augment(pixels: torch.Tensor, generator: torch.Generator, min_scale: float = 0.7) -> torch.Tensor:
+    """Random horizontal flip and zoom-in crop of ``float [B, 3, H, W]``, one affine warp per image.
+
+    A tiny CLIP trained on a few dozen videos memorises their exact framing; random
+    crops and flips make it key on what happens instead. Colours are left alone:
+    captions name them ("the red car").
+    """
+    b = pixels.shape[0]
+    scale = min_scale + (1 - min_scale) * torch.rand(b, generator=generator)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    # The crop stays inside the image: its centre moves at most (1 - scale).
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1 - scale)[:, None]
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = scale * flip
+    theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = torch.nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", align_corners=False)
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -435,8 +456,9 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 class FramePairDataset(Dataset):
     """(image, caption) pairs for plain CLIP pretraining, decoded once into memory.
 
-    Pairs: each ``train`` frame with its video's global caption, and each
-    accepted box (virtual whole-frame boxes included) cropped from its frame
+    Pairs: each frame that holds an accepted box (an anomaly's keyframe, or a
+    normal video's frame inside its window) with its video's global caption, and
+    each accepted box (virtual whole-frame boxes included) cropped from its frame
     with its region caption. ``caption_ids`` let the loss treat repeated
     captions (one caption per video, 16 frames) as positives, not negatives.
     """
@@ -451,20 +473,17 @@ class FramePairDataset(Dataset):
     ) -> None:
         frames_dir = Path(frames_dir)
         size = params.model.image_size
-        frames = read_train_frames(frames_dir, split)
         boxes = read_boxes(Path(boxes_dir), split)
-        frames, boxes = _keep_videos_with_both(frames, boxes, f"{split} pretraining pairs")
-
-        # Global caption of each frame's video: first box row of the video.
-        box_videos = boxes["video"].to_numpy(zero_copy_only=False)
-        video_start, _ = _group_starts(box_videos)
-        video_names = box_videos[video_start]
-        video_caption = boxes["global_caption"].to_numpy(zero_copy_only=False)[video_start]
-        frame_videos = frames["video"].to_numpy(zero_copy_only=False)
-        frame_texts = video_caption[np.searchsorted(video_names, frame_videos)]
-
-        frame_paths = frames["path"].to_numpy(zero_copy_only=False)
+        if boxes.num_rows == 0:
+            raise DatasetError(f"{boxes_dir}: no accepted {split} boxes: nothing to pretrain on")
+        # Whole frames are paired with their video's caption only where the caption
+        # is known to hold: box keyframes (inside the annotated event) and the
+        # frames inside a normal video's window (its virtual boxes). A uniformly
+        # sampled frame of an anomalous video often shows only the street, and
+        # pairing it with "two cars collide" teaches that a quiet street is a crash.
         crop_paths = boxes["frame_path"].to_numpy(zero_copy_only=False)
+        frame_paths, first = np.unique(crop_paths.astype(object), return_index=True)
+        frame_texts = boxes["global_caption"].to_numpy(zero_copy_only=False)[first]
         crop_boxes = np.stack([boxes[c].to_numpy().astype(np.float32) for c in ("x1", "y1", "x2", "y2")], 1)
         texts = np.concatenate([frame_texts, boxes["region_caption"].to_numpy(zero_copy_only=False)])
 
@@ -483,17 +502,21 @@ class FramePairDataset(Dataset):
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
-    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    def batch(
+        self, indices: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """``pixels [B,3,S,S]`` (normalised), ``text_ids``/``text_mask [B,L]``, ``caption_ids [B]``.
 
         ``L`` is the longest caption of the batch: CLIP's text tower is causal and
         pools at EOS, so trailing padding columns change nothing but the cost.
+        With a ``generator`` the images are augmented (:func:`augment`).
         """
         captions = self.caption_index[indices]
         mask = self.captions.mask[captions]
         length = max(int(mask.sum(dim=1).max()), 1)
+        pixels = normalize(self.pixels[indices])
         return {
-            "pixels": normalize(self.pixels[indices]),
+            "pixels": pixels if generator is None else augment(pixels, generator),
             "text_ids": self.captions.ids[captions, :length],
             "text_mask": mask[:, :length],
             "caption_ids": self.captions.hashes[captions],

@@ -62,7 +62,11 @@ def pretrain_clip(
         logger.info(
             "model.pretrained = %s: skipping the embedded stand-in pretraining", params.model.pretrained
         )
-        return {"skipped": True, "pretrained": params.model.pretrained}
+        summary = {"skipped": True, "pretrained": params.model.pretrained}
+        # DVC expects the stage's output either way: a note that says why it holds no model.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
 
     cfg = params.pretrain
     torch.manual_seed(cfg.seed)
@@ -95,7 +99,7 @@ def pretrain_clip(
     for step in bar:
         if cursor + batch_size > len(order):  # a new epoch: every batch has the same size
             order, cursor = torch.randperm(len(pairs), generator=generator), 0
-        batch = pairs.batch(order[cursor : cursor + batch_size])
+        batch = pairs.batch(order[cursor : cursor + batch_size], generator if cfg.augment else None)
         cursor += batch_size
 
         image = clip.get_image_features(pixel_values=batch["pixels"]).pooler_output
