@@ -1,0 +1,256 @@
+"""Training-step throughput of video FG-CLIP, against plain CLIP in the same run.
+
+One process per configuration (peak memory is per process). For each it times
+full optimizer steps (forward, FGCLIPLoss, backward, AdamW) on synthetic
+batches, and the same number of images and captions through a plain CLIP
+image-text step, so the ratio shows what the video head and the region path
+cost. FLOPs per step are counted by torch's FlopCounterMode; MFU is achieved
+FLOP/s over the GPU's dense bf16 peak.
+
+    python benchmarks/train_throughput.py --config default --device cpu
+    python benchmarks/train_throughput.py --config vitb16 --device cuda --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPConfig, CLIPModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fgclip.config import ModelConfig, load_params
+from fgclip.model.fgclip import FGCLIPVideoModel
+from fgclip.model.losses import FGCLIPLoss, contrastive_loss
+from fgclip.model.memory_bank import RegionMemoryBank
+
+# Dense bf16 tensor-core peaks (datasheets, SXM parts), for MFU.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+VITB16 = {  # OpenAI ViT-B/16 shapes; random weights (nothing is downloaded)
+    "image_size": 224,
+    "patch_size": 16,
+    "vision_hidden": 768,
+    "vision_layers": 12,
+    "vision_heads": 12,
+    "text_hidden": 512,
+    "text_layers": 12,
+    "text_heads": 8,
+    "projection_dim": 512,
+    "max_text_len": 77,
+    "temporal_heads": 8,
+}
+
+
+def model_config(name: str) -> ModelConfig:
+    base = load_params(Path(__file__).resolve().parents[1] / "params.yaml").model
+    return base if name == "default" else ModelConfig.model_validate({**base.model_dump(), **VITB16})
+
+
+def clip_config(cfg: ModelConfig, vocab: int = 49408) -> CLIPConfig:
+    return CLIPConfig(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": cfg.text_hidden,
+            "intermediate_size": 4 * cfg.text_hidden,
+            "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.text_heads,
+            "max_position_embeddings": 77,
+            "projection_dim": cfg.projection_dim,
+            "pad_token_id": 0,
+            "bos_token_id": vocab - 2,
+            "eos_token_id": vocab - 1,
+        },
+        vision_config={
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "hidden_size": cfg.vision_hidden,
+            "intermediate_size": 4 * cfg.vision_hidden,
+            "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": cfg.vision_heads,
+            "projection_dim": cfg.projection_dim,
+        },
+        projection_dim=cfg.projection_dim,
+        logit_scale_init_value=cfg.logit_scale_init_value,
+    )
+
+
+def synthetic_batch(cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int, device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    s, L = cfg.image_size, cfg.max_text_len
+
+    def ids(*shape):
+        x = torch.randint(3, vocab - 2, (*shape, L), generator=g)
+        x[..., -1] = vocab - 1  # EOS last: CLIP pools there
+        return x
+
+    x1 = torch.rand(b, r, k, 2, generator=g) * 0.5
+    boxes = torch.cat([x1, x1 + 0.2 + torch.rand(b, r, k, 2, generator=g) * 0.3], dim=-1)
+    batch = {
+        "frames": torch.randn(b, t, 3, s, s, generator=g),
+        "text_ids": ids(b),
+        "text_mask": torch.ones(b, L, dtype=torch.long),
+        "caption_ids": torch.arange(b),
+        "keyframes": torch.randn(b, k, 3, s, s, generator=g),
+        "boxes": boxes,
+        "box_mask": torch.ones(b, r, k, dtype=torch.bool),
+        "region_ids": ids(b, r),
+        "region_text_mask": torch.ones(b, r, L, dtype=torch.long),
+        "region_caption_ids": torch.arange(b * r).view(b, r) + b,
+        "region_mask": torch.ones(b, r, dtype=torch.bool),
+    }
+    return {key: v.to(device) for key, v in batch.items()}
+
+
+def fgclip_step_fn(cfg, ccfg, batch, device, bf16):
+    model = FGCLIPVideoModel(CLIPModel(ccfg), cfg).to(device).train()
+    bank = RegionMemoryBank(128, cfg.projection_dim, warmup_steps=0, grad_accum_steps=1).to(device)
+    loss_fn = FGCLIPLoss(0.5, bank)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def step():
+        with amp:
+            loss = loss_fn(model(batch)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _pooled(out) -> torch.Tensor:
+    """transformers 5 returns an output object from get_*_features; 4.x returned the tensor."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def clip_step_fn(cfg, ccfg, batch, device, bf16):
+    """Plain CLIP on the same images and captions: every frame and keyframe vs a caption."""
+    model = CLIPModel(ccfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    s = cfg.image_size
+    images = torch.cat([batch["frames"], batch["keyframes"]], dim=1).reshape(-1, 3, s, s)
+    texts = torch.cat([batch["text_ids"], batch["region_ids"].flatten(0, 1)])
+    texts = texts.repeat((images.shape[0] + texts.shape[0] - 1) // texts.shape[0], 1)[: images.shape[0]]
+    mask = torch.ones_like(texts)
+
+    def step():
+        with amp:
+            img = F.normalize(_pooled(model.get_image_features(pixel_values=images)), dim=-1)
+            txt = F.normalize(_pooled(model.get_text_features(input_ids=texts, attention_mask=mask)), dim=-1)
+            loss = contrastive_loss(img, txt, model.logit_scale).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def time_steps(step, device, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.isfinite(loss), "non-finite loss in the benchmark"
+    return (time.perf_counter() - t0) / steps
+
+
+def count_flops(step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["default", "vitb16"], default="default")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    ap.add_argument("--batch", type=int, default=8, help="videos per step")
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--keyframes", type=int, default=4)
+    ap.add_argument("--regions", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="append the result as one JSON line")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = model_config(args.config)
+    ccfg = clip_config(cfg)
+    batch = synthetic_batch(cfg, args.batch, args.frames, args.keyframes, args.regions, 49408, device)
+    images = args.batch * (args.frames + args.keyframes)
+
+    result = {
+        "config": args.config,
+        "device": args.device,
+        "bf16": args.bf16,
+        "batch_videos": args.batch,
+        "frames": args.frames,
+        "keyframes": args.keyframes,
+        "regions": args.regions,
+        "images_per_step": images,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    for name, build in (("fgclip", fgclip_step_fn), ("clip", clip_step_fn)):
+        step = build(cfg, ccfg, batch, device, args.bf16)
+        flops = count_flops(step)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sec = time_steps(step, device, args.warmup, args.steps)
+        entry = {
+            "step_s": round(sec, 4),
+            "videos_per_s": round(args.batch / sec, 2),
+            "images_per_s": round(images / sec, 1),
+            "tflop_per_step": round(flops / 1e12, 3),
+            "achieved_tflops": round(flops / sec / 1e12, 2),
+        }
+        if device.type == "cuda":
+            entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            peak = next((v for k, v in PEAK_BF16.items() if k in result["gpu"]), None)
+            if peak and args.bf16:
+                entry["mfu"] = round(flops / sec / peak, 4)
+        # ru_maxrss is the process's peak so far (KiB on Linux): FG-CLIP runs first, so its
+        # figure is its own; plain CLIP's is the peak of both.
+        entry["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        result[name] = entry
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["fgclip_vs_clip_images_per_s"] = round(
+        result["fgclip"]["images_per_s"] / result["clip"]["images_per_s"], 3
+    )
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        with args.json.open("a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
