@@ -19,17 +19,43 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 TINY = {
-    "sample": {"anomaly_classes": ["Arson", "RoadAccidents"], "train_per_class": 3, "test_per_class": 2,
-               "train_normal": 3, "test_normal": 2, "min_frames": 48, "max_frames": 72,
-               "width": 96, "height": 72},
+    "sample": {
+        "anomaly_classes": ["Arson", "RoadAccidents"],
+        "train_per_class": 3,
+        "test_per_class": 2,
+        "train_normal": 3,
+        "test_normal": 2,
+        "min_frames": 48,
+        "max_frames": 72,
+        "width": 96,
+        "height": 72,
+    },
     "frames": {"workers": 1, "train_frames_per_video": 8},
-    "model": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
-              "text_hidden": 32, "text_layers": 1, "text_heads": 2, "projection_dim": 32,
-              "temporal_layers": 1, "temporal_heads": 2},
+    "model": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 32,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "text_hidden": 32,
+        "text_layers": 1,
+        "text_heads": 2,
+        "projection_dim": 32,
+        "temporal_layers": 1,
+        "temporal_heads": 2,
+    },
     "pretrain": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
-    "train": {"max_steps": 6, "batch_size": 4, "num_frames": 4, "memory_bank_warmup_steps": 3,
-              "memory_bank_size": 16, "checkpoint_every": 3, "num_workers": 0, "warmup_steps": 1,
-              "diag_every": 2},
+    "train": {
+        "max_steps": 6,
+        "batch_size": 4,
+        "num_frames": 4,
+        "memory_bank_warmup_steps": 3,
+        "memory_bank_size": 16,
+        "checkpoint_every": 3,
+        "num_workers": 0,
+        "warmup_steps": 1,
+        "diag_every": 2,
+    },
 }
 
 
@@ -42,7 +68,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
     return out
