@@ -30,7 +30,7 @@ from transformers import CLIPConfig, CLIPModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fgclip.config import ModelConfig, load_params
-from fgclip.model.fgclip import FGCLIPVideoModel
+from fgclip.model.fgclip import FGCLIPVideoModel, clip_config
 from fgclip.model.losses import FGCLIPLoss, contrastive_loss
 from fgclip.model.memory_bank import RegionMemoryBank
 
@@ -57,32 +57,9 @@ def model_config(name: str) -> ModelConfig:
     return base if name == "default" else ModelConfig.model_validate({**base.model_dump(), **VITB16})
 
 
-def clip_config(cfg: ModelConfig, vocab: int = 49408) -> CLIPConfig:
-    return CLIPConfig(
-        text_config={
-            "vocab_size": vocab,
-            "hidden_size": cfg.text_hidden,
-            "intermediate_size": 4 * cfg.text_hidden,
-            "num_hidden_layers": cfg.text_layers,
-            "num_attention_heads": cfg.text_heads,
-            "max_position_embeddings": 77,
-            "projection_dim": cfg.projection_dim,
-            "pad_token_id": 0,
-            "bos_token_id": vocab - 2,
-            "eos_token_id": vocab - 1,
-        },
-        vision_config={
-            "image_size": cfg.image_size,
-            "patch_size": cfg.patch_size,
-            "hidden_size": cfg.vision_hidden,
-            "intermediate_size": 4 * cfg.vision_hidden,
-            "num_hidden_layers": cfg.vision_layers,
-            "num_attention_heads": cfg.vision_heads,
-            "projection_dim": cfg.projection_dim,
-        },
-        projection_dim=cfg.projection_dim,
-        logit_scale_init_value=cfg.logit_scale_init_value,
-    )
+def openai_vocab_config(cfg: ModelConfig, vocab: int = 49408) -> CLIPConfig:
+    """OpenAI CLIP's vocabulary size and special ids (BOS 49406, EOS 49407) at ``cfg``'s shapes."""
+    return clip_config(cfg, vocab_size=vocab, pad_token_id=0, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
 
 
 def synthetic_batch(cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int, device) -> dict:
@@ -198,7 +175,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = model_config(args.config)
-    ccfg = clip_config(cfg)
+    ccfg = openai_vocab_config(cfg)
     batch = synthetic_batch(cfg, args.batch, args.frames, args.keyframes, args.regions, 49408, device)
     images = args.batch * (args.frames + args.keyframes)
 

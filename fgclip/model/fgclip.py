@@ -68,17 +68,30 @@ def tiny_clip_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> CL
         raise ValueError(
             f"tokenizer EOS id is {tokenizer.eos_token_id}: CLIP text pooling needs a real EOS id other than 2"
         )
+    return clip_config(
+        cfg,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def clip_config(
+    cfg: ModelConfig, *, vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int
+) -> CLIPConfig:
+    """A ``CLIPConfig`` with ``cfg``'s shapes and the given vocabulary (benchmarks use OpenAI's 49,408)."""
     text = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab_size,
         "hidden_size": cfg.text_hidden,
         "intermediate_size": 4 * cfg.text_hidden,
         "num_hidden_layers": cfg.text_layers,
         "num_attention_heads": cfg.text_heads,
         "max_position_embeddings": LONG_TEXT_POSITIONS if cfg.long_text else CLIP_TEXT_POSITIONS,
         "projection_dim": cfg.projection_dim,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
     }
     vision = {
         "image_size": cfg.image_size,
