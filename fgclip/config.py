@@ -62,7 +62,7 @@ class FramesConfig(_Section):
     train_frames_per_video: int = Field(16, ge=1)
     snippet_len: int = Field(16, ge=1)
     jpeg_quality: int = Field(95, ge=1, le=100)
-    workers: int = Field(2, ge=1)
+    workers: int = Field(0, ge=0)  # 0 = one process per core
     max_failure_frac: float = Field(0.1, ge=0.0, le=1.0)
 
 

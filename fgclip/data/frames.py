@@ -384,7 +384,7 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
     if not jobs:
         raise ExtractionError(f"{data_root}: the split files list no videos")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    results = _run(jobs, params.frames.workers)
+    results = _run(jobs, params.frames.workers or os.cpu_count() or 1)
 
     index = _index_table(jobs, results)
     videos = pa.Table.from_pylist(
