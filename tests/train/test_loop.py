@@ -104,7 +104,9 @@ def test_resume_equals_uninterrupted(
         second = _run(params, tiny_frames, tiny_boxes, tiny_clip[0], tmp_path)
     assert second["start_step"] == 2
     # The resumed value is the checkpoint's (moved by 2 steps of training), in the users' grep format.
-    assert re.search(r"\[global\] Loaded logit_scale = 4\.\d{4} \(exp=\d+\.\d\) from .*checkpoint-", caplog.text)
+    assert re.search(
+        r"\[global\] Loaded logit_scale = 4\.\d{4} \(exp=\d+\.\d\) from .*checkpoint-", caplog.text
+    )
     assert "[region] Loaded logit_scale = " in caplog.text
     # Identical losses at every step (the curve spans both invocations) and identical final weights.
     assert _losses(tmp_path) == _losses(ref_root)
@@ -174,7 +176,9 @@ def test_diagnostics_and_health_gates(
         re.fullmatch(r"\[DIAG\] logit_scale \(finegrained\): 4\.60\d{4} \(exp=99\.\d{4}\)", line)
         for line in diag
     )
-    assert any(re.fullmatch(r"\[DIAG\] logit_scale \(global\): 4\.60\d{4} \(exp=\d+\.\d{4}\)", line) for line in diag)
+    assert any(
+        re.fullmatch(r"\[DIAG\] logit_scale \(global\): 4\.60\d{4} \(exp=\d+\.\d{4}\)", line) for line in diag
+    )
     assert any(
         line.startswith("[DIAG] logits_i2t: min=") and ", max=" in line and ", mean=" in line for line in diag
     )
