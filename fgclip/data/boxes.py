@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from fgclip.atomic import write_text_atomic
 from fgclip.config import BoxesConfig, Params
 from fgclip.data.annotations import AnnotationRecord, Malformed, load_annotations
 from fgclip.data.ucf import NORMAL_LABEL, PATH_ESCAPES_ROOT, UNKNOWN_VIDEO, VideoResolver
@@ -679,9 +680,7 @@ def validate_boxes(
         )
     }
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, metrics_path)
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=1) + "\n")
 
     reasons = ", ".join(f"{r}={n}" for r, n in metrics["by_reason"].items() if n)
     logger.info(

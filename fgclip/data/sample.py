@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Protocol
 import av
 import numpy as np
 
+from fgclip.atomic import atomic_path, write_text_atomic
 from fgclip.config import DataConfig, SampleConfig
 from fgclip.data.ucf import NORMAL_LABEL, format_temporal_line, video_id
 
@@ -573,12 +573,6 @@ def _plant_bad_boxes(records: list[dict], plans: list[VideoPlan]) -> int:
     return len(BAD_BOX_KINDS)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _prepare_root(root: Path, data: DataConfig) -> Path:
     """Empty the videos dir of a previous sample; refuse to touch a dataset we did not write."""
     videos = root / data.videos_dir
@@ -611,14 +605,13 @@ def generate_sample(cfg: SampleConfig, data: DataConfig, root: Path) -> dict:
     for plan in plans:
         path = videos / plan.vid
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.mp4")
-        records.append(_render(plan, cfg, tmp))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".mp4") as tmp:  # PyAV picks the muxer from the extension
+            records.append(_render(plan, cfg, tmp))
     planted = _plant_bad_boxes(records, plans) if cfg.bad_boxes else 0
 
     for split, name in (("train", data.train_split), ("test", data.test_split)):
-        _write_text(root / name, "".join(f"{p.vid}\n" for p in plans if p.split == split))
-    _write_text(
+        write_text_atomic(root / name, "".join(f"{p.vid}\n" for p in plans if p.split == split))
+    write_text_atomic(
         root / data.temporal_annotations,
         "".join(
             format_temporal_line(p.vid.rsplit("/", 1)[1], p.label, p.intervals) + "\n"
@@ -628,7 +621,7 @@ def generate_sample(cfg: SampleConfig, data: DataConfig, root: Path) -> dict:
     )
     # One record a line: readable, and diffs between two samples stay small.
     lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
-    _write_text(root / data.annotations, f"[\n{lines}\n]\n")
+    write_text_atomic(root / data.annotations, f"[\n{lines}\n]\n")
 
     by_split: dict[str, dict[str, int]] = {"train": {}, "test": {}}
     for p in plans:
@@ -641,7 +634,7 @@ def generate_sample(cfg: SampleConfig, data: DataConfig, root: Path) -> dict:
         "bad_boxes": planted,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _write_text(
+    write_text_atomic(
         root / MARKER, json.dumps({k: v for k, v in summary.items() if k != "seconds"}, indent=1) + "\n"
     )
     logger.info(

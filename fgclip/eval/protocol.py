@@ -21,7 +21,6 @@ silently changes the set of frames the AUC is computed over.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from fgclip.atomic import atomic_path
 from fgclip.data.ucf import NORMAL_LABEL as NORMAL
 from fgclip.data.ucf import TemporalAnnotation, video_label
 from fgclip.errors import FGClipError
@@ -285,7 +285,6 @@ def write_frame_scores(path: Path, rows: Iterable[pa.Table]) -> int:
     tables = list(rows)
     table = pa.concat_tables(tables) if tables else FRAME_SCORES_SCHEMA.empty_table()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)  # a crash never leaves a half-written scores file behind
+    with atomic_path(path) as tmp:  # a crash never leaves a half-written scores file behind
+        pq.write_table(table, tmp, compression="zstd")
     return table.num_rows
