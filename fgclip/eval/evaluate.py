@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
+from fgclip.atomic import write_text_atomic
 from fgclip.config import Params
 from fgclip.data.ucf import NORMAL_LABEL, read_split, read_temporal_annotations
 from fgclip.eval.protocol import (
@@ -336,7 +337,7 @@ def evaluate(
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
     rows = write_frame_scores(
         Path(scores_path), [frame_score_table(videos, name, snippet_len) for name, videos in scored.items()]
     )

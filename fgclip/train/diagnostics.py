@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fgclip.atomic import write_text_atomic
 from fgclip.config import HealthConfig, Params
 from fgclip.errors import FGClipError
 
@@ -259,7 +260,7 @@ class HealthMonitor:
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
         return checks
 
     def raise_if_failed(self, checks: dict[str, dict[str, Any]]) -> None:

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from fgclip.atomic import write_text_atomic
 from fgclip.config import Params
 from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset, collate
 from fgclip.errors import FGClipError
@@ -528,14 +529,14 @@ def _write_outputs(
         "experiment_id": tracker.experiment_id,
         "tracking_uri": tracker.tracking_uri,
     }
-    (paths.out / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(paths.out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
 
     checks = run.monitor.write(paths.health, run.bank.state())
     tracker.log_metrics({f"health/{name}": float(c["passed"]) for name, c in checks.items()}, step=run.step)
     tracker.log_artifact(paths.health)
 
     paths.metrics.parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomic(paths.metrics, json.dumps(summary, indent=2, default=str) + "\n")
     paths.loss_csv.parent.mkdir(parents=True, exist_ok=True)
     with paths.loss_csv.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["step", *LOSS_COLUMNS])

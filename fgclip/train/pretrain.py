@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import CLIPModel
 
+from fgclip.atomic import write_text_atomic
 from fgclip.config import Params
 from fgclip.data.annotations import load_annotations
 from fgclip.data.dataset import FramePairDataset
@@ -65,7 +66,7 @@ def pretrain_clip(
         summary = {"skipped": True, "pretrained": params.model.pretrained}
         # DVC expects the stage's output either way: a note that says why it holds no model.
         out.mkdir(parents=True, exist_ok=True)
-        (out / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(out / "pretrain.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     cfg = params.pretrain
@@ -140,7 +141,7 @@ def pretrain_clip(
     out.mkdir(parents=True, exist_ok=True)
     clip.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     logger.info(
         "pretrained CLIP saved to %s: loss %.4f -> %.4f in %.1f s",
         out,
