@@ -279,7 +279,7 @@ class FGCLIPVideoModel(nn.Module):
                 "action": "init",
             },
         }
-        model._log_scales()
+        model.log_scales()
         return model
 
     @classmethod
@@ -320,7 +320,7 @@ class FGCLIPVideoModel(nn.Module):
             name: {"value": p.item(), "source": str(path), "action": "loaded"}
             for name, p in (("global", model.logit_scale_global), ("region", model.logit_scale_region))
         }
-        model._log_scales()
+        model.log_scales()
         return model
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -332,9 +332,11 @@ class FGCLIPVideoModel(nn.Module):
         config = {"clip_config": self.clip.config.to_dict(), "model_config": self.cfg.model_dump()}
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
-    def _log_scales(self) -> None:
+    def log_scales(self, source: str | os.PathLike | None = None) -> None:
+        """The users' grep line for each scale: ``[global] Loaded logit_scale = 4.6052 (exp=100.0)``."""
+        origin = f" from {source}" if source is not None else ""
         for name, scale in (("global", self.logit_scale_global), ("region", self.logit_scale_region)):
-            logger.info("[%s] Loaded logit_scale = %s", name, _describe_scale(scale.item()))
+            logger.info("[%s] Loaded logit_scale = %s%s", name, _describe_scale(scale.item()), origin)
 
     def _stretch_text_positions(self) -> None:
         embeddings = self.clip.text_model.embeddings

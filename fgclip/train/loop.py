@@ -329,12 +329,6 @@ def _clamp_scales(model: FGCLIPVideoModel, top: float) -> None:
         model.logit_scale_region.clamp_(max=top)
 
 
-def _log_loaded_scales(model: FGCLIPVideoModel, source: Path) -> None:
-    for name, scale in (("global", model.logit_scale_global), ("region", model.logit_scale_region)):
-        value = scale.item()
-        logger.info("[%s] Loaded logit_scale = %.4f (exp=%.1f) from %s", name, value, math.exp(value), source)
-
-
 def _first_nonfinite(
     values: dict[str, float], ctx: DistContext, device: torch.device
 ) -> tuple[str, float] | None:
@@ -382,7 +376,7 @@ def _train(
         run_id = meta.get("run_id")
         logger.info("Resuming from %s (optimizer step %d, %d forward passes)",
                     last_checkpoint, run.step, run.forward_passes)  # fmt: skip
-        _log_loaded_scales(run.model, last_checkpoint)
+        run.model.log_scales(last_checkpoint)
     elif not resume and run_dir.exists():
         logger.warning("resume=False: ignoring the checkpoints in %s (equal steps are overwritten)", run_dir)
 
