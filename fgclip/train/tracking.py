@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -23,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from fgclip.config import Params
+from fgclip.errors import FGClipError
 
 logger = logging.getLogger(__name__)
 
@@ -242,3 +247,135 @@ def log_to_run(
         client.log_batch(run_id, metrics=points[i : i + MAX_METRICS_PER_BATCH])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
+
+
+# --- reading runs back (``fgclip compare``) -------------------------------------
+
+# The artefact the training loop logs from ``metrics/health.json``: the only place
+# the memory bank's switch-on point is recorded for a finished run.
+HEALTH_ARTIFACT = "health.json"
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+class TrackingReadError(FGClipError):
+    """The tracking database, experiment or run asked for is not there."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One MLflow run as plain values, so code outside this module never sees MLflow types."""
+
+    run_id: str
+    name: str
+    status: str
+    start_time: int | None  # ms since the epoch
+    params: dict[str, str]
+    metrics: dict[str, float]  # each metric's value at its last step
+    last_step: int | None  # last step logged for ``train/loss``
+    health: dict[str, Any] | None  # the ``checks`` of the run's health.json artefact, if it has one
+
+
+def read_runs(
+    tracking_uri: str, experiment: str, selectors: Sequence[str] = (), last: int | None = None
+) -> list[RunRecord]:
+    """Runs of ``experiment``: those named by ``selectors``, in that order, else the newest ``last``.
+
+    A selector is a run id, a run name (the newest run of that name: a retrain
+    with changed params starts a new run under the same name) or a unique id
+    prefix. Without selectors the runs come oldest first, so columns read as a timeline.
+    """
+    db = _sqlite_db(tracking_uri)
+    # Checked first: MLflow would silently create an empty database at a mistyped path.
+    if db is not None and not db.is_file():
+        raise TrackingReadError(
+            f"no MLflow database at {db} (tracking URI {tracking_uri}); train a model first"
+        )
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise TrackingReadError(
+            f"experiment {experiment!r} not found in {tracking_uri} (experiments: {names})"
+        )
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [found.experiment_id], order_by=["attributes.start_time DESC"], page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    if not runs:
+        raise TrackingReadError(f"experiment {experiment!r} in {tracking_uri} has no runs")
+    if selectors:
+        chosen = list(dict.fromkeys(_select_run(runs, s, experiment, tracking_uri) for s in selectors))
+        by_id = {r.info.run_id: r for r in runs}
+        picked = [by_id[run_id] for run_id in chosen]
+    else:
+        picked = runs[:last] if last and last > 0 else runs
+        if len(picked) < len(runs):
+            logger.info("showing the %d newest of the %d runs of %r; pick others with --runs",
+                        len(picked), len(runs), experiment)  # fmt: skip
+        picked.reverse()
+    return [_run_record(client, run) for run in picked]
+
+
+def _select_run(runs: list, selector: str, experiment: str, tracking_uri: str) -> str:
+    """The id of the run ``selector`` names (``runs`` newest first)."""
+    exact = [r for r in runs if r.info.run_id == selector] or [r for r in runs if r.info.run_name == selector]
+    if exact:
+        return exact[0].info.run_id
+    hits = [r for r in runs if r.info.run_id.startswith(selector)]
+    if len(hits) == 1:
+        return hits[0].info.run_id
+    known = ", ".join(f"{r.info.run_name} ({r.info.run_id[:8]})" for r in runs[:10])
+    what = "matches several runs" if hits else "is neither a run id, a run name nor an id prefix"
+    raise TrackingReadError(
+        f"run {selector!r} {what} in experiment {experiment!r} of {tracking_uri} (newest runs: {known})"
+    )
+
+
+def _run_record(client: MlflowClient, run: Any) -> RunRecord:
+    run_id, metrics = run.info.run_id, dict(run.data.metrics)
+    steps = (
+        [m.step for m in client.get_metric_history(run_id, "train/loss")] if "train/loss" in metrics else []
+    )
+    return RunRecord(
+        run_id=run_id,
+        name=run.info.run_name or "",
+        status=run.info.status,
+        start_time=run.info.start_time,
+        params=dict(run.data.params),
+        metrics=metrics,
+        last_step=max(steps, default=None),
+        health=_health_checks(client, run_id),
+    )
+
+
+def _health_checks(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
+    """The ``checks`` of the run's health artefact; None (with a warning if unreadable) without one."""
+    try:
+        if HEALTH_ARTIFACT not in {a.path for a in client.list_artifacts(run_id)}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
+            local = client.download_artifacts(run_id, HEALTH_ARTIFACT, tmp)
+            checks = json.loads(Path(local).read_text(encoding="utf-8"))["checks"]
+    except (MlflowException, OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("run %s: cannot read its %s artefact: %s", run_id, HEALTH_ARTIFACT, exc)
+        return None
+    return checks if isinstance(checks, dict) else None
+
+
+@contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow draws a download progress bar on stderr even for a 1 kB JSON: noise in ``compare``."""
+    previous = os.environ.get(PROGRESS_BAR_ENV)
+    os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[PROGRESS_BAR_ENV] = previous

@@ -1,0 +1,180 @@
+"""A real MLflow tracking server on a loopback port: a tiny training run logs to it over
+HTTP, and the metric history read back through its REST API is the one training wrote."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fgclip.compare import compare
+from fgclip.config import Params
+from fgclip.train.loop import train
+from fgclip.train.pretrain import pretrain_clip
+
+pytestmark = pytest.mark.e2e
+
+MLFLOW = Path(sys.executable).parent / "mlflow"
+# The server needs ~50 s to boot on two busy cores; the deadline leaves room for a slower day.
+BOOT_DEADLINE_S = 240
+STEPS = 5
+TINY = {
+    "model": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 32,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "text_hidden": 32,
+        "text_layers": 1,
+        "text_heads": 2,
+        "projection_dim": 32,
+        "max_text_len": 16,
+        "temporal_layers": 1,
+        "temporal_heads": 2,
+    },
+    "pretrain": {"steps": 30, "batch_size": 32, "warmup_steps": 3},
+    "train": {
+        "num_frames": 4,
+        "max_keyframes": 2,
+        "max_regions": 3,
+        "batch_size": 3,
+        "max_steps": STEPS,
+        "warmup_steps": 1,
+        "memory_bank_size": 8,
+        "memory_bank_warmup_steps": 2,
+        "num_workers": 0,
+        "checkpoint_every": STEPS,
+        "log_every": 1,
+        "device": "cpu",
+    },
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + BOOT_DEADLINE_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)  # poll interval while the server boots
+    pytest.fail(f"mlflow server not healthy after {BOOT_DEADLINE_S} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """``(url, process, log)`` of a started (not yet necessarily healthy) server, stopped afterwards."""
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # The job runner serves GenAI jobs: an extra process competing for the CPUs while booting.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    log = tmp / "server.log"
+    cmd = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+           "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    with log.open("w") as out:
+        # Its own session: uvicorn runs as a child, and the whole group is stopped at the end.
+        proc = subprocess.Popen(
+            cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield url, proc, log
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served_run(
+    server, params_factory: Callable[..., Params], tiny_sample: Path, tiny_frames: Path, tiny_boxes: Path
+) -> tuple[str, Params, dict, list[dict[str, str]]]:
+    """A tiny pretrain (while the server boots), then training that logs to the server over HTTP."""
+    url, proc, log = server
+    params = params_factory(**TINY, tracking={"uri": url, "experiment": "server-e2e"})
+    root = params.base_dir
+    clip = root / "clip"
+    pretrain_clip(params, tiny_frames, tiny_boxes, tiny_sample / params.data.annotations, clip)
+    _wait_healthy(url, proc, log)
+    summary = train(
+        params, tiny_frames, tiny_boxes, str(clip), root / "out", root / "checkpoints", root / "health.json",
+        metrics_path=root / "train.json", loss_csv=root / "train_loss.csv",
+    )  # fmt: skip
+    with (root / "train_loss.csv").open(newline="") as f:
+        losses = list(csv.DictReader(f))
+    return url, params, summary, losses
+
+
+def _history(url: str, run_id: str, key: str) -> dict[int, float]:
+    query = urllib.parse.urlencode({"run_id": run_id, "metric_key": key})
+    points = _get(f"{url}/api/2.0/mlflow/metrics/get-history?{query}")["metrics"]
+    steps = [p["step"] for p in points]
+    assert sorted(steps) == list(range(1, STEPS + 1)), f"{key}: steps {steps} have a gap or a duplicate"
+    return {p["step"]: p["value"] for p in points}
+
+
+def test_metric_history_over_rest_is_what_training_wrote(served_run) -> None:
+    url, _, summary, losses = served_run
+    run_id = summary["run_id"]
+    run = _get(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+    assert run["info"]["status"] == "FINISHED"
+
+    region = _history(url, run_id, "train/loss_region")
+    assert [float(row["loss_region"]) for row in losses] == pytest.approx(
+        [region[s] for s in range(1, STEPS + 1)]
+    )
+    temperature = _history(url, run_id, "train/temperature")
+    logit_scale = _history(url, run_id, "train/logit_scale")
+    for step in range(1, STEPS + 1):
+        assert temperature[step] == pytest.approx(math.exp(logit_scale[step]))
+    assert temperature[STEPS] == pytest.approx(summary["temperature_global"])
+    assert _history(url, run_id, "train/temperature_region")[STEPS] == pytest.approx(
+        summary["temperature_region"]
+    )
+
+
+def test_compare_reads_the_run_through_the_server(served_run) -> None:
+    _, params, summary, losses = served_run
+    rows = {
+        tuple(r[:2]): r[2:]
+        for r in csv.reader(compare(params, runs=[summary["run_id"]], fmt="csv").splitlines())
+    }
+    assert rows[("section", "field")] == [summary["run_id"]]
+    assert rows[("run", "last step")] == [str(STEPS)]
+    assert float(rows[("losses", "train/loss_region")][0]) == pytest.approx(float(losses[-1]["loss_region"]))
+    # The health artefact came back through the server's artefact proxy.
+    assert rows[("health", "memory bank on at (forward pass)")] == [str(summary["memory_bank"]["enabled_at"])]
