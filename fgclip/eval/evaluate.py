@@ -8,10 +8,14 @@ Three models go through the same code path, so their numbers are comparable:
 - ``untrained``: the fine-tuned architecture with random weights from a fixed
   seed (the floor: what the protocol gives with no learning at all).
 
+Each model is also measured on the held-out region annotations of the test
+videos (:mod:`fgclip.eval.region_metrics`): region-to-caption top-1 and
+caption-to-video R@1 / R@5.
+
 Outputs: ``metrics/eval.json``, every per-frame score of every model as Parquet
 (so any metric can be recomputed), the fine-tuned ROC curve as CSV for ``dvc
-plots``, and, when the model directory names its MLflow run, the metrics and the
-scores file added to that run.
+plots``, and, when the model directory names its MLflow run, the metrics, the
+scores file and the ROC curves as a PNG added to that run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
@@ -46,13 +52,29 @@ from fgclip.eval.protocol import (
     write_frame_scores,
     write_roc_csv,
 )
-from fgclip.eval.zeroshot import class_embeddings, frame_embeddings, snippet_log_odds
+from fgclip.eval.region_metrics import (
+    HeldOutVideo,
+    held_out_metrics,
+    load_held_out,
+    video_clip,
+    video_embeddings,
+)
+from fgclip.eval.zeroshot import (
+    class_embeddings,
+    frame_features,
+    grid_boxes,
+    region_grid_log_odds,
+    snippet_log_odds,
+)
 from fgclip.model.fgclip import CONFIG_NAME, WEIGHTS_NAME, FGCLIPVideoModel
 from fgclip.model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 FINETUNED, PRETRAINED, UNTRAINED = "finetuned", "pretrained", "untrained"
+ROC_PNG = "roc.png"
+# Per-model metrics logged to MLflow as eval/<model>/<metric> (besides auc_<Class>).
+HEADLINE_METRICS = ("frame_auc", "frame_ap", "anomalous_auc", "region_top1", "retrieval_r1", "retrieval_r5")
 
 
 @dataclass
@@ -61,6 +83,7 @@ class ScoringModel:
 
     name: str
     model: FGCLIPVideoModel
+    tokenizer: PreTrainedTokenizerBase
     class_embeds: torch.Tensor  # [C, D]
     normal_index: int
 
@@ -157,8 +180,8 @@ def _mlflow_metrics(results: dict[str, dict]) -> dict[str, float]:
     for name, m in results.items():
         if "frame_auc" not in m:
             continue  # a skipped model
-        for key in ("frame_auc", "frame_ap", "anomalous_auc"):
-            if m[key] is not None:
+        for key in HEADLINE_METRICS:
+            if m.get(key) is not None:
                 metrics[f"eval/{name}/{key}"] = m[key]
         for cls, auc in m["per_class_auc"].items():
             if auc is not None:
@@ -195,7 +218,18 @@ def load_finetuned(model_dir: Path) -> tuple[FGCLIPVideoModel, PreTrainedTokeniz
         raise EvalInputError(
             f"{model_dir}: no fine-tuned model (missing {', '.join(missing)}): run the train stage first"
         )
-    return FGCLIPVideoModel.from_pretrained(model_dir), _tokenizer(model_dir, "fine-tuned model's")
+    try:
+        model = FGCLIPVideoModel.from_pretrained(model_dir)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        # ValueError covers pydantic's ValidationError and an invalid config dict.
+        raise EvalInputError(f"{model_dir / CONFIG_NAME}: not an FG-CLIP model config: {exc}") from exc
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        # A truncated or foreign weights file (safetensors header, missing or extra keys, shapes).
+        raise EvalInputError(
+            f"{model_dir / WEIGHTS_NAME}: weights do not fit the model in {CONFIG_NAME}: "
+            + str(exc).splitlines()[0]
+        ) from exc
+    return model, _tokenizer(model_dir, "fine-tuned model's")
 
 
 def load_pretrained(
@@ -244,7 +278,67 @@ def _scoring_model(
         )
     except ValueError as exc:
         raise EvalInputError(f"evaluate.prompts / evaluate.templates in params: {exc}") from exc
-    return ScoringModel(name, model, embeds, classes.index(NORMAL_LABEL))
+    return ScoringModel(name, model, tokenizer, embeds, classes.index(NORMAL_LABEL))
+
+
+def score_test_set(
+    params: Params, scorers: list[ScoringModel], test_set: list[AnnotatedVideo], paths: dict[str, list[Path]]
+) -> tuple[dict[str, list[VideoScores]], dict[str, torch.Tensor]]:
+    """Every model's per-frame scores of every test video, and each video's embedding ``[V, D]``.
+
+    Frames are decoded and encoded once per video for all models. The snippet
+    score comes from the clip of ``window_snippets`` snippet frames through the
+    temporal head (``evaluate.scoring: frame``) or from the snippet's own frame,
+    region by region over a grid (``region_grid``). The video embeddings, for
+    caption-to-video retrieval, reuse the same frame embeddings.
+    """
+    cfg, snippet_len = params.evaluate, params.frames.snippet_len
+    clip_len = cfg.window_snippets or params.train.num_frames
+    boxes = grid_boxes(cfg.region_grid) if cfg.scoring == "region_grid" else None
+    scored: dict[str, list[VideoScores]] = {s.name: [] for s in scorers}
+    clips: dict[str, list[torch.Tensor]] = {s.name: [] for s in scorers}
+    for video in tqdm(test_set, desc="evaluate", unit="video", disable=None):
+        features = frame_features([s.model for s in scorers], paths[video.video], cfg.batch_size, boxes)
+        for scorer, (frame_embeds, region_feats) in zip(scorers, features):
+            if region_feats is None:
+                log_odds = snippet_log_odds(
+                    scorer.model,
+                    frame_embeds,
+                    scorer.class_embeds,
+                    scorer.normal_index,
+                    clip_len,
+                    cfg.batch_size,
+                )
+            else:
+                log_odds = region_grid_log_odds(
+                    scorer.model, region_feats, scorer.class_embeds, scorer.normal_index
+                )
+            n = video.labels.shape[0]
+            scored[scorer.name].append(
+                VideoScores(
+                    video.video,
+                    video.label,
+                    video.labels,
+                    snippet_to_frames(torch.sigmoid(log_odds).numpy(), n, snippet_len),
+                    snippet_to_frames(log_odds.numpy(), n, snippet_len),
+                )
+            )
+            num_frames = min(params.train.num_frames, scorer.model.cfg.max_frames)
+            clips[scorer.name].append(video_clip(frame_embeds, num_frames))
+    return scored, {s.name: video_embeddings(s.model, clips[s.name], cfg.batch_size) for s in scorers}
+
+
+def _held_out(
+    boxes_dir: Path | None, frames_dir: Path, test_set: list[AnnotatedVideo]
+) -> list[HeldOutVideo] | str:
+    """The held-out region annotations, or why the region metrics are skipped."""
+    if boxes_dir is None:
+        return "no boxes directory given"
+    held_out = load_held_out(boxes_dir, frames_dir, [v.video for v in test_set])
+    if not held_out:
+        log.warning("%s: no accepted box rows of evaluated test videos: region metrics skipped", boxes_dir)
+        return f"no accepted box rows of evaluated test videos in {boxes_dir}"
+    return held_out
 
 
 def evaluate(
@@ -256,6 +350,7 @@ def evaluate(
     out: Path,
     scores_path: Path,
     roc_path: Path | None = None,
+    boxes_dir: Path | None = None,
 ) -> dict:
     """Score the test split with the fine-tuned, pretrained and untrained models; write the results.
 
@@ -268,6 +363,8 @@ def evaluate(
         data_root: dataset root holding the test split and the temporal annotation.
         out: metrics JSON; scores_path: per-frame scores Parquet;
             roc_path: fine-tuned ROC curve CSV (not written when ``None``).
+        boxes_dir: ``validate_boxes`` output, for the region and retrieval metrics
+            on the test videos' annotations (skipped, with a note, when ``None``).
 
     Returns the metrics written to ``out``.
     """
@@ -280,6 +377,7 @@ def evaluate(
     decoded, skipped = decoded_test_videos(split, frames_dir)
     test_set = build_test_set(split, annotations, decoded, split_path, annotation_path)
     paths = eval_frame_paths(frames_dir, test_set, snippet_len)
+    held_out = _held_out(boxes_dir, frames_dir, test_set)
     run = training_run(model_dir)
 
     device = _resolve_device(params.train.device)
@@ -293,30 +391,7 @@ def evaluate(
     untrained = build_untrained(finetuned, params.train.seed)
     scorers.append(_scoring_model(UNTRAINED, untrained, tokenizer, params, device))
 
-    scored: dict[str, list[VideoScores]] = {s.name: [] for s in scorers}
-    clip_len = params.evaluate.window_snippets or params.train.num_frames
-    for video in tqdm(test_set, desc="evaluate", unit="video", disable=None):
-        embeds = frame_embeddings([s.model for s in scorers], paths[video.video], params.evaluate.batch_size)
-        for scorer, frame_embeds in zip(scorers, embeds):
-            log_odds = snippet_log_odds(
-                scorer.model,
-                frame_embeds,
-                scorer.class_embeds,
-                scorer.normal_index,
-                clip_len,
-                params.evaluate.batch_size,
-            )
-            n = video.labels.shape[0]
-            scored[scorer.name].append(
-                VideoScores(
-                    video.video,
-                    video.label,
-                    video.labels,
-                    snippet_to_frames(torch.sigmoid(log_odds).numpy(), n, snippet_len),
-                    snippet_to_frames(log_odds.numpy(), n, snippet_len),
-                )
-            )
-
+    scored, video_embeds = score_test_set(params, scorers, test_set, paths)
     results: dict[str, dict] = {name: frame_level_metrics(videos) for name, videos in scored.items()}
     for name, m in results.items():
         if m["saturated_frac"] > 0:
@@ -325,12 +400,28 @@ def evaluate(
                 name,
                 100 * m["saturated_frac"],
             )
+    if isinstance(held_out, str):
+        held_out_summary: dict = {"skipped": held_out}
+        for m in results.values():
+            m.update(region_top1=None, retrieval_r1=None, retrieval_r5=None)
+    else:
+        region, held_out_summary = held_out_metrics(
+            {s.name: (s.model, s.tokenizer) for s in scorers},
+            held_out,
+            [v.video for v in test_set],
+            video_embeds,
+            params.evaluate.batch_size,
+        )
+        for name, m in region.items():
+            results[name].update(m)
     if PRETRAINED not in results:
         results[PRETRAINED] = {"skipped": "no pretrained CLIP given"}
     summary = _round(
         {
             "frame_auc": results[FINETUNED]["frame_auc"],
             **{name: results[name] for name in (FINETUNED, PRETRAINED, UNTRAINED)},
+            "scoring": params.evaluate.scoring,
+            "held_out": held_out_summary,
             "clipped_intervals": [v.video for v in test_set if v.clipped],
             "skipped_videos": skipped,
         }
@@ -353,9 +444,28 @@ def evaluate(
         rows,
         scores_path,
     )
+    if not isinstance(held_out, str):
+        log.info(
+            "held-out regions (%d, %d distinct captions) top-1 / caption-to-video R@1, R@5 (%d queries): %s",
+            held_out_summary["regions"],
+            held_out_summary["region_captions"],
+            held_out_summary["retrieval_queries"],
+            "; ".join(
+                f"{name} {results[name]['region_top1']:.4f} / {results[name]['retrieval_r1']:.4f}, "
+                f"{results[name]['retrieval_r5']:.4f}"
+                for name in scored
+            ),
+        )
     if run is not None:
-        from fgclip.train.tracking import log_to_run  # MLflow is imported only when there is a run to log to
+        # MLflow and matplotlib are imported only when there is a run to log to.
+        from fgclip.eval.roc_plot import write_roc_png
+        from fgclip.train.tracking import log_to_run
 
-        log_to_run(*run, _mlflow_metrics(results), artifacts)
-        log.info("Logged evaluation metrics to MLflow run %s", run[1])
+        # The PNG is for the MLflow UI only (`dvc plots` renders the CSV): it lives
+        # in a temporary directory until the artefact store has copied it.
+        with tempfile.TemporaryDirectory(prefix="fgclip-eval-") as tmp:
+            png = Path(tmp) / ROC_PNG
+            write_roc_png(png, scored, results)
+            log_to_run(*run, _mlflow_metrics(results), [*artifacts, png])
+        log.info("Logged evaluation metrics and artefacts to MLflow run %s", run[1])
     return summary

@@ -6,6 +6,11 @@ frames centred on it, the same clip length the temporal head was trained on,
 so the head sees the kind of input it knows. The clip embedding is compared
 with one embedding per class (prompts × templates, averaged) at the model's
 global temperature; the anomaly score is ``1 - p(Normal)``.
+
+With ``evaluate.scoring: region_grid`` a snippet is scored from its frame alone,
+through the dense RoI path: each cell of a grid (and the whole frame) against
+the class embeddings at the region temperature, and the frame takes its most
+anomalous region's score.
 """
 
 from __future__ import annotations
@@ -82,24 +87,83 @@ def input_size(model: FGCLIPVideoModel) -> int:
     return model.clip.config.vision_config.image_size
 
 
+def grid_boxes(cells: int) -> Tensor:
+    """Normalised xyxy boxes ``[R, 4]``: the ``cells x cells`` grid row by row, then the whole frame.
+
+    With one cell the grid is the whole frame, which is not repeated.
+    """
+    edges = torch.linspace(0.0, 1.0, cells + 1).tolist()
+    boxes = [[edges[c], edges[r], edges[c + 1], edges[r + 1]] for r in range(cells) for c in range(cells)]
+    if cells > 1:
+        boxes.append([0.0, 0.0, 1.0, 1.0])
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
 @torch.no_grad()
-def frame_embeddings(
-    models: Sequence[FGCLIPVideoModel], paths: Sequence[Path], batch_size: int
-) -> list[Tensor]:
-    """Embeddings ``[N, D]`` of the frames at ``paths`` under each model (unnormalised).
+def frame_features(
+    models: Sequence[FGCLIPVideoModel], paths: Sequence[Path], batch_size: int, boxes: Tensor | None = None
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Per model: frame embeddings ``[N, D]`` (unnormalised) and, with ``boxes [R, 4]``,
+    the dense RoI features ``[N, R, D]`` (L2-normalised) of those boxes on every frame.
 
     Frames are decoded batch by batch, once for all models that take the same
-    input size, so a long video never sits in memory as pixels.
+    input size, so a long video never sits in memory as pixels; the dense patch
+    grid is reduced to the R boxes batch by batch for the same reason.
     """
-    out: list[list[Tensor]] = [[] for _ in models]
+    out: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in models]
     for i in range(0, len(paths), batch_size):
         pixels: dict[int, Tensor] = {}
-        for embeds, model in zip(out, models):
+        for (embeds, regions), model in zip(out, models):
             size = input_size(model)
             if size not in pixels:
                 pixels[size] = load_pixels(paths[i : i + batch_size], size)
-            embeds.append(model.encode_images(pixels[size].to(_device(model)))[0])
-    return [torch.cat(embeds) for embeds in out]
+            frame, patches = model.encode_images(
+                pixels[size].to(_device(model)), with_patches=boxes is not None
+            )
+            embeds.append(frame)
+            if patches is not None:
+                regions.append(_boxes_on_frames(model, patches, boxes))
+    return [(torch.cat(e), torch.cat(r) if r else None) for e, r in out]
+
+
+def _boxes_on_frames(model: FGCLIPVideoModel, patches: Tensor, boxes: Tensor) -> Tensor:
+    """Dense RoI features ``[N, R, D]`` of the same ``boxes [R, 4]`` on each of N frames' patches."""
+    n, r = patches.shape[0], boxes.shape[0]
+    per_frame = boxes.to(patches.device)[None, :, None, :].expand(n, r, 1, 4)
+    mask = torch.ones((n, r, 1), dtype=torch.bool, device=patches.device)
+    features, _, _ = model.encode_regions(patches[:, None], per_frame, mask)
+    return features
+
+
+def frame_embeddings(
+    models: Sequence[FGCLIPVideoModel], paths: Sequence[Path], batch_size: int
+) -> list[Tensor]:
+    """Embeddings ``[N, D]`` of the frames at ``paths`` under each model (unnormalised)."""
+    return [embeds for embeds, _ in frame_features(models, paths, batch_size)]
+
+
+def _anomaly_log_odds(logits: Tensor, normal_index: int) -> Tensor:
+    """``log((1 - p(Normal)) / p(Normal))`` along the last (class) dimension, in float64."""
+    logits = logits.double()
+    anomaly = torch.cat([logits[..., :normal_index], logits[..., normal_index + 1 :]], dim=-1)
+    return anomaly.logsumexp(dim=-1) - logits[..., normal_index]
+
+
+@torch.no_grad()
+def region_grid_log_odds(
+    model: FGCLIPVideoModel, region_feats: Tensor, class_embeds: Tensor, normal_index: int
+) -> Tensor:
+    """Anomaly log-odds ``[N]`` (float64, CPU) of frames scored region by region: the max over R.
+
+    ``region_feats [N, R, D]`` are the dense RoI features of each frame's grid
+    cells (:func:`frame_features` with :func:`grid_boxes`), compared with the
+    class prompts at the region temperature, the scale the region path was
+    trained at. The max of the log-odds is the max of ``1 - p(Normal)``: a frame
+    is as anomalous as its most anomalous region.
+    """
+    _, region_scale = model.scales()
+    logits = region_scale.exp() * region_feats @ class_embeds.T  # [N, R, C]
+    return _anomaly_log_odds(logits, normal_index).amax(dim=1).cpu()
 
 
 @torch.no_grad()
@@ -126,9 +190,7 @@ def snippet_log_odds(
         [model.encode_video(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)]
     )
     global_scale, _ = model.scales()
-    logits = (global_scale.exp() * video_embeds @ class_embeds.T).double()
-    anomaly = torch.cat([logits[:, :normal_index], logits[:, normal_index + 1 :]], dim=1)
-    return (anomaly.logsumexp(dim=1) - logits[:, normal_index]).cpu()
+    return _anomaly_log_odds(global_scale.exp() * video_embeds @ class_embeds.T, normal_index).cpu()
 
 
 def snippet_scores(*args, **kwargs) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fgclip.config import Params
+from fgclip.data.dataset import DatasetError, read_boxes
 from fgclip.data.ucf import read_split, read_temporal_annotations
 from fgclip.eval.evaluate import (
     build_untrained,
@@ -24,8 +25,10 @@ from fgclip.eval.evaluate import (
     evaluate,
     training_run,
 )
-from fgclip.eval.protocol import EvalInputError, build_test_set
+from fgclip.eval.protocol import EvalInputError, build_test_set, snippet_to_frames
+from fgclip.eval.zeroshot import class_embeddings, frame_features, grid_boxes, region_grid_log_odds
 from fgclip.model.fgclip import FGCLIPVideoModel
+from fgclip.model.tokenizer import load_tokenizer
 from fgclip.train import tracking
 
 MODELS = ("finetuned", "pretrained", "untrained")
@@ -33,21 +36,33 @@ MODELS = ("finetuned", "pretrained", "untrained")
 
 @pytest.fixture(scope="module")
 def run_eval(
-    eval_params: Params, tiny_frames: Path, tiny_sample: Path, tmp_path_factory: pytest.TempPathFactory
+    eval_params: Params,
+    tiny_frames: Path,
+    tiny_sample: Path,
+    tiny_boxes: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Callable[..., tuple[dict, Path]]:
-    """``run_eval(model_dir, pretrained, frames_dir=...)`` -> (summary, output dir)."""
+    """``run_eval(model_dir, pretrained, frames_dir=..., boxes_dir=..., ...)`` -> (summary, output dir)."""
 
-    def run(model_dir: Path, pretrained: Path | None, frames_dir: Path = tiny_frames) -> tuple[dict, Path]:
+    def run(
+        model_dir: Path,
+        pretrained: Path | None,
+        frames_dir: Path = tiny_frames,
+        boxes_dir: Path | None = tiny_boxes,
+        params: Params = eval_params,
+        data_root: Path = tiny_sample,
+    ) -> tuple[dict, Path]:
         out = tmp_path_factory.mktemp("eval")
         summary = evaluate(
-            eval_params,
+            params,
             frames_dir,
             model_dir,
             pretrained,
-            tiny_sample,
+            data_root,
             out / "metrics" / "eval.json",
             out / "eval" / "frame_scores.parquet",
             out / "plots" / "roc.csv",
+            boxes_dir=boxes_dir,
         )
         return summary, out
 
@@ -86,9 +101,65 @@ def test_end_to_end_writes_all_three_models(
         assert np.allclose(1 / (1 + np.exp(-np.asarray(rows["log_odds"]))), rows["score"])
         assert m["frame_auc"] == round(m["frame_auc"], 4)
     assert summary["skipped_videos"] == [] and summary["clipped_intervals"] == []
+    assert summary["scoring"] == "frame"
     roc = (out / "plots" / "roc.csv").read_text().splitlines()
     assert roc[0] == "fpr,tpr,threshold" and len(roc) > 2
     assert scores_of(out, "untrained")["score"] != scores_of(out, "finetuned")["score"]
+
+
+def test_held_out_region_metrics_for_all_three_models(first_run, tiny_boxes: Path, tiny_sample: Path):
+    summary, _ = first_run
+    rows = read_boxes(tiny_boxes, "test").to_pylist()
+    regions = {(r["video"], r["region"]) for r in rows}
+    assert summary["held_out"] == {
+        "videos": len({r["video"] for r in rows}),
+        "regions": len(regions),
+        "region_captions": len({r["region_caption"] for r in rows}),
+        "retrieval_queries": len({r["video"] for r in rows}),
+        "retrieval_videos": len(read_split(tiny_sample / "Anomaly_Test.txt")),
+    }
+    for name in MODELS:
+        m = summary[name]
+        for key in ("region_top1", "retrieval_r1", "retrieval_r5"):
+            assert 0.0 <= m[key] <= 1.0 and m[key] == round(m[key], 4)
+        assert m["retrieval_r1"] <= m["retrieval_r5"]
+    assert [summary["pretrained"][k] for k in ("region_top1", "retrieval_r1", "retrieval_r5")] != [
+        summary["untrained"][k] for k in ("region_top1", "retrieval_r1", "retrieval_r5")
+    ]
+
+
+def test_region_grid_scoring_changes_the_scoring_path(
+    first_run,
+    run_eval,
+    save_model_dir: Callable[[int], Path],
+    eval_params: Params,
+    tiny_sample: Path,
+    tiny_frames: Path,
+):
+    _, frame_out = first_run
+    params = eval_params.with_overrides(evaluate={"scoring": "region_grid", "region_grid": 2})
+    model_dir = save_model_dir(1)
+    summary, out = run_eval(model_dir, None, params=params)
+    assert summary["scoring"] == "region_grid"
+    grid_rows, frame_rows = scores_of(out, "finetuned"), scores_of(frame_out, "finetuned")
+    assert grid_rows["video"] == frame_rows["video"] and grid_rows["frame"] == frame_rows["frame"]
+    assert not np.allclose(grid_rows["log_odds"], frame_rows["log_odds"], atol=1e-3)
+    # The region metrics do not depend on how frames are scored.
+    for key in ("region_top1", "retrieval_r1", "retrieval_r5"):
+        assert summary["finetuned"][key] == first_run[0]["finetuned"][key]
+
+    # The stage's scores are the region-grid reference on the first test video.
+    model = FGCLIPVideoModel.from_pretrained(model_dir).eval()
+    cfg = params.evaluate
+    names, classes = class_embeddings(model, load_tokenizer(model_dir), cfg.prompts, cfg.templates, 16, 8)
+    video = _test_set(params, tiny_sample, tiny_frames)[0]
+    paths = eval_frame_paths(tiny_frames, [video], 16)[video.video]
+    [(_, regions)] = frame_features([model], paths, 8, grid_boxes(2))
+    expected = snippet_to_frames(
+        region_grid_log_odds(model, regions, classes, names.index("Normal")).numpy(), video.labels.size
+    )
+    got = [lo for v, lo in zip(grid_rows["video"], grid_rows["log_odds"]) if v == video.video]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_untrained_baseline_comes_from_the_seed_not_the_model_dir(
@@ -96,12 +167,14 @@ def test_untrained_baseline_comes_from_the_seed_not_the_model_dir(
 ):
     _, first_out = first_run
     other_dir = save_model_dir(2)
-    summary, out = run_eval(other_dir, None)
+    summary, out = run_eval(other_dir, None, boxes_dir=None)
     # Different fine-tuned weights, identical untrained baseline: nothing of it comes from model_dir.
     assert scores_of(out, "finetuned")["score"] != scores_of(first_out, "finetuned")["score"]
     assert scores_of(out, "untrained")["score"] == scores_of(first_out, "untrained")["score"]
     assert summary["pretrained"] == {"skipped": "no pretrained CLIP given"}
     assert scores_of(out, "pretrained")["score"] == []
+    assert summary["held_out"] == {"skipped": "no boxes directory given"}
+    assert summary["finetuned"]["region_top1"] is None and summary["untrained"]["retrieval_r5"] is None
 
     finetuned = FGCLIPVideoModel.from_pretrained(other_dir)
     untrained = build_untrained(finetuned, eval_params.train.seed)
@@ -136,6 +209,52 @@ def test_model_dir_without_model_is_an_error(run_eval, tmp_path: Path):
         run_eval(empty, None)
 
 
+@pytest.mark.parametrize(
+    ("broken", "match"),
+    [
+        ("weights", r"model\.safetensors: weights do not fit the model"),
+        ("config", r"fgclip_config\.json: not an FG-CLIP model config"),
+        ("keys", r"fgclip_config\.json: not an FG-CLIP model config.*model_config"),
+    ],
+)
+def test_model_dir_with_a_broken_model_is_an_error(
+    run_eval, save_model_dir: Callable[[int], Path], tmp_path: Path, broken: str, match: str
+):
+    model_dir = tmp_path / "fgclip"
+    shutil.copytree(save_model_dir(1), model_dir)
+    if broken == "weights":
+        data = (model_dir / "model.safetensors").read_bytes()
+        (model_dir / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    elif broken == "config":
+        (model_dir / "fgclip_config.json").write_text("{not json")
+    else:
+        config = json.loads((model_dir / "fgclip_config.json").read_text())
+        del config["model_config"]
+        (model_dir / "fgclip_config.json").write_text(json.dumps(config))
+    with pytest.raises(EvalInputError, match=f"{model_dir}/{match}"):
+        run_eval(model_dir, None)
+
+
+def test_no_test_box_rows_skips_the_region_metrics(
+    run_eval, save_model_dir: Callable[[int], Path], tiny_boxes: Path, tmp_path: Path
+):
+    boxes = tmp_path / "boxes"
+    shutil.copytree(tiny_boxes, boxes)
+    manifest = json.loads((boxes / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        table = pq.read_table(boxes / shard["path"])
+        pq.write_table(table.filter(pc.equal(table["split"], "train")), boxes / shard["path"])
+    summary, _ = run_eval(save_model_dir(1), None, boxes_dir=boxes)
+    assert summary["held_out"] == {"skipped": f"no accepted box rows of evaluated test videos in {boxes}"}
+    assert summary["finetuned"]["region_top1"] is None
+    assert summary["finetuned"]["frame_auc"] is not None
+
+
+def test_missing_box_manifest_is_an_error(run_eval, save_model_dir: Callable[[int], Path], tmp_path: Path):
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'boxes' / 'manifest.json'}: not found"):
+        run_eval(save_model_dir(1), None, boxes_dir=tmp_path / "boxes")
+
+
 def test_metrics_logged_to_the_training_run(
     run_eval, save_model_dir: Callable[[int], Path], eval_params: Params, tmp_path: Path
 ):
@@ -148,15 +267,23 @@ def test_metrics_logged_to_the_training_run(
     (model_dir / "run.json").write_text(
         json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment_id": "1"})
     )
-    summary, _ = run_eval(model_dir, None)
+    summary, out = run_eval(model_dir, None)
     run = tracking._client(uri).get_run(run_id)
     assert run.data.metrics["eval/frame_auc"] == pytest.approx(summary["frame_auc"], abs=1e-4)
     assert run.data.metrics["eval/untrained/frame_auc"] == pytest.approx(
         summary["untrained"]["frame_auc"], abs=1e-4
     )
     assert "eval/pretrained/frame_auc" not in run.data.metrics
-    artifacts = {a.path for a in tracking._client(uri).list_artifacts(run_id)}
-    assert {"frame_scores.parquet", "eval.json", "roc.csv"} <= artifacts
+    for key in ("region_top1", "retrieval_r1", "retrieval_r5"):
+        assert run.data.metrics[f"eval/finetuned/{key}"] == pytest.approx(summary["finetuned"][key], abs=1e-4)
+    client = tracking._client(uri)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"frame_scores.parquet", "eval.json", "roc.csv", "roc.png"} <= artifacts
+    # The files themselves are in the run's artifact store: a real PNG, the full scores table.
+    fetched = Path(client.download_artifacts(run_id, "roc.png", str(tmp_path / "fetched")))
+    assert fetched.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fetched.stat().st_size > 5000
+    fetched = Path(client.download_artifacts(run_id, "frame_scores.parquet", str(tmp_path / "fetched")))
+    assert pq.read_table(fetched).equals(pq.read_table(out / "eval" / "frame_scores.parquet"))
 
 
 def test_malformed_run_json_is_an_error(tmp_path: Path):
@@ -234,3 +361,62 @@ def test_test_video_absent_from_frames_is_an_error(tiny_sample: Path, tiny_frame
     split = read_split(tiny_sample / "Anomaly_Test.txt") + ["Arson/Arson999_x264.mp4"]
     with pytest.raises(EvalInputError, match=r"videos\.parquet: test video\(s\) Arson/Arson999_x264\.mp4"):
         decoded_test_videos(split, tiny_frames)
+
+
+# --- the temporal annotation and the split disagree: errors name the file and the entry ----------
+
+
+def _data_root(src: Path, dst: Path, split: list[str] | None = None, lines: list[str] | None = None) -> Path:
+    dst.mkdir()
+    for name in ("Anomaly_Test.txt", "Temporal_Anomaly_Annotation_for_Testing_Videos.txt"):
+        shutil.copy(src / name, dst / name)
+    if split is not None:
+        (dst / "Anomaly_Test.txt").write_text("".join(f"{v}\n" for v in split))
+    if lines is not None:
+        (dst / "Temporal_Anomaly_Annotation_for_Testing_Videos.txt").write_text(
+            "".join(f"{x}\n" for x in lines)
+        )
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing", "extra", "past_end", "empty"])
+def test_split_and_temporal_annotation_disagreeing_is_an_error(
+    run_eval,
+    save_model_dir: Callable[[int], Path],
+    tiny_sample: Path,
+    tiny_frames: Path,
+    tmp_path: Path,
+    case: str,
+):
+    split = read_split(tiny_sample / "Anomaly_Test.txt")
+    ann_file = tiny_sample / "Temporal_Anomaly_Annotation_for_Testing_Videos.txt"
+    lines = ann_file.read_text().splitlines()
+    victim = split[0]
+    victim_name = victim.split("/")[-1]
+    victim_line = next(x for x in lines if x.startswith(victim_name))
+    if case == "missing":
+        root = _data_root(tiny_sample, tmp_path / "data", lines=[x for x in lines if x != victim_line])
+        match = f"{root / ann_file.name}: no temporal annotation for test video\\(s\\) {victim}"
+    elif case == "extra":
+        root = _data_root(tiny_sample, tmp_path / "data", split=split[1:])
+        match = f"{root / ann_file.name}: entry {victim_name} is not a test video"
+    elif case == "past_end":
+        # The annotation was made on a longer video than the one decoded.
+        num_frames = dict(
+            zip(
+                *pq.read_table(tiny_frames / "videos.parquet", columns=["video", "num_frames"])
+                .to_pydict()
+                .values()
+            )
+        )
+        n = num_frames[victim]
+        fields = victim_line.split("  ")
+        fields[2:4] = [str(n + 5), str(n + 20)]
+        edited = [("  ".join(fields) if x == victim_line else x) for x in lines]
+        root = _data_root(tiny_sample, tmp_path / "data", lines=edited)
+        match = f"{root / ann_file.name}: {victim_name}: interval \\[{n + 5}, {n + 20}\\] starts past the video's end \\(decoded {n} frames"
+    else:
+        root = _data_root(tiny_sample, tmp_path / "data", split=[], lines=[])
+        match = f"empty test set: {root / 'Anomaly_Test.txt'} lists no videos"
+    with pytest.raises(EvalInputError, match=match):
+        run_eval(save_model_dir(1), None, data_root=root)

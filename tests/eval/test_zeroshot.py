@@ -15,7 +15,11 @@ from fgclip.config import Params
 from fgclip.eval.zeroshot import (
     class_embeddings,
     frame_embeddings,
+    frame_features,
+    grid_boxes,
     load_pixels,
+    region_grid_log_odds,
+    snippet_log_odds,
     snippet_scores,
     snippet_windows,
 )
@@ -137,3 +141,59 @@ def test_frame_embeddings_batched_like_one_pass(
         for model, embeds in zip((a, b), batched):
             torch.testing.assert_close(embeds, model.encode_images(pixels)[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[0], batched[1])
+
+
+def _random_frames(tmp_path: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / f"{i:06d}.jpg")
+        Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_grid_boxes_cover_the_frame_then_add_it_whole():
+    expected = [
+        [0.0, 0.0, 0.5, 0.5],
+        [0.5, 0.0, 1.0, 0.5],
+        [0.0, 0.5, 0.5, 1.0],
+        [0.5, 0.5, 1.0, 1.0],
+        [0.0, 0.0, 1.0, 1.0],
+    ]
+    assert grid_boxes(2).tolist() == expected
+    assert grid_boxes(1).tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    assert grid_boxes(3).shape == (10, 4)
+
+
+def test_region_grid_scores_equal_a_patch_mean_reference(classes, tmp_path: Path):
+    """Each 2x2 cell of the tiny model's 4x4 patch grid is exactly the mean of its 4 patch tokens
+    under RoIAlign (1 bin, 2x2 samples at patch centres); the whole frame is the mean of all 16."""
+    model, names, embeds = classes
+    # A region projection and temperature apart from the global ones, so using the wrong path shows.
+    moved = FGCLIPVideoModel(model.clip, model.cfg).eval()
+    moved.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        moved.roi_projection.weight.add_(0.5 * torch.randn(moved.roi_projection.weight.shape, generator=g))
+        moved.logit_scale_region.fill_(3.0)
+    paths = _random_frames(tmp_path, 5)
+    normal = names.index("Normal")
+    [(frame_embeds, regions)] = frame_features([moved], paths, batch_size=2, boxes=grid_boxes(2))
+    assert regions.shape == (5, 5, embeds.shape[1])
+    log_odds = region_grid_log_odds(moved, regions, embeds, normal)
+
+    with torch.no_grad():
+        _, patches = moved.encode_images(load_pixels(paths, 32), with_patches=True)  # [5, 4, 4, C]
+        assert patches.shape[1:3] == (4, 4)
+        pooled = [
+            patches[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean(dim=(1, 2)) for r in (0, 1) for c in (0, 1)
+        ]
+        pooled.append(patches.mean(dim=(1, 2)))
+        cells = torch.nn.functional.normalize(moved.roi_projection(torch.stack(pooled, 1)), dim=-1)
+        probs = (np.exp(3.0) * cells @ embeds.T).double().softmax(dim=-1)  # [5, 5 regions, C]
+        reference = torch.log((1 - probs[..., normal]) / probs[..., normal]).amax(dim=1)
+    torch.testing.assert_close(log_odds, reference, atol=1e-6, rtol=1e-6)
+
+    # The frame path (temporal head over the video's frame embeddings) gives other scores.
+    frame_log_odds = snippet_log_odds(moved, frame_embeds, embeds, normal, clip_len=1, batch_size=4)
+    assert not torch.allclose(frame_log_odds, log_odds, atol=1e-3)
