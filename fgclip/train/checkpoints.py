@@ -11,6 +11,11 @@ A checkpoint is built in ``checkpoint-<step>.tmp-<pid>``, every file fsynced,
 from. The fingerprint covers every param that changes what the weights mean
 (model, loss, batch shapes): resuming across such a change mixed a wrong
 temperature into the users' old runs, so a mismatch is an error, never a guess.
+
+Retention keeps the newest ``train.keep_checkpoints`` plus the best (lowest
+``loss`` in meta.json) of the run's configuration; ``fgclip.train.cleanup``
+applies the same rule (:func:`select_kept`) and also removes stale and broken
+checkpoints.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +194,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``keep``.
+    """Write ``checkpoint-<step>`` atomically, then keep the newest ``keep`` plus the best (:func:`select_kept`).
 
     ``meta`` must hold ``fingerprint`` and ``fingerprint_params``; ``step`` and
     ``time`` are added here.
@@ -220,60 +227,124 @@ def save_checkpoint(
     return final
 
 
-def _complete_checkpoints(run_dir: Path, *, warn: bool = True) -> list[tuple[int, Path, dict[str, Any]]]:
-    """``(step, path, meta)`` of every readable checkpoint, oldest first; others warned about."""
-    found = []
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One ``checkpoint-*`` directory of a run, usable or not."""
+
+    path: Path
+    step: int | None  # None: not a ``checkpoint-<step>`` name (an interrupted save's .tmp-/.old- directory)
+    meta: dict[str, Any] | None  # None when ``problem`` is set
+    problem: str | None  # why it cannot be resumed from, or None
+
+
+def scan_run(run_dir: Path) -> list[CheckpointEntry]:
+    """Every ``checkpoint-*`` directory of ``run_dir`` in name order, each checked for completeness."""
+    entries: list[CheckpointEntry] = []
     if not run_dir.is_dir():
-        return found
+        return entries
     for path in sorted(run_dir.iterdir()):
         if not path.is_dir() or not path.name.startswith("checkpoint-"):
             continue
         match = _NAME.match(path.name)
         if match is None:
-            if warn:
-                logger.warning("Skipping %s: left by an interrupted checkpoint save", path)
+            entries.append(CheckpointEntry(path, None, None, "left by an interrupted checkpoint save"))
             continue
-        problem = _check_files(path)
-        if problem:
-            if warn:
-                logger.warning("Skipping checkpoint %s: %s", path, problem)
-            continue
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        found.append((int(match.group(1)), path, meta))
+        problem, meta = _inspect(path)
+        entries.append(CheckpointEntry(path, int(match.group(1)), meta, problem))
+    return entries
+
+
+def _complete_checkpoints(run_dir: Path, *, warn: bool = True) -> list[tuple[int, Path, dict[str, Any]]]:
+    """``(step, path, meta)`` of every readable checkpoint, oldest first; others warned about."""
+    found = []
+    for entry in scan_run(run_dir):
+        if entry.problem is None:
+            found.append((entry.step, entry.path, entry.meta))
+        elif warn and entry.step is None:
+            logger.warning("Skipping %s: %s", entry.path, entry.problem)
+        elif warn:
+            logger.warning("Skipping checkpoint %s: %s", entry.path, entry.problem)
     return sorted(found, key=lambda item: item[0])
 
 
-def _check_files(path: Path) -> str | None:
-    """Why ``path`` is not a usable checkpoint, or None."""
+def _inspect(path: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """``(why path is not a usable checkpoint, None)`` or ``(None, its meta)``."""
     if not (path / META_FILE).is_file():
-        return f"no {META_FILE} (incomplete save)"
+        return f"no {META_FILE} (incomplete save)", None
     try:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        return f"{META_FILE} unreadable ({exc})"
+        return f"{META_FILE} unreadable ({exc})", None
+    if not isinstance(meta, dict):
+        return f"{META_FILE} is not a JSON object", None
     missing = {"step", "fingerprint", "fingerprint_params"} - set(meta)
     if missing:
-        return f"{META_FILE} lacks {sorted(missing)}"
+        return f"{META_FILE} lacks {sorted(missing)}", None
     try:
         with safe_open(str(path / MODEL_FILE), framework="pt"):
             pass
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-        return f"{MODEL_FILE} unreadable ({type(exc).__name__}: {exc})"
+        return f"{MODEL_FILE} unreadable ({type(exc).__name__}: {exc})", None
     try:
         with zipfile.ZipFile(path / STATE_FILE) as archive:
             bad = archive.testzip()
     except (OSError, zipfile.BadZipFile) as exc:
-        return f"{STATE_FILE} unreadable ({type(exc).__name__}: {exc})"
+        return f"{STATE_FILE} unreadable ({type(exc).__name__}: {exc})", None
     if bad is not None:
-        return f"{STATE_FILE} is corrupt (member {bad})"
-    return None
+        return f"{STATE_FILE} is corrupt (member {bad})", None
+    return None, meta
+
+
+def checkpoint_score(meta: dict[str, Any]) -> float | None:
+    """The checkpoint's ``loss`` (lower is better), or None when it has no usable one.
+
+    ``loss`` is the mean training loss over the optimizer steps since the previous
+    checkpoint (written by the training loop). Older checkpoints lack it and are
+    never "the best"; neither is a non-finite one.
+    """
+    loss = meta.get("loss")
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return None
+    return float(loss)
+
+
+Checkpoint = tuple[int, Path, dict[str, Any]]
+
+
+def select_kept(
+    checkpoints: list[Checkpoint], keep: int, fingerprint_: str | None = None
+) -> tuple[set[Path], Checkpoint | None]:
+    """What retention keeps of ``checkpoints`` (complete ones, oldest first): ``(kept paths, best)``.
+
+    The newest ``keep``, plus the best one: the lowest :func:`checkpoint_score`
+    (the newer on a tie). With ``fingerprint_``, only checkpoints of that
+    configuration may be the best, so an old configuration's low loss never pins
+    a checkpoint that ``latest_resumable`` would refuse. The one rule used both
+    when training saves and by ``fgclip checkpoints clean``.
+    """
+    kept = {path for _, path, _ in checkpoints[-keep:]} if keep > 0 else set()
+    eligible = [
+        c
+        for c in checkpoints
+        if checkpoint_score(c[2]) is not None
+        and (fingerprint_ is None or c[2]["fingerprint"] == fingerprint_)
+    ]
+    best = min(eligible, key=lambda c: (checkpoint_score(c[2]), -c[0])) if eligible else None
+    if best is not None:
+        kept.add(best[1])
+    return kept, best
 
 
 def _apply_retention(run_dir: Path, keep: int) -> None:
     complete = _complete_checkpoints(run_dir, warn=False)
-    for _, path, _ in complete[:-keep]:
-        shutil.rmtree(path)
-        logger.info("Removed old checkpoint %s (train.keep_checkpoints=%d)", path, keep)
+    if not complete:
+        return
+    kept, best = select_kept(complete, keep, complete[-1][2]["fingerprint"])
+    for _, path, _ in complete:
+        if path not in kept:
+            shutil.rmtree(path)
+            logger.info("Removed old checkpoint %s (train.keep_checkpoints=%d, best kept: %s)",
+                        path, keep, best[1].name if best else None)  # fmt: skip
 
 
 def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -299,10 +370,14 @@ def latest_resumable(run_dir: Path, fingerprint_: str, fingerprint_params_: dict
             # JSON round-trips tuples to lists etc.: compare in the same form.
             current = json.loads(json.dumps(fingerprint_params_, default=str))
             diffs = describe_difference(meta["fingerprint_params"], current)
+            # Cleanup compares input hashes only when asked to (they cost a read of all the data).
+            clean = "fgclip checkpoints clean" + (
+                " --check-inputs" if any(d.startswith("input.") for d in diffs) else ""
+            )
             raise StaleCheckpointError(
                 f"{path} was written with different model/loss params "
                 f"({'; '.join(diffs) or 'fingerprint ' + meta['fingerprint'] + ' -> ' + fingerprint_}). "
-                f"It will not be resumed from: delete {run_dir} (or its checkpoint-* directories), "
+                f"It will not be resumed from: run `{clean}` (or delete {run_dir}), "
                 "or set train.run_name to a new name to start a separate run."
             )
     return complete[-1][1] if complete else None

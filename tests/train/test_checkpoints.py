@@ -1,7 +1,11 @@
-"""Atomic, fingerprinted checkpoints: round trip, skipped partial saves, stale refusal, retention."""
+"""Atomic, fingerprinted checkpoints: round trip, skipped partial saves, stale refusal, retention.
+
+Also the fault drill of a truncated newest checkpoint, through the real training loop.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import random
@@ -24,7 +28,9 @@ from fgclip.train.checkpoints import (
     restore_rng_state,
     run_fingerprint,
     save_checkpoint,
+    select_kept,
 )
+from fgclip.train.loop import train
 from fgclip.train.optim import build_optimizer, cosine_with_warmup
 
 
@@ -49,7 +55,7 @@ def _train(model, opt, sched, bank, steps: int) -> None:
         bank.enqueue(torch.randn(3, 6), torch.randn(3, 6), torch.arange(3))
 
 
-def _save(run_dir: Path, step: int, parts, params: Params, keep: int = 5) -> Path:
+def _save(run_dir: Path, step: int, parts, params: Params, keep: int = 5, loss: float | None = None) -> Path:
     model, opt, sched, bank = parts
     fp, fp_params = run_fingerprint(params)
     state = {
@@ -60,6 +66,8 @@ def _save(run_dir: Path, step: int, parts, params: Params, keep: int = 5) -> Pat
         "forward_passes": step,
     }
     meta = {"fingerprint": fp, "fingerprint_params": fp_params, "forward_passes": step}
+    if loss is not None:
+        meta["loss"] = loss
     return save_checkpoint(run_dir, step, model=model, state=state, meta=meta, keep=keep)
 
 
@@ -183,3 +191,86 @@ def test_retention_keeps_newest_and_overwrite_is_atomic(tmp_path: Path) -> None:
     load_checkpoint(path, model)
     assert torch.equal(model[0].weight, parts[0][0].weight)
     assert json.loads((path / "meta.json").read_text())["step"] == 3
+
+
+def _names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def test_retention_also_keeps_the_lowest_loss_of_this_configuration(tmp_path: Path) -> None:
+    params = Params()
+    parts = _parts(0)
+    # An old configuration's checkpoint with the lowest loss of all: it must not be pinned as
+    # the best, or every later resume would be refused as stale.
+    _save(tmp_path, 1, parts, Params().with_overrides(model={"logit_scale_init_value": 2.6592}), loss=0.01)
+    for step, loss in ((2, 0.2), (3, 0.9), (4, 0.5), (5, 0.6)):
+        _save(tmp_path, step, parts, params, keep=2, loss=loss)
+    assert _names(tmp_path) == ["checkpoint-000002", "checkpoint-000004", "checkpoint-000005"]
+    # Without any recorded loss it is the newest K, as before.
+    other = tmp_path / "no-loss"
+    for step in (1, 2, 3):
+        _save(other, step, parts, params, keep=2)
+    assert _names(other) == ["checkpoint-000002", "checkpoint-000003"]
+
+
+def test_select_kept_breaks_ties_towards_the_newer_and_ignores_non_finite() -> None:
+    ckpts = [
+        (1, Path("c1"), {"fingerprint": "a", "loss": 0.3}),
+        (2, Path("c2"), {"fingerprint": "a", "loss": float("nan")}),
+        (3, Path("c3"), {"fingerprint": "a", "loss": 0.3}),
+        (4, Path("c4"), {"fingerprint": "a", "loss": 0.7}),
+        (5, Path("c5"), {"fingerprint": "a"}),
+    ]
+    kept, best = select_kept(ckpts, 1)
+    assert best is not None and best[1] == Path("c3")
+    assert kept == {Path("c3"), Path("c5")}
+    assert select_kept(ckpts, 1, "b") == ({Path("c5")}, None)
+
+
+def _loss_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_truncated_newest_checkpoint_is_skipped_when_training_resumes(
+    train_params,
+    tiny_clip,
+    tiny_frames: Path,
+    tiny_boxes: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fault drill: the newest checkpoint's weights cut in half (a full disk, a copy killed midway)."""
+    params = train_params(train={"max_steps": 3})  # checkpoints at step 2 and at the last one, 3
+
+    def run(root: Path) -> dict:
+        return train(
+            params, tiny_frames, tiny_boxes, str(tiny_clip[0]), root / "out", root / "checkpoints",
+            root / "health.json", metrics_path=root / "train.json", loss_csv=root / "loss.csv",
+        )  # fmt: skip
+
+    first = run(tmp_path)
+    assert first["steps"] == 3
+    run_dir = tmp_path / "checkpoints" / params.train.run_name
+    assert _names(run_dir) == ["checkpoint-000002", "checkpoint-000003"]
+    reference = [float(row["loss"]) for row in _loss_rows(tmp_path / "loss.csv")]
+    # Each checkpoint is scored with the mean loss of the steps since the previous one.
+    good = json.loads((run_dir / "checkpoint-000002" / "meta.json").read_text())
+    assert good["loss"] == pytest.approx((reference[0] + reference[1]) / 2)
+    weights = run_dir / "checkpoint-000003" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        second = run(tmp_path)
+    assert second["start_step"] == 2 and second["steps"] == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checkpoint-000003" in w and "model.safetensors unreadable" in w for w in warnings), warnings
+    # Resumed from step 2 exactly: step 3 is trained again and gives the same loss.
+    assert [float(row["loss"]) for row in _loss_rows(tmp_path / "loss.csv")] == reference
+    # Step 3 is saved whole again (scored with its own loss), and the run's lock is gone.
+    meta = json.loads((run_dir / "checkpoint-000003" / "meta.json").read_text())
+    assert meta["loss"] == pytest.approx(reference[2])
+    resumable = latest_resumable(run_dir, meta["fingerprint"], meta["fingerprint_params"])
+    assert resumable == run_dir / "checkpoint-000003"
+    assert not (run_dir / "train.lock").exists()
