@@ -126,7 +126,47 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
         _path(args.out) or params.path(params.evaluate.out),
         _path(args.scores) or params.path(params.evaluate.scores),
         roc_path=_path(args.roc) or params.path("plots/roc.csv"),
+        boxes_dir=_path(args.boxes) or params.path(params.boxes.out),
     )
+
+
+def cmd_checkpoints_clean(params: Params, args: argparse.Namespace) -> None:
+    from fgclip.train.cleanup import clean_checkpoints, current_inputs, format_size
+
+    inputs = None
+    if args.check_inputs:
+        inputs = current_inputs(
+            params,
+            model=_pretrained_source(params, args.model),
+            frames=_path(args.frames),
+            boxes=_path(args.boxes),
+        )
+    removals = clean_checkpoints(params, root=_path(args.checkpoints), dry_run=args.dry_run, inputs=inputs)
+    verb = "would remove" if args.dry_run else "removed"
+    for removal in removals:
+        print(f"{verb} {removal.path}: {removal.reason}")
+    print(f"{verb} {len(removals)} checkpoint(s), {format_size(sum(r.size for r in removals))}")
+
+
+def cmd_compare(params: Params, args: argparse.Namespace) -> None:
+    from fgclip.atomic import write_text_atomic
+    from fgclip.compare import compare
+
+    text = compare(params, experiment=args.experiment, runs=args.runs or (), fmt=args.format, last=args.last)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, text)
+        log.info("comparison written to %s", out)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_serve(params: Params, args: argparse.Namespace) -> None:
+    # The one subcommand that reaches into the orchestration layer (pipeline/, Prefect).
+    from pipeline.flow import serve
+
+    serve(Path(args.params))
 
 
 # --- parser --------------------------------------------------------------------
@@ -188,6 +228,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="metrics JSON (default: evaluate.out)")
     p.add_argument("--scores", help="per-frame scores Parquet (default: evaluate.scores)")
     p.add_argument("--roc", help="ROC curve CSV for `dvc plots` (default: plots/roc.csv)")
+    p.add_argument("--boxes", help="boxes directory, for the held-out region metrics (default: boxes.out)")
+
+    help_ = "manage training checkpoints"
+    p = sub.add_parser("checkpoints", help=help_, description=help_)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    help_ = "remove the current run's stale, broken and surplus checkpoints (never a running job's)"
+    p = actions.add_parser("clean", help=help_, description=help_)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.set_defaults(func=cmd_checkpoints_clean)
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed, and why")
+    p.add_argument("--checkpoints", help="checkpoint root (default: train.checkpoints)")
+    p.add_argument(
+        "--check-inputs",
+        action="store_true",
+        help="also compare the base model and data hashes, as `fgclip train` does (reads them all)",
+    )
+    p.add_argument("--model", help="with --check-inputs: the CLIP `fgclip train --model` was given")
+    p.add_argument("--frames", help="with --check-inputs: frames directory (default: frames.out)")
+    p.add_argument("--boxes", help="with --check-inputs: boxes directory (default: boxes.out)")
+
+    p = add(
+        "compare", cmd_compare, "the runs of an MLflow experiment side by side: differing params, losses, AUC"
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    p.add_argument(
+        "--runs", nargs="+", metavar="RUN", help="run ids, names (newest of that name) or id prefixes"
+    )
+    p.add_argument("--last", type=int, default=6, help="without --runs: the newest N runs (default: 6)")
+    p.add_argument("--format", choices=["table", "markdown", "csv"], default="table", help="(default: table)")
+    p.add_argument("--out", help="write to this file instead of stdout")
+
+    add(
+        "serve",
+        cmd_serve,
+        "serve the Prefect flow fgclip-pipeline on orchestration.cron (needs a Prefect server; Ctrl-C stops)",
+    )
     return parser
 
 

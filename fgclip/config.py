@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -49,6 +50,7 @@ class SampleConfig(_Section):
     train_normal: int = Field(12, ge=1)
     test_normal: int = Field(6, ge=1)
     bad_boxes: bool = True
+    region_paraphrases: bool = False
 
     @model_validator(mode="after")
     def _frames_range(self) -> SampleConfig:
@@ -165,6 +167,11 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1)
     # Snippets per scoring clip, centred on the scored snippet; null = train.num_frames.
     window_snippets: int | None = Field(None, ge=1)
+    # frame: the temporal head over a clip of snippet frames (the video path);
+    # region_grid: each snippet's frame scored through the dense RoI path as the
+    # max over region_grid x region_grid cells plus the whole frame.
+    scoring: Literal["frame", "region_grid"] = "frame"
+    region_grid: int = Field(2, ge=1, le=16)
     templates: list[str] = ["{}"]
     prompts: dict[str, list[str]] = {}
 
@@ -183,6 +190,35 @@ class TrackingConfig(_Section):
     experiment: str = "fgclip-vad"
 
 
+class OrchestrationConfig(_Section):
+    """The Prefect flow (``pipeline/flow.py``), ``fgclip serve`` and ``prefect.yaml``.
+
+    No DVC stage reads this section, so changing it never re-runs a stage.
+    """
+
+    retries: int = Field(2, ge=0)  # extra attempts of a failed stage
+    retry_delay_s: float = Field(30.0, ge=0.0)
+    stage_timeout_s: float | None = Field(None, gt=0.0)  # None = no limit
+    deployment: str = Field("nightly", min_length=1)
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _schedule(self) -> OrchestrationConfig:
+        # Checked here so a typo fails at start-up, not when the scheduler first reads it.
+        fields = self.cron.split()
+        if len(fields) != 5 or not all(set(f) <= set("0123456789*/,-") for f in fields):
+            raise ValueError(
+                f"orchestration.cron {self.cron!r} is not a 5-field numeric cron "
+                "(minute hour day-of-month month day-of-week, e.g. '0 2 * * *')"
+            )
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"orchestration.timezone {self.timezone!r} is not an IANA time zone") from exc
+        return self
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     sample: SampleConfig = SampleConfig()
@@ -193,6 +229,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     # Directory of the params file: relative paths above are resolved against it.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

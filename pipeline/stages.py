@@ -7,11 +7,18 @@ stage or all of them in a repository without re-stating any ML logic.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 STAGES: tuple[str, ...] = ("sample", "extract_frames", "validate_boxes", "pretrain", "train", "evaluate")
+
+
+# Characters of a failed stage's output kept in StageFailed: enough for a traceback.
+TAIL_CHARS = 4000
 
 
 class StageFailed(RuntimeError):
@@ -25,17 +32,57 @@ def dvc_executable() -> str:
     return exe
 
 
-def run_stage(repo: Path, stage: str | None = None, *, timeout: float | None = None) -> str:
+def run_stage(
+    repo: Path,
+    stage: str | None = None,
+    *,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """`dvc repro [-s stage]` in ``repo``; returns its output, raises StageFailed on failure.
 
     ``-s`` (single stage) runs just that stage; an orchestrator calls the stages in
-    STAGES order, so each one's upstream is already up to date.
+    STAGES order, so each one's upstream is already up to date. ``env`` is added to
+    this process's environment; DVC passes it on to the stage command (that is how
+    the flow run id reaches the training run's MLflow tags).
+
+    DVC is not asked to wait for its repository lock: when another `dvc` holds it,
+    the stage fails at once with DVC's lock error and the orchestrator's retry (with
+    its delay, visible in the UI) is the wait. On ``timeout``, or when this call is
+    interrupted, the whole process group (dvc and the stage command it started) is
+    killed, so no orphaned training job keeps writing checkpoints.
     """
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     cmd = [dvc_executable(), "repro"] + (["-s", stage] if stage else [])
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout, check=False)
-    output = proc.stdout + proc.stderr
+    proc = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream, in order: the tail shows the error after what led to it
+        text=True,
+        start_new_session=True,  # its own process group, so it can be killed with its children
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        output, _ = proc.communicate()
+        raise StageFailed(
+            f"dvc {' '.join(cmd[1:])} timed out after {timeout:g} s and was killed:\n{output[-TAIL_CHARS:]}"
+        ) from None
+    except BaseException:
+        _kill_group(proc)
+        raise
     if proc.returncode != 0:
-        raise StageFailed(f"{' '.join(cmd[1:])} failed (exit {proc.returncode}):\n{output[-4000:]}")
+        raise StageFailed(f"dvc {' '.join(cmd[1:])} failed (exit {proc.returncode}):\n{output[-TAIL_CHARS:]}")
     return output
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+    proc.wait()

@@ -60,12 +60,18 @@ from fgclip.train.checkpoints import (
 )
 from fgclip.train.diagnostics import HealthMonitor, diag_figures, log_diag, runtime_diag_enabled
 from fgclip.train.optim import build_optimizer, cosine_with_warmup
+from fgclip.train.runlock import RunLock
 from fgclip.train.tracking import Tracker, flatten_params
 
 logger = logging.getLogger(__name__)
 train_log = logging.getLogger("fgclip.train")  # the user-facing [LOSS] / [DIAG] lines
 
 FAULT_ENV = "FGCLIP_FAULT_NAN_AT_STEP"
+# MLflow tag <- environment variable set by the orchestrator (pipeline/flow.py).
+ORCHESTRATOR_TAG_ENV = {
+    "prefect.flow_run_id": "FGCLIP_FLOW_RUN_ID",
+    "prefect.flow_run_name": "FGCLIP_FLOW_RUN_NAME",
+}
 RUN_FILE = "run.json"
 LOSS_COLUMNS = ("loss", "loss_global", "loss_region")
 
@@ -246,8 +252,12 @@ def train(
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    # Rank 0 holds <run_dir>/train.lock for the whole run: a second job on the same
+    # run directory fails here, and `fgclip checkpoints clean` leaves the run alone.
+    lock = RunLock(paths.checkpoints / params.train.run_name) if ctx.is_main else None
     try:
-        return _train(params, paths, ctx, device, resume=resume, max_steps=max_steps)
+        with lock or nullcontext():
+            return _train(params, paths, ctx, device, resume=resume, max_steps=max_steps, lock=lock)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         if ctx.enabled and dist.is_initialized():
@@ -353,6 +363,7 @@ def _train(
     *,
     resume: bool,
     max_steps: int | None,
+    lock: RunLock | None = None,
 ) -> dict[str, Any]:
     cfg = params.train
     stop_step = cfg.max_steps if max_steps is None else min(max_steps, cfg.max_steps)
@@ -377,6 +388,8 @@ def _train(
         logger.info("Resuming from %s (optimizer step %d, %d forward passes)",
                     last_checkpoint, run.step, run.forward_passes)  # fmt: skip
         run.model.log_scales(last_checkpoint)
+        if lock is not None:
+            lock.update(last_checkpoint)
     elif not resume and run_dir.exists():
         logger.warning("resume=False: ignoring the checkpoints in %s (equal steps are overwritten)", run_dir)
 
@@ -389,8 +402,12 @@ def _train(
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
     samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ctx.world_size
     start_step, started = run.step, time.perf_counter()
+    saved_at = run.step  # the steps since the last checkpoint score the next one
     tags = {"run_name": cfg.run_name, "fingerprint": fingerprint, "model_path": paths.model,
             "device": str(device), "world_size": ctx.world_size}  # fmt: skip
+    # The orchestrator's run (pipeline/flow.py passes it through `dvc repro`): which
+    # flow run trained (or resumed) this MLflow run.
+    tags.update({tag: os.environ[var] for tag, var in ORCHESTRATOR_TAG_ENV.items() if os.environ.get(var)})
 
     with Tracker(params, cfg.run_name, run_id=run_id, enabled=ctx.is_main, tags=tags) as tracker:
         tracker.log_params(flatten_params(params))
@@ -449,8 +466,12 @@ def _train(
                 tracker.log_metrics(figures, step=step)
             if step % cfg.checkpoint_every == 0 or step == stop_step:
                 if ctx.is_main:
+                    # Metrics up to this step go to MLflow before the checkpoint exists: a run
+                    # killed after the save resumes past them and would never log them again.
+                    tracker.flush()
                     meta = {"forward_passes": run.forward_passes, "fingerprint": fingerprint,
-                            "fingerprint_params": fp_params, "run_id": tracker.run_id}  # fmt: skip
+                            "fingerprint_params": fp_params, "run_id": tracker.run_id,
+                            "loss": _mean_loss(run.history, saved_at)}  # fmt: skip
                     last_checkpoint = save_checkpoint(
                         run_dir,
                         step,
@@ -459,6 +480,9 @@ def _train(
                         meta=meta,
                         keep=cfg.keep_checkpoints,
                     )
+                    if lock is not None:
+                        lock.update(last_checkpoint)
+                saved_at = step
                 if ctx.enabled:
                     dist.barrier()
         bar.close()
@@ -472,6 +496,12 @@ def _train(
     if ctx.is_main:
         run.monitor.raise_if_failed(summary["health"])
     return summary
+
+
+def _mean_loss(history: list[dict[str, float]], after_step: int) -> float:
+    """Mean training loss of the steps after ``after_step``: the checkpoint's score (lower is better)."""
+    recent = [row["loss"] for row in history if row["step"] > after_step]
+    return sum(recent) / len(recent)
 
 
 def _stop(

@@ -1,0 +1,483 @@
+"""The Prefect flow against a real Prefect server, on a real tiny DVC repository.
+
+One Prefect server (loopback, free port, its own database) and one `fgclip serve`
+runner serve the flow for one tiny repository. The first run of the served
+deployment is also the fault drill: it starts while another process holds DVC's
+repository lock (a transient fault the retry clears), with a stale-temperature
+checkpoint in the way (the cleanup task removes it), and its training process is
+SIGKILLed after its first checkpoint (the retry resumes from it). Then a stage
+that fails for good fails the flow with the stage's error, and `prefect.yaml`
+is deployed to the same server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fgclip.config import load_params
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.e2e
+
+TRAIN_STEPS, CHECKPOINT_EVERY = 16, 4
+TINY: dict[str, dict[str, Any]] = {
+    "sample": {
+        "anomaly_classes": ["Arson", "RoadAccidents"],
+        "train_per_class": 3,
+        "test_per_class": 1,
+        "train_normal": 3,
+        "test_normal": 1,
+        "min_frames": 48,
+        "max_frames": 72,
+        "width": 96,
+        "height": 72,
+    },
+    "frames": {"workers": 1, "train_frames_per_video": 8},
+    "model": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 32,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "text_hidden": 32,
+        "text_layers": 1,
+        "text_heads": 2,
+        "projection_dim": 32,
+        "temporal_layers": 1,
+        "temporal_heads": 2,
+    },
+    "pretrain": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
+    "train": {
+        "run_name": "drill",
+        "device": "cpu",
+        "max_steps": TRAIN_STEPS,
+        "batch_size": 4,
+        "num_frames": 4,
+        "memory_bank_warmup_steps": 3,
+        "memory_bank_size": 16,
+        "checkpoint_every": CHECKPOINT_EVERY,
+        "num_workers": 0,
+        "warmup_steps": 1,
+        "diag_every": 4,
+    },
+    # Not the project's values: the deployment must take these from the repository's params.
+    "orchestration": {
+        "retries": 1,
+        "retry_delay_s": 2,
+        "deployment": "tiny",
+        "cron": "30 4 * * 1",
+        "timezone": "Europe/Berlin",
+    },
+}
+DEPLOYMENT = "fgclip-pipeline/tiny"
+STALE_CHECKPOINT = "checkpoint-000002"
+FLOW_TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a process started in its own session, with everything it started."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A real Prefect server on a free loopback port; yields the environment that points at it."""
+    home = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    overrides = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # the runner picks up a triggered run within a second
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env = {**os.environ, **overrides}
+    env.pop("MLFLOW_TRACKING_URI", None)  # MLflow defaults to <repo>/mlflow.db
+    log_path = home / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--no-ui", "--analytics-off"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+
+        def healthy() -> bool:
+            if server.poll() is not None:
+                pytest.fail(f"prefect server exited {server.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        _until("the Prefect server's /api/health", healthy, timeout=180, interval=0.5)
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in overrides.items():
+                mp.setenv(key, value)
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+            # Prefect reads its settings when first imported: pin them for this process too.
+            with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_HOME: str(home)}):
+                yield env
+    finally:
+        _stop(server)
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A throwaway git + DVC repository holding this project's pipeline with tiny params."""
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", "prefect.yaml", "fgclip", "pipeline"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, repo / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def served(prefect_env: dict[str, str], tiny_repo: Path, tmp_path_factory) -> Iterator[str]:
+    """`fgclip serve` of the tiny repository, running; yields the deployment name."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "fgclip"), "serve", "--params", str(tiny_repo / "params.yaml")],
+            cwd=tiny_repo, env=prefect_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+
+        def deployed() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"fgclip serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with get_client(sync_client=True) as client:
+                try:
+                    client.read_deployment_by_name(DEPLOYMENT)
+                except ObjectNotFound:  # until serve has registered it
+                    return False
+            return "prefect deployment run" in log_path.read_text()
+
+        _until(f"`fgclip serve` to register {DEPLOYMENT}", deployed, timeout=120, interval=0.5)
+        yield DEPLOYMENT
+    finally:
+        _stop(proc, signal.SIGINT)  # Ctrl-C, as an operator stops it
+
+
+def _trigger(deployment: str) -> Any:
+    from prefect.deployments import run_deployment
+
+    return run_deployment(deployment, timeout=0)
+
+
+def _wait_final(flow_run_id: Any, timeout: float = FLOW_TIMEOUT_S) -> Any:
+    from prefect.client.orchestration import get_client
+
+    def final() -> Any:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+        return run if run.state is not None and run.state.is_final() else None
+
+    return _until(f"flow run {flow_run_id} to finish", final, timeout=timeout, interval=1.0)
+
+
+def _task_runs(flow_run_id: Any) -> dict[str, Any]:
+    """``{task run name: task run}`` of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+def _logs(flow_run_id: Any, task_run_id: Any | None = None) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTaskRunId
+
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    if task_run_id is not None:
+        log_filter.task_run_id = LogFilterTaskRunId(any_=[task_run_id])
+    with get_client(sync_client=True) as client:
+        return "\n".join(log.message for log in client.read_logs(log_filter=log_filter))
+
+
+def _newest_checkpoint(run_dir: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if (p / "meta.json").is_file()]
+    return max(steps, default=0)
+
+
+def _plant_stale_checkpoint(path: Path) -> None:
+    """A complete checkpoint written with the old temperature init (ln(1/0.07) = 2.6592)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({"logit_scale_region": torch.tensor(2.6592)}, str(path / "model.safetensors"))
+    torch.save({}, path / "state.pt")
+    meta = {
+        "step": 2,
+        "fingerprint": "0" * 16,
+        "fingerprint_params": {"model.logit_scale_init_value": 2.6592},
+    }
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def drill(served: str, tiny_repo: Path) -> dict[str, Any]:
+    """One run of the served deployment, through two transient faults, each retried away.
+
+    1. DVC's repository lock is held (DVC's own lock class, as a second `dvc`
+       process holds it) when the run starts: `sample` fails on it; the lock is
+       released once the task awaits its retry.
+    2. The training process is SIGKILLed once its first checkpoint exists (found
+       through the run's lock file, as an operator would find its pid): `train`
+       fails; its retry runs `dvc repro -s train` again, which resumes.
+
+    Before it, a checkpoint of the users' stale temperature is planted in the run's
+    directory: `train` refuses to resume across it, so the run completes only if the
+    cleanup task before training removed it.
+
+    Returns the finished flow run and what was killed.
+    """
+    from dvc.lock import Lock
+
+    run_dir = tiny_repo / "checkpoints" / TINY["train"]["run_name"]
+    _plant_stale_checkpoint(run_dir / STALE_CHECKPOINT)
+    first = run_dir / f"checkpoint-{CHECKPOINT_EVERY:06d}" / "meta.json"
+    lock = Lock(str(tiny_repo / ".dvc" / "tmp" / "lock"))
+    lock.lock()
+    try:
+        started = _trigger(served)
+
+        def sample_awaits_retry() -> bool:
+            sample = _task_runs(started.id).get("sample")
+            return sample is not None and sample.state is not None and sample.state.name == "AwaitingRetry"
+
+        _until("the sample stage to fail on the lock", sample_awaits_retry, timeout=180, interval=0.1)
+    finally:
+        lock.unlock()
+
+    def training_checkpointed() -> int | None:
+        if first.is_file() and (run_dir / "train.lock").is_file():
+            holder = json.loads((run_dir / "train.lock").read_text())
+            return holder["pid"] if holder.get("owner") == "train" else None
+        return None
+
+    pid = _until(
+        "the first training checkpoint", training_checkpointed, timeout=FLOW_TIMEOUT_S, interval=0.02
+    )
+    os.kill(pid, signal.SIGKILL)
+    killed_at = _newest_checkpoint(run_dir)
+    meta = json.loads((run_dir / f"checkpoint-{killed_at:06d}" / "meta.json").read_text())
+    return {"flow_run": _wait_final(started.id), "killed_at": killed_at, "mlflow_run_id": meta["run_id"]}
+
+
+def test_served_deployment_has_the_params_schedule_and_its_run_completes(drill, served, tiny_repo: Path):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(served)
+    orch = load_params(tiny_repo / "params.yaml").orchestration
+    [schedule] = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (orch.cron, orch.timezone)
+    assert deployment.parameters == {"repo": str(tiny_repo.resolve()), "params_file": "params.yaml"}
+    assert deployment.global_concurrency_limit.limit == 1
+
+    flow_run = drill["flow_run"]
+    assert flow_run.deployment_id == deployment.id
+    assert flow_run.state.is_completed(), f"{flow_run.state.name}: {flow_run.state.message}"
+    tasks = _task_runs(flow_run.id)
+    expected = {"sample", "extract_frames", "validate_boxes", "pretrain", "train", "evaluate",
+                "clean-checkpoints-before", "clean-checkpoints-after"}  # fmt: skip
+    assert set(tasks) == expected
+    assert all(t.state.is_completed() for t in tasks.values())
+    evaluation = json.loads((tiny_repo / "metrics/eval.json").read_text())
+    assert 0.0 <= evaluation["finetuned"]["frame_auc"] <= 1.0
+
+
+def test_cleanup_before_training_removed_the_stale_temperature_checkpoint(drill, tiny_repo: Path):
+    flow_run = drill["flow_run"]
+    clean = _task_runs(flow_run.id)["clean-checkpoints-before"]
+    logs = _logs(flow_run.id, clean.id)
+    assert f"{STALE_CHECKPOINT}: stale: written with other params" in logs, logs
+    assert "model.logit_scale_init_value: 2.6592 -> 4.6052" in logs, logs
+    assert not (tiny_repo / "checkpoints" / TINY["train"]["run_name"] / STALE_CHECKPOINT).exists()
+
+
+def test_killed_training_resumes_from_its_checkpoint_on_the_retry(drill, tiny_repo: Path):
+    flow_run, killed_at = drill["flow_run"], drill["killed_at"]
+    assert CHECKPOINT_EVERY <= killed_at < TRAIN_STEPS, "the training process was not killed halfway"
+    train = _task_runs(flow_run.id)["train"]
+    assert train.run_count == 2, "the train task should have failed once (killed), then succeeded"
+    logs = _logs(flow_run.id, train.id)
+    assert "exited with -9" in logs, logs[-3000:]  # DVC's report of the SIGKILLed command
+    assert f"Resuming from {tiny_repo / 'checkpoints/drill'}/checkpoint-{killed_at:06d}" in logs, logs[-3000:]
+    summary = json.loads((tiny_repo / "metrics/train.json").read_text())
+    assert (summary["start_step"], summary["steps"]) == (killed_at, TRAIN_STEPS)
+
+
+def test_resumed_run_has_every_step_once_and_the_flow_run_tag(drill, tiny_repo: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    summary = json.loads((tiny_repo / "metrics/train.json").read_text())
+    assert summary["run_id"] == drill["mlflow_run_id"], (
+        "the resumed training must continue the same MLflow run"
+    )
+    history = client.get_metric_history(drill["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, TRAIN_STEPS + 1))
+    tags = client.get_run(drill["mlflow_run_id"]).data.tags
+    flow_run = drill["flow_run"]
+    assert tags["prefect.flow_run_id"] == str(flow_run.id)
+    assert tags["prefect.flow_run_name"] == flow_run.name
+
+
+def test_a_busy_dvc_lock_is_retried_away(drill):
+    """`sample` found DVC's repository lock held: it failed on DVC's lock error, and its retry ran."""
+    flow_run = drill["flow_run"]
+    sample = _task_runs(flow_run.id)["sample"]
+    assert sample.run_count == 2
+    logs = _logs(flow_run.id, sample.id)
+    assert "Unable to acquire lock" in logs and "Running stage 'sample'" in logs, logs[-3000:]
+
+
+def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_repo: Path):
+    """`sample` pointed at a dataset it did not write refuses it on every attempt."""
+    params_path = tiny_repo / "params.yaml"
+    good = params_path.read_text()
+    params = yaml.safe_load(good)
+    params["data"]["root"] = "data/real_ucf"
+    (tiny_repo / "data/real_ucf/videos").mkdir(parents=True)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        flow_run = _wait_final(_trigger(served).id)
+    finally:
+        params_path.write_text(good)
+    assert flow_run.state.is_failed()
+    message = flow_run.state.message
+    assert "dvc repro -s sample failed" in message and "refusing to overwrite a dataset" in message, message
+    tasks = _task_runs(flow_run.id)
+    assert tasks["sample"].run_count == 1 + TINY["orchestration"]["retries"]
+    assert "extract_frames" not in tasks, "no stage may run after a failed one"
+
+
+def test_prefect_yaml_matches_params_and_deploys(prefect_env: dict[str, str], tiny_repo: Path):
+    """prefect.yaml deploys the flow to a work pool on params.yaml's schedule (the project's values)."""
+    from prefect.client.orchestration import get_client
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    [dep] = spec["deployments"]
+    orch = load_params(REPO / "params.yaml").orchestration
+    [schedule] = dep["schedules"]
+    assert (dep["name"], schedule["cron"], schedule["timezone"]) == (
+        orch.deployment,
+        orch.cron,
+        orch.timezone,
+    )
+
+    pool = dep["work_pool"]["name"]
+    for cmd in (
+        ["work-pool", "create", pool, "--type", "process"],
+        ["--no-prompt", "deploy", "--name", dep["name"]],
+    ):
+        proc = subprocess.run(
+            [str(BIN / "prefect"), *cmd],
+            cwd=tiny_repo,
+            env=prefect_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"fgclip-pipeline/{dep['name']}")
+    [schedule] = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (orch.cron, orch.timezone)
+    assert deployment.work_pool_name == pool
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.parameters == {"repo": ".", "params_file": "params.yaml"}
+    assert deployment.entrypoint == "pipeline/flow.py:fgclip_pipeline"
+
+
+def test_serve_without_a_server_is_one_clear_line(prefect_env, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from fgclip.cli import main
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["serve", "--params", str(REPO / "params.yaml")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "fgclip serve: error: no Prefect server configured: start one with `prefect server"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("cron", "0 2 * *", "orchestration.cron '0 2 \\* \\*' is not a 5-field numeric cron"),
+        ("timezone", "Mars/Olympus", "orchestration.timezone 'Mars/Olympus' is not an IANA time zone"),
+        ("retries", -1, "retries"),
+    ],
+)
+def test_bad_orchestration_params_are_clear_errors(tmp_path: Path, key: str, value: Any, message: str):
+    from fgclip.config import ParamsError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["orchestration"][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=message):
+        load_params(tmp_path / "params.yaml")
