@@ -63,6 +63,27 @@ def caption_ids(texts: Sequence[str]) -> np.ndarray:
     return out
 
 
+def region_image_ids(
+    videos: np.ndarray, frames: np.ndarray, boxes: np.ndarray, starts: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Stable 63-bit id per region of *what it shows*: its video, frames and boxes.
+
+    Regions that share an id pool the same pixels: the whole-frame virtual box of
+    a normal video carries every walker's caption, so those regions have one image
+    feature and several true captions. The loss must not make them each other's
+    negatives (their loss would be at least ln(#captions) however well the model
+    learns); equal ids say so, as equal caption ids do for repeated captions.
+    """
+    out = np.empty(len(starts), dtype=np.int64)
+    for i, (s, c) in enumerate(zip(starts, counts)):
+        h = hashlib.blake2b(str(videos[s]).encode("utf-8"), digest_size=8)
+        order = np.argsort(frames[s : s + c], kind="stable")
+        h.update(np.ascontiguousarray(frames[s : s + c][order]).tobytes())
+        h.update(np.ascontiguousarray(boxes[s : s + c][order]).tobytes())
+        out[i] = int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return out
+
+
 def load_image(path: Path, size: int, box: Sequence[float] | None = None) -> torch.Tensor:
     """A JPEG as ``uint8 [3, size, size]``, optionally cropped to a normalized xyxy box.
 
@@ -282,6 +303,9 @@ class VideoClipDataset(Dataset):
         self.region_row_start = np.flatnonzero(region_change).astype(np.int64)
         self.region_row_count = np.diff(np.concatenate([self.region_row_start, [len(regions)]]))
         region_video = np.searchsorted(video_row_start, self.region_row_start, side="right") - 1
+        self.region_image_id = region_image_ids(
+            box_videos, self.row_frame, self.row_box, self.region_row_start, self.region_row_count
+        )
         self.video_region_start, self.video_region_count = _group_starts(region_video)
 
         # Both tables hold the same videos, sorted the same way: group i is video i.
@@ -323,6 +347,7 @@ class VideoClipDataset(Dataset):
             "region_ids": self.captions.ids[region_captions],
             "region_text_mask": self.captions.mask[region_captions],
             "region_caption_ids": self.captions.hashes[region_captions],
+            "region_image_ids": torch.from_numpy(self.region_image_id[regions]),
         }
 
     def _pick_regions(self, count: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -392,6 +417,7 @@ def collate(items: list[dict]) -> dict:
     region_ids = torch.zeros((b, r, length), dtype=first["region_ids"].dtype)
     region_text_mask = torch.zeros((b, r, length), dtype=first["region_text_mask"].dtype)
     region_caption_ids = torch.full((b, r), PAD_CAPTION_ID, dtype=torch.int64)
+    region_image_ids = torch.full((b, r), PAD_CAPTION_ID, dtype=torch.int64)
     region_mask = torch.zeros((b, r), dtype=torch.bool)
     for i, item in enumerate(items):
         ri, ki = item["boxes"].shape[:2]
@@ -401,6 +427,7 @@ def collate(items: list[dict]) -> dict:
         region_ids[i, :ri] = item["region_ids"]
         region_text_mask[i, :ri] = item["region_text_mask"]
         region_caption_ids[i, :ri] = item["region_caption_ids"]
+        region_image_ids[i, :ri] = item["region_image_ids"]
         region_mask[i, :ri] = True
     return {
         "video": [item["video"] for item in items],
@@ -414,6 +441,7 @@ def collate(items: list[dict]) -> dict:
         "region_ids": region_ids,
         "region_text_mask": region_text_mask,
         "region_caption_ids": region_caption_ids,
+        "region_image_ids": region_image_ids,
         "region_mask": region_mask,
     }
 

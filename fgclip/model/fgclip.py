@@ -195,6 +195,9 @@ class FGCLIPOutput:
     zero_norm_frac: float
     logit_scale_global: torch.Tensor  # clamped at model.logit_scale_max
     logit_scale_region: torch.Tensor
+    # [M] ids of what each region shows (equal = same pixels, e.g. a whole-frame box
+    # with several captions); None = every region shows something of its own.
+    region_image_ids: torch.Tensor | None = None
 
 
 class FGCLIPVideoModel(nn.Module):
@@ -479,6 +482,7 @@ class FGCLIPVideoModel(nn.Module):
             region_image_embeds=regions[keep],
             region_text_embeds=region_text,
             region_caption_ids=batch["region_caption_ids"][keep],
+            region_image_ids=batch["region_image_ids"][keep] if "region_image_ids" in batch else None,
             zero_norm_frac=zero_norm_frac,
             logit_scale_global=scale_global,
             logit_scale_region=scale_region,

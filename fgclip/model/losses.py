@@ -7,6 +7,11 @@ Both are symmetric InfoNCE over L2-normalised features with logits
   videos) share a caption; treating an identical caption as a negative teaches
   the model to separate identical texts. Rows carry stable caption ids and any
   other column with the anchor's id is masked out of the softmax.
+- Pairs showing the same pixels are not negatives either. A normal video's
+  whole-frame box carries every walker's caption: those regions share one image
+  feature, so each of their captions is a true match for it. Region rows carry
+  ``[caption id, image id]`` and a column sharing either id with the anchor is
+  masked.
 - Under DDP each rank scores its own rows against every rank's columns. The last
   batch of an epoch can be smaller on some ranks (FG-CLIP's gather crashes on
   that), so sizes are exchanged first and the padded gather is trimmed.
@@ -93,6 +98,13 @@ def _rank_offset(n: int, device: torch.device) -> int:
     return sum(_gather_sizes(n, device)[: dist.get_rank()])
 
 
+def _shares_id(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``[N, M]``: row i and column j share an id (ids ``[N]``/``[M]``, or ``[N, K]``/``[M, K]``)."""
+    if rows.dim() == 1:
+        return rows[:, None] == cols[None, :]
+    return (rows[:, None, :] == cols[None, :, :]).any(dim=-1)
+
+
 def _direction(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -109,13 +121,13 @@ def _direction(
         logits = torch.cat([logits, scale * rows @ extra.T.to(rows.dtype)], dim=1)
     masked = logits
     if row_ids is not None:
-        same = row_ids[:, None] == col_ids[None, :]
+        same = _shares_id(row_ids, col_ids)
         # The positive itself is never masked, even though it shares the anchor's id.
         same[torch.arange(rows.shape[0], device=rows.device), targets] = False
         if extra is not None and extra.shape[0] > 0:
             if extra_ids is None:
                 raise ValueError("extra negatives need extra_ids when ids are given")
-            same = torch.cat([same, row_ids[:, None] == extra_ids[None, :].to(row_ids.device)], dim=1)
+            same = torch.cat([same, _shares_id(row_ids, extra_ids.to(row_ids.device))], dim=1)
         masked = logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(masked, targets), logits
 
@@ -164,8 +176,9 @@ def contrastive_loss(
     Args:
         image, text: ``[N, D]``.
         logit_scale: log temperature (already clamped); logits = ``exp(logit_scale) * sim``.
-        ids: ``[N]`` caption ids; a column with the anchor's id (other than its own
-            positive) is masked out of the softmax.
+        ids: ``[N]`` caption ids, or ``[N, K]`` several ids per row (caption, image);
+            a column sharing an id with the anchor (other than its own positive) is
+            masked out of the softmax.
         extra_text, extra_image, extra_ids: ``[F, D]``, ``[F, D]``, ``[F]`` extra negatives
             (memory bank), appended as columns: image→text uses ``extra_text``,
             text→image ``extra_image``; masked by id like the batch columns.
@@ -243,12 +256,16 @@ class FGCLIPLoss(nn.Module):
         extra_image = extra_text = extra_ids = None
         if bank is not None:
             extra_image, extra_text, extra_ids = bank.negatives()
+        # [caption id, image id]: the bank keeps both; without image ids each region
+        # is its own image, which its caption id already stands for.
+        image_ids = out.region_image_ids if out.region_image_ids is not None else out.region_caption_ids
+        region_ids = torch.stack([out.region_caption_ids, image_ids.to(out.region_caption_ids)], dim=1)
         # Every rank runs the gather, even with no region of its own: it is a collective.
         region, image_all, text_all, ids_all = _gathered_loss(
             out.region_image_embeds,
             out.region_text_embeds,
             out.logit_scale_region,
-            out.region_caption_ids,
+            region_ids,
             extra_text=extra_text,
             extra_image=extra_image,
             extra_ids=extra_ids,

@@ -21,8 +21,12 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+# Ids kept per queued region: its caption id and its image id (see losses.py).
+ID_COLUMNS = 2
+
+
 class RegionMemoryBank(nn.Module):
-    """Ring buffer of ``size`` region (image, text, caption id) triples.
+    """Ring buffer of ``size`` region (image, text, ids) triples; ids = [caption id, image id].
 
     Args:
         size: number of queued regions (0 disables the bank for good).
@@ -54,7 +58,7 @@ class RegionMemoryBank(nn.Module):
         self.grad_accum_steps = grad_accum_steps
         self.register_buffer("image_queue", torch.zeros(size, dim))
         self.register_buffer("text_queue", torch.zeros(size, dim))
-        self.register_buffer("id_queue", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("id_queue", torch.full((size, ID_COLUMNS), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("forward_passes", torch.zeros((), dtype=torch.long))
@@ -81,7 +85,7 @@ class RegionMemoryBank(nn.Module):
         return self.is_enabled
 
     def negatives(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The queued ``(image [F, D], text [F, D], ids [F])``: only filled slots, empty while off."""
+        """The queued ``(image [F, D], text [F, D], ids [F, 2])``: only filled slots, empty while off."""
         n = int(self.filled) if self.is_enabled else 0
         # The ring is written from slot 0 on, so the filled slots are always [0, filled).
         # Copies, not views: the loss saves these for backward, and enqueue() overwrites
@@ -101,6 +105,8 @@ class RegionMemoryBank(nn.Module):
             raise ValueError(
                 f"enqueue needs as many image ({image.shape[0]}), text ({text.shape[0]}) and id ({ids.shape[0]}) rows"
             )
+        if ids.dim() == 1:  # caption ids only: each row its own image
+            ids = ids[:, None].expand(-1, ID_COLUMNS)
         n = image.shape[0]
         if n == 0:
             return

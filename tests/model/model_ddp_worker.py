@@ -63,6 +63,7 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
             region_image_embeds=unit(sum(REGION_SIZES), seed=2)[r_rows],
             region_text_embeds=unit(sum(REGION_SIZES), seed=3)[r_rows],
             region_caption_ids=torch.arange(sum(REGION_SIZES))[r_rows],
+            region_image_ids=None,
             logit_scale_global=torch.tensor(LN_100),
             logit_scale_region=torch.tensor(LN_100),
         )

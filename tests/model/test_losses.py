@@ -113,6 +113,54 @@ def _output(n_regions: int, seed: int, scale: float = LN_100, region_ids=None) -
     )
 
 
+def _reference_multi_id(rows, cols, scale, ids, extra=None, extra_ids=None) -> float:
+    """Like _reference_direction, ids ``[N, K]``: a column sharing any id with the anchor is left out."""
+    s = math.exp(float(scale))
+    total = 0.0
+    for i in range(rows.shape[0]):
+        anchor = set(ids[i].tolist())
+        logits = [s * float(rows[i] @ cols[i])]
+        for j in range(cols.shape[0]):
+            if j != i and not anchor & set(ids[j].tolist()):
+                logits.append(s * float(rows[i] @ cols[j]))
+        for j in range(0 if extra is None else extra.shape[0]):
+            if not anchor & set(extra_ids[j].tolist()):
+                logits.append(s * float(rows[i] @ extra[j]))
+        top = max(logits)
+        total += -(logits[0] - top - math.log(sum(math.exp(v - top) for v in logits)))
+    return total / rows.shape[0]
+
+
+def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
+    """A whole-frame box with three captions: one image id, three caption ids, none a negative of another."""
+    out = _output(5, seed=30, region_ids=torch.tensor([10, 11, 12, 13, 14]))
+    image = out.region_image_embeds.detach().clone()
+    image[1] = image[2] = image[0]  # one whole frame, pooled three times
+    out.region_image_embeds = image.requires_grad_(True)
+    out.region_image_ids = torch.tensor([7, 7, 7, 8, 9])
+    bank = RegionMemoryBank(size=8, dim=image.shape[1], warmup_steps=0)
+    bank.step()
+    bank.enqueue(unit(3, seed=40), unit(3, seed=41), torch.tensor([[11, 99], [20, 7], [21, 22]]))
+    extra_image, extra_text, extra_ids = bank.negatives()
+    result = FGCLIPLoss(region_weight=1.0, memory_bank=bank)(out)
+
+    ids = torch.stack([out.region_caption_ids, out.region_image_ids], 1)
+    text, image = out.region_text_embeds.detach(), image.detach()
+    expected = (
+        _reference_multi_id(image, text, LN_100, ids, extra_text, extra_ids)
+        + _reference_multi_id(text, image, LN_100, ids, extra_image, extra_ids)
+    ) / 2
+    assert result.loss_region.item() == pytest.approx(expected, rel=1e-5)
+    # Without image ids the three copies of the frame compete with each other.
+    out.region_image_ids = None
+    bank2 = RegionMemoryBank(size=8, dim=image.shape[1], warmup_steps=0)
+    bank2.step()
+    bank2.enqueue(extra_image, extra_text, extra_ids)
+    assert FGCLIPLoss(region_weight=1.0, memory_bank=bank2)(out).loss_region.item() > expected + 0.3
+    # The bank queued both ids of the batch's regions.
+    assert bank.negatives()[2][-5:].tolist() == ids.tolist()
+
+
 def test_fgclip_loss_combines_global_and_region() -> None:
     out = _output(4, seed=10)
     result = FGCLIPLoss(region_weight=0.5)(out)
@@ -229,4 +277,4 @@ def test_global_loss_across_uneven_ranks_matches_single_process() -> None:
     assert results[0]["region"] == pytest.approx(region.loss.item(), rel=1e-5)
     assert results[1]["region"] == 0.0
     # Both ranks queued the same gathered regions.
-    assert results[0]["bank_ids"] == results[1]["bank_ids"] == [0, 1, 2]
+    assert results[0]["bank_ids"] == results[1]["bank_ids"] == [[0, 0], [1, 1], [2, 2]]

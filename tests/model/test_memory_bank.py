@@ -65,7 +65,7 @@ def test_negatives_come_from_the_filled_part_only() -> None:
     bank.step()
     bank.enqueue(*_feats(3, 10))
     img, txt, ids = bank.negatives()
-    assert ids.tolist() == [10, 11, 12]
+    assert ids.tolist() == [[10, 10], [11, 11], [12, 12]]  # caption ids only: each row its own image id
     torch.testing.assert_close(img, _feats(3, 10)[0])
     torch.testing.assert_close(txt, _feats(3, 10)[1])
 
@@ -76,11 +76,11 @@ def test_wraps_around_when_a_batch_straddles_the_end() -> None:
     bank.enqueue(*_feats(3, 0))
     bank.enqueue(*_feats(4, 3))  # slots 3, 4, then 0, 1
     assert int(bank.ptr) == 2 and int(bank.filled) == 5
-    assert bank.id_queue.tolist() == [5, 6, 2, 3, 4]
+    assert bank.id_queue[:, 0].tolist() == [5, 6, 2, 3, 4]
     assert bank.image_queue[:, 0].tolist() == [5.0, 6.0, 2.0, 3.0, 4.0]
     assert bank.text_queue[:, 0].tolist() == [-5.0, -6.0, -2.0, -3.0, -4.0]
     bank.enqueue(*_feats(7, 100))  # more than the bank holds: the newest five survive, in ring order
-    assert sorted(bank.id_queue.tolist()) == [102, 103, 104, 105, 106]
+    assert sorted(bank.id_queue[:, 0].tolist()) == [102, 103, 104, 105, 106]
     assert int(bank.ptr) == 2 and int(bank.filled) == 5
 
 

@@ -211,3 +211,25 @@ def test_a_video_without_box_rows_is_reported_not_silently_dropped(
     dataset = VideoClipDataset(params, frames, tmp_path, tokenizer)
     assert dropped not in dataset.videos and len(dataset.videos) == 5
     assert f"have frames but no accepted box rows (so no caption) and are left out: {dropped}" in caplog.text
+
+
+def test_region_image_ids_join_regions_that_show_the_same_pixels(dataset) -> None:
+    """A normal video's regions all pool its whole frame: one image id. Boxed regions: one id each."""
+    checked_virtual = checked_boxed = 0
+    seen: dict[int, str] = {}
+    for i, video in enumerate(dataset.videos):
+        item = dataset[i]
+        ids = item["region_image_ids"].tolist()
+        assert len(ids) == item["boxes"].shape[0]
+        whole = bool((item["boxes"][item["box_mask"]] == torch.tensor([0.0, 0.0, 1.0, 1.0])).all())
+        if "Normal" in video and len(ids) > 1:
+            assert whole and len(set(ids)) == 1, video
+            checked_virtual += 1
+        elif "Normal" not in video:
+            assert len(set(ids)) == len(ids), video
+            checked_boxed += 1
+        for image_id in ids:  # never shared across videos
+            assert seen.setdefault(image_id, video) == video
+    assert checked_virtual > 0 and checked_boxed > 0
+    batch = collate([dataset[i] for i in range(3)])
+    assert batch["region_image_ids"].shape == batch["region_caption_ids"].shape
