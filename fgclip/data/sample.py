@@ -47,6 +47,10 @@ PALETTE: dict[str, Color] = {
     "white": (245, 245, 245),
     "purple": (150, 55, 190),
 }
+# A person's size as a fraction of the frame: at the tiny model's 64 px input the
+# shirt (the colour a region caption names) then covers most of one 8 px patch, so
+# RoIAlign on the patch grid does not blur it into the street around it.
+PERSON_W, PERSON_H = 0.1, 0.36
 SKIN: Color = (225, 180, 140)
 TROUSERS: Color = (40, 40, 60)
 
@@ -97,6 +101,20 @@ REGION_CAPTIONS: dict[str, list[str]] = {
     "car_b": ["the {b} car", "a {b} car drives toward the {a} car"],
     "crash": ["a {a} car crashes into the {b} car", "two cars collide on the road"],
 }
+
+def _region_caption(rng: np.random.Generator, name: str, paraphrases: bool) -> str:
+    """A region caption template: a random paraphrase, or the concept's first wording.
+
+    Paraphrases drawn at random for identical pixels (one fire region "flames
+    burn", another "a fire spreads") are negatives of each other that no image
+    can tell apart, so they put a floor under the region loss that says nothing
+    about training. The draw is made either way so the rest of the sample is the
+    same with and without them.
+    """
+    options = REGION_CAPTIONS[name]
+    drawn = str(rng.choice(options))
+    return drawn if paraphrases else options[0]
+
 
 EVENTS = ("Arson", "Explosion", "Fighting", "RoadAccidents")  # anomaly classes the sample can draw
 
@@ -367,7 +385,7 @@ class RoadAccident:
 
 
 def _make_event(label: str, rng: np.random.Generator, w: int, h: int, colors: list[str]) -> Event:
-    pw, ph = 0.07 * w, 0.27 * h  # a person's size
+    pw, ph = PERSON_W * w, PERSON_H * h
     if label == "Arson":
         return Arson(
             colors[0],
@@ -483,8 +501,8 @@ def _render(plan: VideoPlan, cfg: SampleConfig, path: Path) -> dict:
             x0=float(rng.uniform(0, w)),
             feet=float(rng.uniform(*band) * h),
             speed=float(rng.choice([-1, 1]) * rng.uniform(0.003, 0.007) * w),
-            w=0.07 * w,
-            h=0.27 * h,
+            w=PERSON_W * w,
+            h=PERSON_H * h,
         )
         for c, band in zip(walker_colors, [(0.38, 0.45), (0.86, 0.97), (0.38, 0.45)])
     ]
@@ -524,12 +542,12 @@ def _render(plan: VideoPlan, cfg: SampleConfig, path: Path) -> dict:
     if event is not None:
         fill = {**fill, **event.colors}
         caption = str(rng.choice(GLOBAL_CAPTIONS[plan.label])).format(**fill)
-        regions = [str(rng.choice(REGION_CAPTIONS[name])).format(**fill) for name, _ in event.regions]
+        regions = [_region_caption(rng, name, cfg.region_paraphrases).format(**fill) for name, _ in event.regions]
         timestamps = None
     else:
         key = "Normal" if n_walkers > 1 else "Normal1"
         caption = str(rng.choice(GLOBAL_CAPTIONS[key])).format(**fill)
-        regions = [str(rng.choice(REGION_CAPTIONS["walker"])).format(a=c) for c in walker_colors]
+        regions = [_region_caption(rng, "walker", cfg.region_paraphrases).format(a=c) for c in walker_colors]
         box_infos = []
         # The "meaningful part" of a normal video: most of it, trimmed at both ends.
         start = int(rng.integers(0, max(plan.num_frames // 10, 1)))

@@ -232,3 +232,28 @@ def test_summary(tiny_params: Params, tmp_path: Path):
     assert summary["by_split"]["train"] == {"Arson": 2, "RoadAccidents": 2, "Normal": 2}
     assert summary["videos"] == 12
     assert json.loads((tmp_path / "sample.json").read_text())["videos"] == 12
+
+
+def test_region_paraphrases_switch_only_changes_region_wording(
+    tiny_params: Params, tiny_sample: Path, tmp_path: Path
+):
+    """Off (default): one wording per concept. On: random paraphrases; everything else identical."""
+    from fgclip.data.sample import REGION_CAPTIONS
+
+    firsts = [re.compile(re.sub(r"\{[ab]\}", r"\\w+", opts[0])) for opts in REGION_CAPTIONS.values()]
+    plain = _annotations(tiny_sample)
+    assert not tiny_params.sample.region_paraphrases
+    for rec in plain.values():
+        for caption in rec["region_captions"]:
+            assert any(f.fullmatch(caption) for f in firsts), caption
+
+    root = tmp_path / "paraphrased"
+    generate_sample(tiny_params.sample.model_copy(update={"region_paraphrases": True}), tiny_params.data, root)
+    varied = _annotations(root)
+    assert varied.keys() == plain.keys()
+    changed = 0
+    for vid, rec in varied.items():
+        assert rec["global_caption"] == plain[vid]["global_caption"]
+        assert rec["box_infos"] == plain[vid]["box_infos"] and rec["timestamps"] == plain[vid]["timestamps"]
+        changed += rec["region_captions"] != plain[vid]["region_captions"]
+    assert changed > 0
