@@ -248,7 +248,9 @@ def test_region_paraphrases_switch_only_changes_region_wording(
             assert any(f.fullmatch(caption) for f in firsts), caption
 
     root = tmp_path / "paraphrased"
-    generate_sample(tiny_params.sample.model_copy(update={"region_paraphrases": True}), tiny_params.data, root)
+    generate_sample(
+        tiny_params.sample.model_copy(update={"region_paraphrases": True}), tiny_params.data, root
+    )
     varied = _annotations(root)
     assert varied.keys() == plain.keys()
     changed = 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_config import TINY_MODEL, TINY_REPO_SAMPLE
 
 from pipeline.stages import STAGES, StageFailed, run_stage
 
@@ -19,31 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 TINY = {
-    "sample": {
-        "anomaly_classes": ["Arson", "RoadAccidents"],
-        "train_per_class": 3,
-        "test_per_class": 2,
-        "train_normal": 3,
-        "test_normal": 2,
-        "min_frames": 48,
-        "max_frames": 72,
-        "width": 96,
-        "height": 72,
-    },
+    "sample": {**TINY_REPO_SAMPLE, "test_per_class": 2, "test_normal": 2},
     "frames": {"workers": 1, "train_frames_per_video": 8},
-    "model": {
-        "image_size": 32,
-        "patch_size": 8,
-        "vision_hidden": 32,
-        "vision_layers": 1,
-        "vision_heads": 2,
-        "text_hidden": 32,
-        "text_layers": 1,
-        "text_heads": 2,
-        "projection_dim": 32,
-        "temporal_layers": 1,
-        "temporal_heads": 2,
-    },
+    "model": dict(TINY_MODEL),
     "pretrain": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
     "train": {
         "max_steps": 6,

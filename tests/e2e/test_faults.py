@@ -12,14 +12,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import yaml
+from e2e_helpers import until
 
 from pipeline.stages import StageFailed, run_stage
 
@@ -61,16 +60,6 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _init(repo: Path) -> None:
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=repo, env=_env(), check=True, capture_output=True, timeout=120)
@@ -100,12 +89,13 @@ def test_second_dvc_repro_fails_cleanly_on_the_lock_and_nothing_is_corrupted(tmp
     )  # fmt: skip
     try:
         # The first run is inside its stage command once it holds the write lock on data/sample.
-        _until(
+        until(
             "the first dvc repro to start its stage command",
             lambda: (
                 any(w.get("pid") == first.pid for w in _writers(repo).values()) or first.poll() is not None
             ),
             timeout=120,
+            interval=0.05,
         )
         assert first.poll() is None, f"the first dvc repro ended too early:\n{first.stdout.read()}"
         second = _dvc(repo, "repro", "-s", "sample")
@@ -152,4 +142,4 @@ def test_stage_timeout_kills_dvc_and_the_stage_command(tmp_path: Path, monkeypat
         except psutil.NoSuchProcess:
             return True
 
-    _until(f"the stage command (pid {pid}) to be gone", gone, timeout=10)
+    until(f"the stage command (pid {pid}) to be gone", gone, timeout=10, interval=0.05)

@@ -7,8 +7,6 @@ import csv
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from e2e_helpers import free_port as _free_port
+from e2e_helpers import stop_group
+from tiny_config import TINY_MODEL
 
 from fgclip.compare import compare
 from fgclip.config import Params
@@ -32,20 +33,7 @@ MLFLOW = Path(sys.executable).parent / "mlflow"
 BOOT_DEADLINE_S = 240
 STEPS = 5
 TINY = {
-    "model": {
-        "image_size": 32,
-        "patch_size": 8,
-        "vision_hidden": 32,
-        "vision_layers": 1,
-        "vision_heads": 2,
-        "text_hidden": 32,
-        "text_layers": 1,
-        "text_heads": 2,
-        "projection_dim": 32,
-        "max_text_len": 16,
-        "temporal_layers": 1,
-        "temporal_heads": 2,
-    },
+    "model": dict(TINY_MODEL),
     "pretrain": {"steps": 30, "batch_size": 32, "warmup_steps": 3},
     "train": {
         "num_frames": 4,
@@ -62,12 +50,6 @@ TINY = {
         "device": "cpu",
     },
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> dict:
@@ -111,12 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
     try:
         yield url, proc, log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from e2e_helpers import free_port as _free_port
+from e2e_helpers import stop_group as _stop
+from e2e_helpers import until as _until
+from tiny_config import TINY_MODEL, TINY_REPO_SAMPLE
 
 from fgclip.config import load_params
 
@@ -36,31 +38,9 @@ pytestmark = pytest.mark.e2e
 
 TRAIN_STEPS, CHECKPOINT_EVERY = 16, 4
 TINY: dict[str, dict[str, Any]] = {
-    "sample": {
-        "anomaly_classes": ["Arson", "RoadAccidents"],
-        "train_per_class": 3,
-        "test_per_class": 1,
-        "train_normal": 3,
-        "test_normal": 1,
-        "min_frames": 48,
-        "max_frames": 72,
-        "width": 96,
-        "height": 72,
-    },
+    "sample": dict(TINY_REPO_SAMPLE),
     "frames": {"workers": 1, "train_frames_per_video": 8},
-    "model": {
-        "image_size": 32,
-        "patch_size": 8,
-        "vision_hidden": 32,
-        "vision_layers": 1,
-        "vision_heads": 2,
-        "text_hidden": 32,
-        "text_layers": 1,
-        "text_heads": 2,
-        "projection_dim": 32,
-        "temporal_layers": 1,
-        "temporal_heads": 2,
-    },
+    "model": dict(TINY_MODEL),
     "pretrain": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
     "train": {
         "run_name": "drill",
@@ -87,34 +67,6 @@ TINY: dict[str, dict[str, Any]] = {
 DEPLOYMENT = "fgclip-pipeline/tiny"
 STALE_CHECKPOINT = "checkpoint-000002"
 FLOW_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a process started in its own session, with everything it started."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

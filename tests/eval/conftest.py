@@ -7,27 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_config import TINY_MODEL as SHARED_TINY_MODEL
 from transformers import CLIPModel, PreTrainedTokenizerFast
 
 from fgclip.config import Params
 from fgclip.model.fgclip import FGCLIPVideoModel, tiny_clip_config
 from fgclip.model.tokenizer import build_tokenizer
 
-TINY_MODEL = {
-    "image_size": 32,
-    "patch_size": 8,
-    "vision_hidden": 32,
-    "vision_layers": 1,
-    "vision_heads": 2,
-    "text_hidden": 32,
-    "text_layers": 1,
-    "text_heads": 2,
-    "projection_dim": 16,
-    "max_text_len": 16,
-    "temporal_layers": 1,
-    "temporal_heads": 2,
-    "max_frames": 8,
-}
+TINY_MODEL = {**SHARED_TINY_MODEL, "projection_dim": 16, "max_frames": 8}
 
 
 @pytest.fixture(scope="session")

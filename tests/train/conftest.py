@@ -10,24 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tiny_config import TINY_MODEL
 
 from fgclip.config import Params
 from fgclip.train.pretrain import pretrain_clip
 
-TINY_MODEL = {
-    "image_size": 32,
-    "patch_size": 8,
-    "vision_hidden": 32,
-    "vision_layers": 1,
-    "vision_heads": 2,
-    "text_hidden": 32,
-    "text_layers": 1,
-    "text_heads": 2,
-    "projection_dim": 32,
-    "max_text_len": 16,
-    "temporal_layers": 1,
-    "temporal_heads": 2,
-}
 TINY_TRAIN = {
     "num_frames": 4,
     "max_keyframes": 2,
