@@ -1,16 +1,22 @@
-"""Process plumbing shared by the end-to-end tests: free ports, polling, stopping servers."""
+"""Plumbing shared by the end-to-end tests: scratch repositories, free ports, polling, stopping servers."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -40,3 +46,24 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def scratch_repo(
+    repo: Path, overrides: dict[str, dict], copy: tuple[str, ...] = ("dvc.yaml", "fgclip", "pipeline")
+) -> Path:
+    """A throwaway git + DVC repository holding this project's pipeline, params overridden per section."""
+    for name in copy:
+        src = PROJECT / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, repo / name)
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for cmd in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+    ):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    return repo

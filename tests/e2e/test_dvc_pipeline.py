@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from e2e_helpers import scratch_repo
 from tiny_config import TINY_MODEL, TINY_REPO_SAMPLE
 
 from pipeline.stages import STAGES, StageFailed, run_stage
@@ -56,18 +55,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
     """A throwaway git + DVC repository holding this project's pipeline with tiny params."""
-    repo = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", "fgclip", "pipeline"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, repo / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
-    _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo)
-    return repo
+    return scratch_repo(tmp_path_factory.mktemp("repo"), TINY)
 
 
 def test_dvc_repro_runs_every_stage_then_is_a_noop(tiny_repo: Path):

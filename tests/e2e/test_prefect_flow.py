@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e_helpers import free_port as _free_port
+from e2e_helpers import scratch_repo
 from e2e_helpers import stop_group as _stop
 from e2e_helpers import until as _until
 from tiny_config import TINY_MODEL, TINY_REPO_SAMPLE
@@ -123,18 +123,9 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
     """A throwaway git + DVC repository holding this project's pipeline with tiny params."""
-    repo = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", "prefect.yaml", "fgclip", "pipeline"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, repo / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
-    return repo
+    return scratch_repo(
+        tmp_path_factory.mktemp("repo"), TINY, copy=("dvc.yaml", "prefect.yaml", "fgclip", "pipeline")
+    )
 
 
 @pytest.fixture(scope="module")
