@@ -46,15 +46,6 @@ def _print_summary(summary: dict) -> None:
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
 
-def _pretrained_source(params: Params, model: str | None) -> str:
-    """The CLIP to fine-tune from: --model, else params' pretrained id/path, else the stand-in."""
-    if model:
-        return model
-    if params.model.pretrained:
-        return params.model.pretrained
-    return str(params.path(params.pretrain.out))
-
-
 # --- subcommands ---------------------------------------------------------------
 
 
@@ -104,7 +95,7 @@ def cmd_train(params: Params, args: argparse.Namespace) -> dict:
         params,
         _path(args.frames) or params.path(params.frames.out),
         _path(args.boxes) or params.path(params.boxes.out),
-        _pretrained_source(params, args.model),
+        params.pretrained_source(args.model),
         _path(args.out) or params.path(params.train.out),
         _path(args.checkpoints) or params.path(params.train.checkpoints),
         _path(args.health) or params.path("metrics/health.json"),
@@ -116,7 +107,7 @@ def cmd_train(params: Params, args: argparse.Namespace) -> dict:
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
     from fgclip.eval.evaluate import evaluate
 
-    pretrained = args.pretrained or _pretrained_source(params, None)
+    pretrained = args.pretrained or params.pretrained_source()
     return evaluate(
         params,
         _path(args.frames) or params.path(params.frames.out),
@@ -137,7 +128,7 @@ def cmd_checkpoints_clean(params: Params, args: argparse.Namespace) -> None:
     if args.check_inputs:
         inputs = current_inputs(
             params,
-            model=_pretrained_source(params, args.model),
+            model=params.pretrained_source(args.model),
             frames=_path(args.frames),
             boxes=_path(args.boxes),
         )

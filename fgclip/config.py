@@ -246,6 +246,10 @@ class Params(_Section):
     def videos_root(self) -> Path:
         return self.data_root / self.data.videos_dir
 
+    def pretrained_source(self, override: str | None = None) -> str:
+        """The CLIP to fine-tune from: ``override``, else ``model.pretrained``, else the stand-in."""
+        return override or self.model.pretrained or str(self.path(self.pretrain.out))
+
     def data_file(self, name: str) -> Path:
         """A dataset file named in ``data`` (split files, annotations), under the data root."""
         return self.data_root / getattr(self.data, name)

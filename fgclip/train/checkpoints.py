@@ -42,6 +42,7 @@ from torch import nn
 
 from fgclip.config import Params, fingerprint
 from fgclip.errors import FGClipError
+from fgclip.model.memory_bank import ID_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ def fingerprint_params(params: Params) -> dict[str, Any]:
     if params.model.pretrained is None:
         pretrain = params.pretrain.model_dump()
         fp.update({f"pretrain.{k}": pretrain[k] for k in FINGERPRINT_PRETRAIN_KEYS})
+    # Not a param but the loss's definition: checkpoints from before regions carried
+    # image ids hold a one-column bank and were trained with another negative set.
+    fp["loss.region_id_columns"] = ID_COLUMNS
     return fp
 
 

@@ -64,7 +64,7 @@ def current_inputs(
     params: Params, *, model: str | None = None, frames: Path | None = None, boxes: Path | None = None
 ) -> dict[str, str]:
     """The input hashes ``fgclip train`` would key its checkpoints on, from these paths or params' defaults."""
-    model = model or params.model.pretrained or str(params.path(params.pretrain.out))
+    model = params.pretrained_source(model)
     frames = Path(frames) if frames else params.path(params.frames.out)
     boxes = Path(boxes) if boxes else params.path(params.boxes.out)
     index = frames / "index.parquet"

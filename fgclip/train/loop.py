@@ -390,7 +390,7 @@ def _train(
         run.model.log_scales(last_checkpoint)
         if lock is not None:
             lock.update(last_checkpoint)
-    elif not resume and run_dir.exists():
+    elif not resume and any(run_dir.glob("checkpoint-*")):
         logger.warning("resume=False: ignoring the checkpoints in %s (equal steps are overwritten)", run_dir)
 
     train_model: torch.nn.Module = run.model

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
+from fgclip.atomic import write_text_atomic
 from fgclip.errors import FGClipError
 
 logger = logging.getLogger(__name__)
@@ -140,9 +141,7 @@ class RunLock:
         if not self.held:
             return
         self._content["checkpoint"] = str(checkpoint) if checkpoint else None
-        tmp = self.run_dir / f".{LOCK_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self._content), encoding="utf-8")
-        os.replace(tmp, self.path)  # the lock never disappears while held
+        write_text_atomic(self.path, json.dumps(self._content))  # replaced, never absent while held
 
     def release(self) -> None:
         if not self.held:
