@@ -37,9 +37,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fgclip.data.dataset import _segment_indices, read_boxes
-from fgclip.eval.zeroshot import input_size, load_pixels
+from fgclip.eval.zeroshot import input_size, load_pixels, model_device, text_embeddings
 from fgclip.model.fgclip import FGCLIPVideoModel
-from fgclip.model.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +106,6 @@ def load_held_out(boxes_dir: Path, frames_dir: Path, test_videos: Sequence[str])
     return out
 
 
-@torch.no_grad()
-def text_embeddings(
-    model: FGCLIPVideoModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int
-) -> Tensor:
-    """``[N, D]`` L2-normalised embeddings of ``texts`` at the model's caption length."""
-    ids, mask = tokenize(tokenizer, list(texts), model.cfg.max_text_len)
-    device = next(model.parameters()).device
-    return torch.cat(
-        [
-            model.encode_text(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
-            for i in range(0, len(texts), batch_size)
-        ]
-    )
-
-
 def _video_groups(held_out: Sequence[HeldOutVideo], batch_size: int) -> list[list[HeldOutVideo]]:
     """Consecutive videos grouped until their keyframes fill a batch (a long video is a group alone)."""
     groups: list[list[HeldOutVideo]] = [[]]
@@ -154,7 +138,7 @@ def region_embeddings(
             size = input_size(model)
             if size not in pixels:
                 pixels[size] = load_pixels(paths, size)
-            device = next(model.parameters()).device
+            device = model_device(model)
             patches = torch.cat(
                 [
                     model.encode_images(pixels[size][i : i + batch_size].to(device), with_patches=True)[1]
@@ -228,8 +212,10 @@ def held_out_metrics(
     results = {}
     for name, region_feats in zip(names, feats):
         model, tokenizer = models[name]
-        captions = text_embeddings(model, tokenizer, distinct.tolist(), batch_size)
-        queries = text_embeddings(model, tokenizer, [v.global_caption for v in held_out], batch_size)
+        captions = text_embeddings(model, tokenizer, distinct.tolist(), model.cfg.max_text_len, batch_size)
+        queries = text_embeddings(
+            model, tokenizer, [v.global_caption for v in held_out], model.cfg.max_text_len, batch_size
+        )
         recall = retrieval_recall(queries, video_embeds[name].to(queries.device), relevant)
         results[name] = {
             "region_top1": region_top1(

@@ -45,6 +45,25 @@ def snippet_windows(num_snippets: int, clip_len: int) -> Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def text_embeddings(
+    model: FGCLIPVideoModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_len: int,
+    batch_size: int,
+) -> Tensor:
+    """``[N, D]`` L2-normalised embeddings of ``texts``, ``batch_size`` at a time."""
+    device = model_device(model)
+    ids, mask = tokenize(tokenizer, list(texts), max_len)
+    return torch.cat(
+        [
+            model.encode_text(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
+
+
 def class_embeddings(
     model: FGCLIPVideoModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -70,14 +89,8 @@ def class_embeddings(
     classes = list(prompts)
     texts = [t.format(p) for c in classes for p in prompts[c] for t in templates]
     owner = torch.tensor([i for i, c in enumerate(classes) for _ in prompts[c] for _ in templates])
-    device = _device(model)
-    ids, mask = tokenize(tokenizer, texts, max_len)
-    embeds = torch.cat(
-        [
-            model.encode_text(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
-            for i in range(0, len(texts), batch_size)
-        ]
-    )
+    device = model_device(model)
+    embeds = text_embeddings(model, tokenizer, texts, max_len, batch_size)
     sums = torch.zeros(len(classes), embeds.shape[1], device=device).index_add_(0, owner.to(device), embeds)
     return classes, torch.nn.functional.normalize(sums, dim=-1)
 
@@ -118,7 +131,7 @@ def frame_features(
             if size not in pixels:
                 pixels[size] = load_pixels(paths[i : i + batch_size], size)
             frame, patches = model.encode_images(
-                pixels[size].to(_device(model)), with_patches=boxes is not None
+                pixels[size].to(model_device(model)), with_patches=boxes is not None
             )
             embeds.append(frame)
             if patches is not None:
@@ -198,5 +211,5 @@ def snippet_scores(*args, **kwargs) -> Tensor:
     return torch.sigmoid(snippet_log_odds(*args, **kwargs))
 
 
-def _device(model: FGCLIPVideoModel) -> torch.device:
+def model_device(model: FGCLIPVideoModel) -> torch.device:
     return next(model.parameters()).device
