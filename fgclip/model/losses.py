@@ -7,11 +7,16 @@ Both are symmetric InfoNCE over L2-normalised features with logits
   videos) share a caption; treating an identical caption as a negative teaches
   the model to separate identical texts. Rows carry stable caption ids and any
   other column with the anchor's id is masked out of the softmax.
-- Pairs showing the same pixels are not negatives either. A normal video's
-  whole-frame box carries every walker's caption: those regions share one image
-  feature, so each of their captions is a true match for it. Region rows carry
-  ``[caption id, image id]`` and a column sharing either id with the anchor is
-  masked.
+- Known matches are not negatives either. A normal video's whole-frame box
+  carries every walker's caption: those regions share one image, and each of
+  their captions is a true match for it, wherever else that caption turns up.
+  Region rows carry ``[caption id, image id]``; every row of the batch and the
+  memory bank is a known (caption, image) match, and a column is masked when
+  such a match pairs it with the anchor: for an image anchor, a text whose
+  caption the anchor's image is known to carry; for a text anchor, an image
+  known to carry the anchor's caption. (Masking only columns that share an id
+  with the anchor misses half of it: the frame with a red and a blue walker was
+  pushed away from "a person in blue walks" queued from another video.)
 - Under DDP each rank scores its own rows against every rank's columns. The last
   batch of an epoch can be smaller on some ranks (FG-CLIP's gather crashes on
   that), so sizes are exchanged first and the padded gather is trimmed.
@@ -98,11 +103,30 @@ def _rank_offset(n: int, device: torch.device) -> int:
     return sum(_gather_sizes(n, device)[: dist.get_rank()])
 
 
-def _shares_id(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``[N, M]``: row i and column j share an id (ids ``[N]``/``[M]``, or ``[N, K]``/``[M, K]``)."""
+CAPTION, IMAGE = 0, 1  # columns of region ids: [caption id, image id]
+# Which columns are not negatives: part of a checkpoint's fingerprint, so a run
+# trained under an older rule is never resumed under this one.
+REGION_NEGATIVES = "known-pairs"
+
+
+def _known_matches(rows: torch.Tensor, cols: torch.Tensor, rows_are_images: bool) -> torch.Tensor:
+    """``[N, M]``: column j is a known match of row i, by the (caption, image) pairs in ``cols``.
+
+    ``[N]``/``[M]`` ids (one per row: videos) match when equal. ``[N, 2]``/``[M, 2]``
+    ids are ``[caption id, image id]`` and the columns are every known pair, so
+    an image row i matches text column j when some pair joins i's image to j's
+    caption, and a text row i matches image column j when some pair joins i's
+    caption to j's image. Equal caption ids and equal image ids are the
+    one-step cases.
+    """
     if rows.dim() == 1:
         return rows[:, None] == cols[None, :]
-    return (rows[:, None, :] == cols[None, :, :]).any(dim=-1)
+    # via[k, j]: pair k has column j's caption (image rows) or image (text rows).
+    own, other = (IMAGE, CAPTION) if rows_are_images else (CAPTION, IMAGE)
+    anchor_in_pair = (rows[:, None, own] == cols[None, :, own]).float()  # [N, K]
+    via = (cols[:, None, other] == cols[None, :, other]).float()  # [K, M]
+    # A 0/1 matmul counts the joining pairs; K is batch + bank, so this stays small.
+    return (anchor_in_pair @ via) > 0
 
 
 def _direction(
@@ -114,21 +138,23 @@ def _direction(
     col_ids: torch.Tensor | None,
     extra: torch.Tensor | None,
     extra_ids: torch.Tensor | None,
+    rows_are_images: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of one direction (rows against cols + extra); returns (loss, unmasked logits)."""
+    has_extra = extra is not None and extra.shape[0] > 0
     logits = scale * rows @ cols.T
-    if extra is not None and extra.shape[0] > 0:
+    if has_extra:
         logits = torch.cat([logits, scale * rows @ extra.T.to(rows.dtype)], dim=1)
     masked = logits
     if row_ids is not None:
-        same = _shares_id(row_ids, col_ids)
-        # The positive itself is never masked, even though it shares the anchor's id.
-        same[torch.arange(rows.shape[0], device=rows.device), targets] = False
-        if extra is not None and extra.shape[0] > 0:
+        if has_extra:
             if extra_ids is None:
                 raise ValueError("extra negatives need extra_ids when ids are given")
-            same = torch.cat([same, _shares_id(row_ids, extra_ids.to(row_ids.device))], dim=1)
-        masked = logits.masked_fill(same, float("-inf"))
+            col_ids = torch.cat([col_ids, extra_ids.to(col_ids)])
+        known = _known_matches(row_ids, col_ids, rows_are_images)
+        # The positive itself is never masked, even though it matches the anchor.
+        known[torch.arange(rows.shape[0], device=rows.device), targets] = False
+        masked = logits.masked_fill(known, float("-inf"))
     return F.cross_entropy(masked, targets), logits
 
 
@@ -156,8 +182,12 @@ def _symmetric_info_nce(
         return ContrastiveResult(zero, empty, empty)
     scale = logit_scale.exp()
     targets = torch.arange(n, device=image.device) + offset
-    loss_i2t, logits_i2t = _direction(image, text_cols, scale, targets, ids, col_ids, extra_text, extra_ids)
-    loss_t2i, logits_t2i = _direction(text, image_cols, scale, targets, ids, col_ids, extra_image, extra_ids)
+    loss_i2t, logits_i2t = _direction(
+        image, text_cols, scale, targets, ids, col_ids, extra_text, extra_ids, True
+    )
+    loss_t2i, logits_t2i = _direction(
+        text, image_cols, scale, targets, ids, col_ids, extra_image, extra_ids, False
+    )
     return ContrastiveResult((loss_i2t + loss_t2i) / 2, logits_i2t, logits_t2i)
 
 
@@ -176,10 +206,11 @@ def contrastive_loss(
     Args:
         image, text: ``[N, D]``.
         logit_scale: log temperature (already clamped); logits = ``exp(logit_scale) * sim``.
-        ids: ``[N]`` caption ids, or ``[N, K]`` several ids per row (caption, image);
-            a column sharing an id with the anchor (other than its own positive) is
-            masked out of the softmax.
-        extra_text, extra_image, extra_ids: ``[F, D]``, ``[F, D]``, ``[F]`` extra negatives
+        ids: ``[N]`` caption ids (a column with the anchor's id is masked out of the
+            softmax), or ``[N, 2]`` ``[caption id, image id]`` (a column that a known
+            pair matches with the anchor is masked; see ``_known_matches``). The
+            anchor's own positive is never masked.
+        extra_text, extra_image, extra_ids: ``[F, D]``, ``[F, D]``, ``[F]``/``[F, 2]`` extra negatives
             (memory bank), appended as columns: image→text uses ``extra_text``,
             text→image ``extra_image``; masked by id like the batch columns.
     """

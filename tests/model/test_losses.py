@@ -113,26 +113,39 @@ def _output(n_regions: int, seed: int, scale: float = LN_100, region_ids=None) -
     )
 
 
-def _reference_multi_id(rows, cols, scale, ids, extra=None, extra_ids=None) -> float:
-    """Like _reference_direction, ids ``[N, K]``: a column sharing any id with the anchor is left out."""
+def _reference_pairs(rows, cols, scale, ids, extra, extra_ids, rows_are_images: bool) -> float:
+    """Like _reference_direction, ids ``[N, 2]`` = (caption, image), every row of batch and bank a known pair.
+
+    A column other than the anchor's own is left out when a known pair joins it to
+    the anchor: for image rows, the anchor's image with the column's caption; for
+    text rows, the anchor's caption with the column's image.
+    """
+    pairs = [tuple(p) for p in ids.tolist()] + [tuple(p) for p in extra_ids.tolist()]
+    known = set(pairs)
     s = math.exp(float(scale))
     total = 0.0
     for i in range(rows.shape[0]):
-        anchor = set(ids[i].tolist())
+        caption, image = pairs[i]
         logits = [s * float(rows[i] @ cols[i])]
-        for j in range(cols.shape[0]):
-            if j != i and not anchor & set(ids[j].tolist()):
-                logits.append(s * float(rows[i] @ cols[j]))
-        for j in range(0 if extra is None else extra.shape[0]):
-            if not anchor & set(extra_ids[j].tolist()):
-                logits.append(s * float(rows[i] @ extra[j]))
+        columns = [(cols[j], pairs[j]) for j in range(cols.shape[0]) if j != i]
+        columns += [(extra[j], pairs[cols.shape[0] + j]) for j in range(extra.shape[0])]
+        for feature, (c, m) in columns:
+            match = (c, image) if rows_are_images else (caption, m)
+            if match not in known:
+                logits.append(s * float(rows[i] @ feature))
         top = max(logits)
         total += -(logits[0] - top - math.log(sum(math.exp(v - top) for v in logits)))
     return total / rows.shape[0]
 
 
 def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
-    """A whole-frame box with three captions: one image id, three caption ids, none a negative of another."""
+    """A whole-frame box with three captions: one image id, three caption ids, none a negative of another.
+
+    The bank holds caption 11 queued from another image (99): a true caption of
+    the frame (image 7 carries 11), so it is no negative for the frame's rows, but
+    still one for the other images' rows. And it holds image 7 under caption 20:
+    the frame again, so no negative for any of the frame's captions.
+    """
     out = _output(5, seed=30, region_ids=torch.tensor([10, 11, 12, 13, 14]))
     image = out.region_image_embeds.detach().clone()
     image[1] = image[2] = image[0]  # one whole frame, pooled three times
@@ -146,19 +159,42 @@ def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
 
     ids = torch.stack([out.region_caption_ids, out.region_image_ids], 1)
     text, image = out.region_text_embeds.detach(), image.detach()
-    expected = (
-        _reference_multi_id(image, text, LN_100, ids, extra_text, extra_ids)
-        + _reference_multi_id(text, image, LN_100, ids, extra_image, extra_ids)
-    ) / 2
-    assert result.loss_region.item() == pytest.approx(expected, rel=1e-5)
+    i2t = _reference_pairs(image, text, LN_100, ids, extra_text, extra_ids, rows_are_images=True)
+    t2i = _reference_pairs(text, image, LN_100, ids, extra_image, extra_ids, rows_are_images=False)
+    assert result.loss_region.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+    # The frame's rows see neither bank text 11 (a caption of theirs) nor 20 (queued from the frame) ...
+    logits = result.logits_i2t.detach()
+    masked_out = [(0, 5 + 0), (0, 5 + 1), (2, 5 + 0), (0, 1), (0, 2)]
+    # ... so adding a huge similarity to those columns changes nothing; it would for a true negative.
+    for row, col in masked_out:
+        assert _row_loss(logits, row, col, ids, extra_ids, rows_are_images=True) == pytest.approx(
+            _row_loss(logits, row, None, ids, extra_ids, rows_are_images=True), rel=1e-6
+        )
+    assert _row_loss(logits, 3, 5 + 0, ids, extra_ids, rows_are_images=True) > 100 + _row_loss(
+        logits, 3, None, ids, extra_ids, rows_are_images=True
+    )
     # Without image ids the three copies of the frame compete with each other.
     out.region_image_ids = None
     bank2 = RegionMemoryBank(size=8, dim=image.shape[1], warmup_steps=0)
     bank2.step()
     bank2.enqueue(extra_image, extra_text, extra_ids)
-    assert FGCLIPLoss(region_weight=1.0, memory_bank=bank2)(out).loss_region.item() > expected + 0.3
+    assert FGCLIPLoss(region_weight=1.0, memory_bank=bank2)(out).loss_region.item() > (i2t + t2i) / 2 + 0.3
     # The bank queued both ids of the batch's regions.
     assert bank.negatives()[2][-5:].tolist() == ids.tolist()
+
+
+def _row_loss(logits, row: int, boost: int | None, ids, extra_ids, rows_are_images: bool) -> float:
+    """One row's cross-entropy through the library's mask, optionally with column ``boost`` made huge."""
+    from fgclip.model.losses import _known_matches
+
+    logits = logits.clone()
+    if boost is not None:
+        logits[row, boost] += 500.0
+    known = _known_matches(ids, torch.cat([ids, extra_ids]), rows_are_images)
+    known[torch.arange(ids.shape[0]), torch.arange(ids.shape[0])] = False
+    return F.cross_entropy(
+        logits.masked_fill(known, float("-inf"))[row : row + 1], torch.tensor([row])
+    ).item()
 
 
 def test_fgclip_loss_combines_global_and_region() -> None:
