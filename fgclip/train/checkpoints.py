@@ -42,6 +42,7 @@ from torch import nn
 
 from fgclip.config import Params, fingerprint
 from fgclip.errors import FGClipError
+from fgclip.model.losses import REGION_NEGATIVES
 from fgclip.model.memory_bank import ID_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def fingerprint_params(params: Params) -> dict[str, Any]:
     # Not a param but the loss's definition: checkpoints from before regions carried
     # image ids hold a one-column bank and were trained with another negative set.
     fp["loss.region_id_columns"] = ID_COLUMNS
+    # Checkpoints trained when only shared ids were masked learnt against false negatives.
+    fp["loss.region_negatives"] = REGION_NEGATIVES
     return fp
 
 
@@ -111,6 +114,13 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+# Reports written beside a model (timings, run ids): not part of what the model is,
+# and they differ between two runs that produce bit-identical weights.
+PRETRAIN_SUMMARY_FILE = "pretrain.json"
+RUN_FILE = "run.json"
+MODEL_REPORT_FILES = frozenset({PRETRAIN_SUMMARY_FILE, RUN_FILE})
+
+
 def input_fingerprint(model_path: str | Path, frames_dir: Path, boxes_dir: Path) -> dict[str, str]:
     """Content hashes of what a run trains on: the base model and the data.
 
@@ -120,7 +130,11 @@ def input_fingerprint(model_path: str | Path, frames_dir: Path, boxes_dir: Path)
     """
     base = Path(model_path)
     if base.is_dir():
-        files = sorted(p for p in base.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+        files = sorted(
+            p
+            for p in base.iterdir()
+            if p.suffix in {".safetensors", ".bin", ".json"} and p.name not in MODEL_REPORT_FILES
+        )
         base_id = _digest(files) if files else str(model_path)
     else:
         base_id = str(model_path)

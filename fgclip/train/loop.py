@@ -50,6 +50,7 @@ from fgclip.model.losses import FGCLIPLoss, LossResult
 from fgclip.model.memory_bank import RegionMemoryBank
 from fgclip.model.tokenizer import load_tokenizer
 from fgclip.train.checkpoints import (
+    RUN_FILE,
     capture_rng_state,
     input_fingerprint,
     latest_resumable,
@@ -72,7 +73,6 @@ ORCHESTRATOR_TAG_ENV = {
     "prefect.flow_run_id": "FGCLIP_FLOW_RUN_ID",
     "prefect.flow_run_name": "FGCLIP_FLOW_RUN_NAME",
 }
-RUN_FILE = "run.json"
 LOSS_COLUMNS = ("loss", "loss_global", "loss_region")
 
 

@@ -31,11 +31,10 @@ from fgclip.data.dataset import FramePairDataset
 from fgclip.model.fgclip import tiny_clip_config
 from fgclip.model.losses import contrastive_loss
 from fgclip.model.tokenizer import build_tokenizer
+from fgclip.train.checkpoints import PRETRAIN_SUMMARY_FILE as SUMMARY_FILE
 from fgclip.train.optim import build_optimizer, cosine_with_warmup
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "pretrain.json"
 
 
 def vocabulary_texts(params: Params, annotations: Path) -> list[str]:
@@ -66,7 +65,7 @@ def pretrain_clip(
         summary = {"skipped": True, "pretrained": params.model.pretrained}
         # DVC expects the stage's output either way: a note that says why it holds no model.
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "pretrain.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
 
     cfg = params.pretrain

@@ -167,6 +167,12 @@ def test_input_fingerprint_follows_base_model_and_data_contents(tmp_path: Path) 
     assert input_fingerprint("openai/clip-vit-base-patch32", frames, boxes)["input.base_model"] == (
         "openai/clip-vit-base-patch32"
     )
+    # A run report beside the weights (its timing differs between identical runs) is not the model.
+    (base / "pretrain.json").write_text('{"seconds": 76.3}')
+    assert input_fingerprint(base, frames, boxes) == first
+    (base / "config.json").write_text('{"hidden_size": 96}')
+    assert input_fingerprint(base, frames, boxes)["input.base_model"] != first["input.base_model"]
+    first = input_fingerprint(base, frames, boxes)
     (base / "model.safetensors").write_bytes(b"weights v2")  # a re-pretrained stand-in
     second = input_fingerprint(base, frames, boxes)
     assert second["input.base_model"] != first["input.base_model"]
