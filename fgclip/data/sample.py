@@ -102,6 +102,7 @@ REGION_CAPTIONS: dict[str, list[str]] = {
     "crash": ["a {a} car crashes into the {b} car", "two cars collide on the road"],
 }
 
+
 def _region_caption(rng: np.random.Generator, name: str, paraphrases: bool) -> str:
     """A region caption template: a random paraphrase, or the concept's first wording.
 
@@ -542,7 +543,9 @@ def _render(plan: VideoPlan, cfg: SampleConfig, path: Path) -> dict:
     if event is not None:
         fill = {**fill, **event.colors}
         caption = str(rng.choice(GLOBAL_CAPTIONS[plan.label])).format(**fill)
-        regions = [_region_caption(rng, name, cfg.region_paraphrases).format(**fill) for name, _ in event.regions]
+        regions = [
+            _region_caption(rng, name, cfg.region_paraphrases).format(**fill) for name, _ in event.regions
+        ]
         timestamps = None
     else:
         key = "Normal" if n_walkers > 1 else "Normal1"
