@@ -121,6 +121,25 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
     )
 
 
+def cmd_region_loss(params: Params, args: argparse.Namespace) -> None:
+    from fgclip.atomic import write_text_atomic
+    from fgclip.train.loss_breakdown import format_breakdown, region_loss_breakdown
+
+    result = region_loss_breakdown(
+        params,
+        _path(args.model) or params.path(params.train.out),
+        _path(args.frames) or params.path(params.frames.out),
+        _path(args.boxes) or params.path(params.boxes.out),
+        epochs=args.epochs,
+    )
+    sys.stdout.write(format_breakdown(result, top=args.top))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        log.info("breakdown written to %s", out)
+
+
 def cmd_checkpoints_clean(params: Params, args: argparse.Namespace) -> None:
     from fgclip.train.cleanup import clean_checkpoints, current_inputs, format_size
 
@@ -220,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", help="per-frame scores Parquet (default: evaluate.scores)")
     p.add_argument("--roc", help="ROC curve CSV for `dvc plots` (default: plots/roc.csv)")
     p.add_argument("--boxes", help="boxes directory, for the held-out region metrics (default: boxes.out)")
+
+    p = add(
+        "region-loss",
+        cmd_region_loss,
+        "which region captions carry a trained model's region loss (training set, memory bank as in training)",
+    )
+    p.add_argument("--model", help="fine-tuned model directory (default: train.out)")
+    p.add_argument("--frames", help="frames directory (default: frames.out)")
+    p.add_argument("--boxes", help="boxes directory (default: boxes.out)")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training set (default: 2)")
+    p.add_argument("--top", type=int, default=15, help="captions to print (default: 15)")
+    p.add_argument("--json", help="also write the whole breakdown to this JSON file")
 
     help_ = "manage training checkpoints"
     p = sub.add_parser("checkpoints", help=help_, description=help_)

@@ -232,11 +232,12 @@ class _Captions:
     ids: torch.Tensor  # [N, L]
     mask: torch.Tensor  # [N, L]
     hashes: torch.Tensor  # [N] int64
+    texts: list[str]
 
 
 def _tokenize_captions(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> _Captions:
     ids, mask = tokenize(tokenizer, texts, max_len)
-    return _Captions(ids, mask, torch.from_numpy(caption_ids(texts)))
+    return _Captions(ids, mask, torch.from_numpy(caption_ids(texts)), texts)
 
 
 def _segment_indices(n: int, t: int, rng: np.random.Generator | None) -> np.ndarray:

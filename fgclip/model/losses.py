@@ -44,6 +44,9 @@ class ContrastiveResult(NamedTuple):
     # extra (memory bank) columns are appended after the batch columns.
     logits_i2t: torch.Tensor
     logits_t2i: torch.Tensor
+    # [N] detached: each row's loss, the mean of its two directions (``loss`` is
+    # their mean): which pairs carry the loss (``fgclip region-loss``).
+    row_losses: torch.Tensor
 
 
 class LossResult(NamedTuple):
@@ -52,6 +55,7 @@ class LossResult(NamedTuple):
     loss_region: torch.Tensor
     logits_i2t: torch.Tensor  # region logits; the global ones when the batch has no region
     bank_negatives: int
+    region_row_losses: torch.Tensor  # [M] detached, one per region (see ContrastiveResult)
 
 
 def _is_distributed() -> bool:
@@ -139,8 +143,13 @@ def _direction(
     extra: torch.Tensor | None,
     extra_ids: torch.Tensor | None,
     rows_are_images: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of one direction (rows against cols + extra); returns (loss, unmasked logits)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of one direction (rows against cols + extra).
+
+    Returns (loss, per-row losses, unmasked logits). The per-row losses are
+    detached and computed apart: the mean of reduction="none" is not bitwise the
+    mean reduction, and the training loss must not change with a diagnostic.
+    """
     has_extra = extra is not None and extra.shape[0] > 0
     logits = scale * rows @ cols.T
     if has_extra:
@@ -155,7 +164,8 @@ def _direction(
         # The positive itself is never masked, even though it matches the anchor.
         known[torch.arange(rows.shape[0], device=rows.device), targets] = False
         masked = logits.masked_fill(known, float("-inf"))
-    return F.cross_entropy(masked, targets), logits
+    rows_loss = F.cross_entropy(masked.detach(), targets, reduction="none")
+    return F.cross_entropy(masked, targets), rows_loss, logits
 
 
 def _symmetric_info_nce(
@@ -179,16 +189,16 @@ def _symmetric_info_nce(
         # (and DDP's gradient bookkeeping) behaves as on any other step.
         zero = image.sum() * 0 + text.sum() * 0 + logit_scale * 0
         empty = image.new_zeros((0, image_cols.shape[0]))
-        return ContrastiveResult(zero, empty, empty)
+        return ContrastiveResult(zero, empty, empty, image.new_zeros(0))
     scale = logit_scale.exp()
     targets = torch.arange(n, device=image.device) + offset
-    loss_i2t, logits_i2t = _direction(
+    loss_i2t, rows_i2t, logits_i2t = _direction(
         image, text_cols, scale, targets, ids, col_ids, extra_text, extra_ids, True
     )
-    loss_t2i, logits_t2i = _direction(
+    loss_t2i, rows_t2i, logits_t2i = _direction(
         text, image_cols, scale, targets, ids, col_ids, extra_image, extra_ids, False
     )
-    return ContrastiveResult((loss_i2t + loss_t2i) / 2, logits_i2t, logits_t2i)
+    return ContrastiveResult((loss_i2t + loss_t2i) / 2, logits_i2t, logits_t2i, (rows_i2t + rows_t2i) / 2)
 
 
 def contrastive_loss(
@@ -312,4 +322,5 @@ class FGCLIPLoss(nn.Module):
             loss_region=region.loss,
             logits_i2t=region.logits_i2t if has_regions else glob.logits_i2t,
             bank_negatives=0 if extra_ids is None else int(extra_ids.shape[0]),
+            region_row_losses=region.row_losses,
         )
