@@ -120,17 +120,23 @@ def _known_matches(rows: torch.Tensor, cols: torch.Tensor, rows_are_images: bool
     ids are ``[caption id, image id]`` and the columns are every known pair, so
     an image row i matches text column j when some pair joins i's image to j's
     caption, and a text row i matches image column j when some pair joins i's
-    caption to j's image. Equal caption ids and equal image ids are the
-    one-step cases.
+    caption to j's image. A column with the anchor's image id matches through the
+    column's own pair, one with the anchor's caption id through the anchor's own
+    pair (always among the columns).
     """
     if rows.dim() == 1:
         return rows[:, None] == cols[None, :]
-    # via[k, j]: pair k has column j's caption (image rows) or image (text rows).
     own, other = (IMAGE, CAPTION) if rows_are_images else (CAPTION, IMAGE)
-    anchor_in_pair = (rows[:, None, own] == cols[None, :, own]).float()  # [N, K]
-    via = (cols[:, None, other] == cols[None, :, other]).float()  # [K, M]
-    # A 0/1 matmul counts the joining pairs; K is batch + bank, so this stays small.
-    return (anchor_in_pair @ via) > 0
+    # pair k shows the anchor's image (image rows) / has the anchor's caption (text rows)
+    anchor_in_pair = (rows[:, None, own] == cols[None, :, own]).to(torch.int32)  # [N, K]
+    # Count, per distinct caption (image rows) / image (text rows), the pairs that join
+    # it to the anchor, then read the count back for each column: memory O(N x K), not
+    # the K x K of a pair-to-pair matrix (K = batch + bank can be thousands). Integer
+    # counts: no autocast rounding.
+    values, column_value = torch.unique(cols[:, other], return_inverse=True)
+    joined = anchor_in_pair.new_zeros((rows.shape[0], values.shape[0]))
+    joined.index_add_(1, column_value, anchor_in_pair)
+    return joined[:, column_value] > 0
 
 
 def _direction(
@@ -189,7 +195,7 @@ def _symmetric_info_nce(
         # (and DDP's gradient bookkeeping) behaves as on any other step.
         zero = image.sum() * 0 + text.sum() * 0 + logit_scale * 0
         empty = image.new_zeros((0, image_cols.shape[0]))
-        return ContrastiveResult(zero, empty, empty, image.new_zeros(0))
+        return ContrastiveResult(zero, empty, empty, image.new_zeros(0, dtype=torch.float32))
     scale = logit_scale.exp()
     targets = torch.arange(n, device=image.device) + offset
     loss_i2t, rows_i2t, logits_i2t = _direction(

@@ -1,12 +1,18 @@
 """Which region captions carry a trained model's region loss (``fgclip region-loss``).
 
 The region-loss health gate says *that* the loss is high, not where it comes
-from. This scores the training set the way training does: the training
-dataset's sampling, batches of ``train.batch_size``, the training loss itself
-(``FGCLIPLoss``, so the same negatives and masking) and a memory bank of
-``train.memory_bank_size`` as at the end of a run (on from the first batch; a
-second pass over the data finds it full). Each region's loss, the mean of its
-two directions, is summed per caption, with and without the bank.
+from. This scores the training set the way a one-process run trains on it: the
+training batches (``EpochBatchSampler``: same order, incomplete last batch
+dropped), the training loss itself (``FGCLIPLoss``, so the same negatives and
+masking) and a memory bank of ``train.memory_bank_size`` as at the end of a run
+(on from the first batch; full from the second pass on when an epoch holds that
+many regions). Each region's loss, the mean of its two directions, is summed
+per caption, with and without the bank. Under DDP a run scores each rank's
+regions against all ranks' (``batch_size`` x world size); this does not.
+
+The means here are over regions; the logged ``train/loss_region`` is a mean
+of per-batch means, so the two differ a little when batches hold different
+numbers of regions.
 
 It is how the sample's region loss of 1.08 was traced: the whole-frame regions
 of normal videos carried three quarters of it, which led to the masking bug in
@@ -18,12 +24,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from fgclip.config import Params
-from fgclip.data.dataset import VideoClipDataset, collate
+from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset, collate
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.losses import FGCLIPLoss
 from fgclip.model.memory_bank import RegionMemoryBank
@@ -60,14 +65,13 @@ def region_loss_breakdown(
     no_bank = FGCLIPLoss(cfg.region_loss_weight)
 
     sums: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # regions, loss, loss without bank
-    batches = [
-        (epoch, order[i : i + cfg.batch_size])
-        for epoch in range(epochs)
-        for order in [np.random.default_rng([cfg.seed, epoch]).permutation(len(data))]
-        for i in range(0, len(data), cfg.batch_size)
-    ]
-    for epoch, indices in tqdm(batches, desc="region-loss", unit="batch", disable=None):
-        batch = collate([data[(epoch, int(i))] for i in indices])
+    sampler = EpochBatchSampler(len(data), cfg.batch_size, cfg.seed)
+    batches = []
+    for epoch in range(epochs):
+        sampler.set_position(epoch)
+        batches.extend(sampler)
+    for keys in tqdm(batches, desc="region-loss", unit="batch", disable=None):
+        batch = collate([data[key] for key in keys])
         out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         losses = with_bank(out).region_row_losses.tolist()
         plain = no_bank(out).region_row_losses.tolist()

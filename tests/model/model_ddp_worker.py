@@ -23,6 +23,12 @@ LN_100 = math.log(100.0)
 GLOBAL_SIZES = (3, 2)
 REGION_SIZES = (3, 0)
 GLOBAL_IDS = (0, 1, 0, 2, 3)
+# Regions on both ranks whose known matches cross ranks: caption 11 is shown by
+# image 7 (rank 0) and image 9 (rank 1), so rank 0's text 11 is no negative of
+# rank 1's image 9 (nor rank 1's text 11 of image 7), and rank 0's image 7 sees
+# rank 1's text 11 as a true caption.
+JOINED_SIZES = (3, 2)
+JOINED_IDS = ((10, 7), (11, 7), (12, 8), (11, 9), (13, 9))  # (caption id, image id)
 
 
 def unit(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -68,6 +74,12 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
             logit_scale_region=torch.tensor(LN_100),
         )
         region = FGCLIPLoss(region_weight=1.0, memory_bank=bank)(out)
+        j_rows = _rows(JOINED_SIZES, rank)
+        joined_ids = torch.tensor(JOINED_IDS)[j_rows]
+        out.region_image_embeds = unit(sum(JOINED_SIZES), seed=4)[j_rows]
+        out.region_text_embeds = unit(sum(JOINED_SIZES), seed=5)[j_rows]
+        out.region_caption_ids, out.region_image_ids = joined_ids[:, 0], joined_ids[:, 1]
+        joined = FGCLIPLoss(region_weight=1.0)(out)
         queue.put(
             (
                 rank,
@@ -77,6 +89,7 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
                     "grad": video.grad.tolist(),
                     "region": region.loss_region.item(),
                     "bank_ids": bank.negatives()[2].tolist(),
+                    "joined": joined.loss_region.item(),
                 },
             )
         )

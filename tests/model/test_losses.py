@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from model_ddp_worker import GLOBAL_IDS, GLOBAL_SIZES, REGION_SIZES, ddp_worker, free_port, unit
+from model_ddp_worker import (
+    GLOBAL_IDS,
+    GLOBAL_SIZES,
+    JOINED_IDS,
+    JOINED_SIZES,
+    REGION_SIZES,
+    ddp_worker,
+    free_port,
+    unit,
+)
 
 from fgclip.model.fgclip import FGCLIPOutput
 from fgclip.model.losses import FGCLIPLoss, contrastive_loss
@@ -143,8 +152,10 @@ def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
 
     The bank holds caption 11 queued from another image (99): a true caption of
     the frame (image 7 carries 11), so it is no negative for the frame's rows, but
-    still one for the other images' rows. And it holds image 7 under caption 20:
-    the frame again, so no negative for any of the frame's captions.
+    still one for the other images' rows. It holds image 7 under caption 20: the
+    frame again, so no negative for any of the frame's captions. And it holds
+    image 99 under caption 21: an image that carries caption 11, so no negative
+    for the text "11", though it shares no id with it.
     """
     out = _output(5, seed=30, region_ids=torch.tensor([10, 11, 12, 13, 14]))
     image = out.region_image_embeds.detach().clone()
@@ -153,7 +164,7 @@ def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
     out.region_image_ids = torch.tensor([7, 7, 7, 8, 9])
     bank = RegionMemoryBank(size=8, dim=image.shape[1], warmup_steps=0)
     bank.step()
-    bank.enqueue(unit(3, seed=40), unit(3, seed=41), torch.tensor([[11, 99], [20, 7], [21, 22]]))
+    bank.enqueue(unit(3, seed=40), unit(3, seed=41), torch.tensor([[11, 99], [20, 7], [21, 99]]))
     extra_image, extra_text, extra_ids = bank.negatives()
     result = FGCLIPLoss(region_weight=1.0, memory_bank=bank)(out)
 
@@ -172,6 +183,15 @@ def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
         )
     assert _row_loss(logits, 3, 5 + 0, ids, extra_ids, rows_are_images=True) > 100 + _row_loss(
         logits, 3, None, ids, extra_ids, rows_are_images=True
+    )
+    # Text -> image: text 11 (row 1) against image 99 (queued as caption 21) is a
+    # known match through the pair (11, 99); text 13 (row 3) against it is not.
+    logits_t2i = math.exp(LN_100) * text @ torch.cat([image, extra_image]).T
+    assert _row_loss(logits_t2i, 1, 5 + 2, ids, extra_ids, rows_are_images=False) == pytest.approx(
+        _row_loss(logits_t2i, 1, None, ids, extra_ids, rows_are_images=False), rel=1e-6
+    )
+    assert _row_loss(logits_t2i, 3, 5 + 2, ids, extra_ids, rows_are_images=False) > 100 + _row_loss(
+        logits_t2i, 3, None, ids, extra_ids, rows_are_images=False
     )
     # Without image ids the three copies of the frame compete with each other.
     out.region_image_ids = None
@@ -314,3 +334,11 @@ def test_global_loss_across_uneven_ranks_matches_single_process() -> None:
     assert results[1]["region"] == 0.0
     # Both ranks queued the same gathered regions.
     assert results[0]["bank_ids"] == results[1]["bank_ids"] == [[0, 0], [1, 1], [2, 2]]
+    # Known matches that join rows of different ranks are masked as in one process.
+    k = sum(JOINED_SIZES)
+    joined_ids = torch.tensor(JOINED_IDS)
+    joined = contrastive_loss(unit(k, seed=4), unit(k, seed=5), torch.tensor(LN_100), ids=joined_ids)
+    weighted = sum(results[r]["joined"] * JOINED_SIZES[r] for r in range(2)) / k
+    assert weighted == pytest.approx(joined.loss.item(), rel=1e-5)
+    unjoined = contrastive_loss(unit(k, seed=4), unit(k, seed=5), torch.tensor(LN_100), ids=joined_ids[:, 0])
+    assert joined.loss.item() != pytest.approx(unjoined.loss.item(), rel=1e-3)
