@@ -20,6 +20,7 @@ video's other frames stay usable (its status stays ``ok``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -127,11 +128,33 @@ class VideoJob:
         plan["window"] = list(self.window) if self.window else None
         plan["keyframes"] = list(self.keyframes)
         try:  # a regenerated or replaced video must be decoded again
-            st = os.stat(self.source)
-            plan["source_stat"] = [st.st_size, st.st_mtime_ns]
+            plan["source_digest"] = source_digest(Path(self.source))
         except OSError:
-            plan["source_stat"] = None
+            plan["source_digest"] = None
         return plan
+
+
+# Bytes hashed at each end of a video for its digest: MP4's index sits at one end
+# (the start with faststart, else the end), the first frames at the start.
+DIGEST_SPAN = 1 << 20
+
+
+def source_digest(path: Path) -> str:
+    """Size + BLAKE2b of the first and last ``DIGEST_SPAN`` bytes: a re-encoded video's differ.
+
+    Content, not ``st_mtime``: the done markers are part of the DVC output, and a
+    modification time made its hash differ on every clone (same frames, other
+    lock). Reading 2 MiB a video costs little beside decoding it, even on UCF-Crime.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(size.to_bytes(8, "little"))
+        h.update(f.read(DIGEST_SPAN))
+        if size > DIGEST_SPAN:
+            f.seek(max(size - DIGEST_SPAN, DIGEST_SPAN))
+            h.update(f.read(DIGEST_SPAN))
+    return h.hexdigest()
 
 
 def _save_jpeg(frame: av.VideoFrame, rgb: VideoReformatter, path: Path, quality: int) -> None:

@@ -656,7 +656,10 @@ def generate_sample(cfg: SampleConfig, data: DataConfig, root: Path) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_text_atomic(
-        root / MARKER, json.dumps({k: v for k, v in summary.items() if k != "seconds"}, indent=1) + "\n"
+        # Without the wall time and the absolute root: the marker is part of the DVC
+        # output, whose hash must not depend on the machine or the clone's path.
+        root / MARKER,
+        json.dumps({k: v for k, v in summary.items() if k not in ("seconds", "root")}, indent=1) + "\n",
     )
     logger.info(
         "sample: %d videos (%d train, %d test), %d frames, %d bad boxes planted -> %s in %.1fs",

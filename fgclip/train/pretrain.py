@@ -140,7 +140,10 @@ def pretrain_clip(
     out.mkdir(parents=True, exist_ok=True)
     clip.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    # Without the wall time: the file is part of the DVC output, whose hash must not
+    # change between two runs that train the same weights.
+    report = {k: v for k, v in summary.items() if k != "seconds"}
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(report, indent=2) + "\n")
     logger.info(
         "pretrained CLIP saved to %s: loss %.4f -> %.4f in %.1f s",
         out,

@@ -28,6 +28,7 @@ from fgclip.data.frames import (
     ExtractionError,
     extract_frames,
     snippet_middles,
+    source_digest,
     uniform_frames,
     window_frames,
 )
@@ -223,6 +224,37 @@ def test_resume_after_interruption(tiny_params: Params, tiny_sample: Path, tiny_
     assert sorted(p.relative_to(out) for p in out.rglob("*.jpg")) == sorted(
         p.relative_to(tiny_frames) for p in tiny_frames.rglob("*.jpg")
     )
+
+
+def test_done_markers_follow_video_content_not_path_or_mtime(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
+    """Two clones extract byte-identical outputs (DVC hashes them); a replaced video is decoded again."""
+    root = tmp_path / "clone" / "sample"
+    shutil.copytree(tiny_sample, root)  # another path, other modification times
+    video = "Arson/Arson001_x264.mp4"
+    path = root / tiny_params.data.videos_dir / video
+    os.utime(path, ns=(1, 1))
+    out = tmp_path / "clone" / "frames"
+    extract_frames(tiny_params, root, root / "annotations.json", out)
+    for marker in sorted(tiny_frames.rglob(DONE_MARKER)):
+        assert (out / marker.relative_to(tiny_frames)).read_bytes() == marker.read_bytes(), marker
+
+    # Same size, same modification time, other bytes (within the hashed spans: at this
+    # size the whole file is): not the video the frames came from.
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    stat = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (
+        source_digest(path)
+        != json.loads((out / "images" / video.removesuffix(".mp4") / DONE_MARKER).read_text())["plan"][
+            "source_digest"
+        ]
+    )
+    summary = extract_frames(tiny_params, root, root / "annotations.json", out)
+    assert summary["resumed"] == len(_videos(out)) - 1
 
 
 def test_changed_selection_is_not_resumed(

@@ -231,7 +231,10 @@ def test_summary(tiny_params: Params, tmp_path: Path):
     assert summary["bad_boxes"] == 0
     assert summary["by_split"]["train"] == {"Arson": 2, "RoadAccidents": 2, "Normal": 2}
     assert summary["videos"] == 12
-    assert json.loads((tmp_path / "sample.json").read_text())["videos"] == 12
+    marker = json.loads((tmp_path / "sample.json").read_text())
+    assert marker["videos"] == 12
+    # Part of the DVC output: nothing in it may depend on the machine or the clone's path.
+    assert "root" not in marker and "seconds" not in marker
 
 
 def test_region_paraphrases_switch_only_changes_region_wording(

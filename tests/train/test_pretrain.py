@@ -20,7 +20,11 @@ def test_loss_decreases_and_the_model_reloads(tiny_clip, train_params: Callable[
     params = train_params()
     assert summary["steps"] == params.pretrain.steps
     assert summary["final_loss"] < 0.8 * summary["first_loss"]
-    assert json.loads((out / "pretrain.json").read_text()) == summary
+    # The file is a DVC output: the wall time stays in the returned summary only.
+    assert "seconds" in summary
+    assert json.loads((out / "pretrain.json").read_text()) == {
+        k: v for k, v in summary.items() if k != "seconds"
+    }
 
     clip = CLIPModel.from_pretrained(out)
     tokenizer = load_tokenizer(out)
