@@ -66,15 +66,14 @@ import fgclip.data.boxes as boxes_module
 from fgclip.config import BoxesConfig, load_params
 from fgclip.data.annotations import load_annotations
 from fgclip.data.boxes import (
-    ACCEPTED_SCHEMA,
     RAW_BOX_SCHEMA,
     REASONS,
-    REJECTS_SCHEMA,
     FrameLookup,
     raw_boxes,
     validate_box_batches,
 )
-from fgclip.data.frames import INDEX_SCHEMA, VIDEOS_SCHEMA, snippet_middles, uniform_frames
+from fgclip.data.frames import snippet_middles, uniform_frames
+from fgclip.data.layout import ACCEPTED_SCHEMA, INDEX_SCHEMA, REJECTS_SCHEMA, VIDEOS_SCHEMA
 from fgclip.data.ucf import NORMAL_LABEL, VideoResolver, video_id
 
 CLASSES = [

@@ -49,6 +49,16 @@ from tqdm import tqdm
 from fgclip.atomic import write_text_atomic
 from fgclip.config import BoxesConfig, Params
 from fgclip.data.annotations import AnnotationRecord, Malformed, load_annotations
+from fgclip.data.layout import (
+    ACCEPTED_SCHEMA,
+    BOX_COORDS,
+    REJECTS_FILE,
+    REJECTS_SCHEMA,
+    read_frame_index,
+    read_videos,
+    shard_name,
+    write_manifest,
+)
 from fgclip.data.ucf import NORMAL_LABEL, PATH_ESCAPES_ROOT, UNKNOWN_VIDEO, VideoResolver
 
 logger = logging.getLogger(__name__)
@@ -70,7 +80,6 @@ REASONS = (
 _CODE = {reason: code for code, reason in enumerate(REASONS, start=1)}
 _REASON_NAMES = pa.array(("",) + REASONS, pa.string())  # indexed by code
 
-COORDS = ("x1", "y1", "x2", "y2")
 RAW_BOX_SCHEMA = pa.schema(
     [
         ("record", pa.int64()),  # position of the record in annotations.json
@@ -86,39 +95,6 @@ RAW_BOX_SCHEMA = pa.schema(
         ("virtual", pa.bool_()),
         ("raw", pa.string()),  # JSON text of a malformed entry, else null
         ("detail", pa.string()),  # why the entry is malformed, else null
-    ]
-)
-ACCEPTED_SCHEMA = pa.schema(
-    [
-        ("video", pa.string()),
-        ("split", pa.string()),
-        ("label", pa.string()),
-        ("region", pa.int32()),
-        ("region_caption", pa.string()),
-        ("global_caption", pa.string()),
-        ("frame", pa.int64()),
-        ("x1", pa.float32()),
-        ("y1", pa.float32()),
-        ("x2", pa.float32()),
-        ("y2", pa.float32()),
-        ("frame_path", pa.string()),
-        ("virtual", pa.bool_()),
-    ]
-)
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("record", pa.int64()),  # position of the record in annotations.json
-        ("video", pa.string()),  # the record's video field as written
-        ("region", pa.int32()),
-        ("frame", pa.int64()),
-        ("x1", pa.float64()),
-        ("y1", pa.float64()),
-        ("x2", pa.float64()),
-        ("y2", pa.float64()),
-        ("virtual", pa.bool_()),
-        ("raw", pa.string()),  # JSON text of a malformed entry
-        ("reason", pa.string()),
-        ("detail", pa.string()),
     ]
 )
 
@@ -171,11 +147,7 @@ class FrameLookup:
 
     @classmethod
     def from_frames_dir(cls, frames_dir: Path) -> FrameLookup:
-        frames_dir = Path(frames_dir)
-        return cls(
-            pq.read_table(frames_dir / "videos.parquet"),
-            pq.read_table(frames_dir / "index.parquet", columns=["video", "frame", "path"]),
-        )
+        return cls(read_videos(frames_dir), read_frame_index(frames_dir, ["video", "frame", "path"]))
 
     def _resolve_one(self, ref: str) -> tuple[int, int]:
         vid, reason = self._resolver.resolve(ref)
@@ -249,7 +221,7 @@ def _keyframe_rows(records: list[AnnotationRecord]) -> dict[str, np.ndarray]:
         "rec": cols[:, 0].astype(np.int64),
         "region": cols[:, 1].astype(np.int64),
         "frame": cols[:, 2].astype(np.int64),
-        **{c: cols[:, 3 + k] for k, c in enumerate(COORDS)},
+        **{c: cols[:, 3 + k] for k, c in enumerate(BOX_COORDS)},
         "virtual": np.zeros(len(cols), bool),
         "placeholder": np.zeros(len(cols), bool),
     }
@@ -318,7 +290,7 @@ def _malformed_rows(malformed: list[Malformed], first: int) -> dict[str, np.ndar
         "rec": np.arange(first, first + n),
         "region": np.array([-1 if m.region is None else m.region for m in malformed], np.int64),
         "frame": np.full(n, -1, np.int64),
-        **{c: np.full(n, np.nan) for c in COORDS},
+        **{c: np.full(n, np.nan) for c in BOX_COORDS},
         "virtual": np.zeros(n, bool),
         "placeholder": np.ones(n, bool),
     }
@@ -370,7 +342,7 @@ def raw_boxes(
             "region_caption": captions.take(pa.array(caption_row)),
             "global_caption": per_entry([r.global_caption for r in records], [None] * len(malformed)),
             "frame": pa.array(cols["frame"], pa.int64(), mask=no_frame),
-            **{c: pa.array(cols[c], pa.float64(), mask=no_frame) for c in COORDS},
+            **{c: pa.array(cols[c], pa.float64(), mask=no_frame) for c in BOX_COORDS},
             "virtual": pa.array(cols["virtual"]),
             "raw": per_entry([None] * n_rec, [m.raw for m in malformed]),
             "detail": per_entry([None] * n_rec, [m.detail for m in malformed]),
@@ -419,7 +391,7 @@ def _rule_codes(
     video, ref_code = lookup.resolve(batch["video"])
     placeholder = batch["frame"].is_null().to_numpy(zero_copy_only=False)
     frame = _numbers(batch["frame"], -1)
-    xyxy = [_numbers(batch[c], np.nan) for c in COORDS]
+    xyxy = [_numbers(batch[c], np.nan) for c in BOX_COORDS]
     path_row = lookup.find(np.where(placeholder, -1, video), frame)
     ok = lookup.ok[video]
 
@@ -473,7 +445,7 @@ def _accepted(
             "region_caption": _strings(batch["region_caption"].take(rows)),
             "global_caption": _strings(batch["global_caption"].take(rows)),
             "frame": batch["frame"].take(rows),
-            **{c: pa.array(x[keep].astype(np.float32)) for c, x in zip(COORDS, xyxy)},
+            **{c: pa.array(x[keep].astype(np.float32)) for c, x in zip(BOX_COORDS, xyxy)},
             "frame_path": lookup.paths.take(pa.array(path_row[keep])),
             "virtual": batch["virtual"].take(rows),
         },
@@ -489,7 +461,7 @@ def _rejects(batch: pa.RecordBatch, code: np.ndarray) -> pa.Table:
             "video": _strings(batch["video"].take(rows)),
             "region": batch["region"].take(rows),
             "frame": batch["frame"].take(rows),
-            **{c: batch[c].take(rows) for c in COORDS},
+            **{c: batch[c].take(rows) for c in BOX_COORDS},
             "virtual": batch["virtual"].take(rows),
             "raw": _strings(batch["raw"].take(rows)),
             "reason": _REASON_NAMES.take(pa.array(code[code != 0])),
@@ -539,7 +511,7 @@ class _ShardWriter:
     def write(self, table: pa.Table) -> None:
         while table.num_rows:
             if self._writer is None:
-                name = f"part-{len(self.shards):05d}.parquet"
+                name = shard_name(len(self.shards))
                 self._writer = pq.ParquetWriter(
                     self.directory / name,
                     ACCEPTED_SCHEMA,
@@ -575,7 +547,7 @@ def _validate_into(
     codes = np.zeros(len(REASONS) + 1, np.int64)
     seen = np.zeros(len(lookup.video_ids) + 1, bool)  # videos with an accepted row (+ "no video")
     with (
-        pq.ParquetWriter(directory / "rejects.parquet", REJECTS_SCHEMA, compression="zstd") as rejects,
+        pq.ParquetWriter(directory / REJECTS_FILE, REJECTS_SCHEMA, compression="zstd") as rejects,
         tqdm(desc="validate_boxes", unit="box", unit_scale=True, disable=None) as bar,
     ):
         try:
@@ -607,7 +579,7 @@ def _validate_into(
             f"validate_boxes: read {read} rows but accepted {accepted} + rejected {rejected} "
             f"(by reason {by_reason})"
         )
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_manifest(directory, manifest["shards"], manifest["rows"])
     return {
         "read": read,
         "accepted": accepted,
@@ -657,10 +629,8 @@ def validate_boxes(
     started = time.perf_counter()
     cfg, frames_dir, out, metrics_path = params.boxes, Path(frames_dir), Path(out), Path(metrics_path)
     records, malformed = load_annotations(Path(annotations))
-    videos = pq.read_table(frames_dir / "videos.parquet")
-    index = pq.read_table(
-        frames_dir / "index.parquet", columns=["video", "frame", "timestamp", "path", "purpose"]
-    )
+    videos = read_videos(frames_dir)
+    index = read_frame_index(frames_dir, ["video", "frame", "timestamp", "path", "purpose"])
     lookup = FrameLookup(videos, index)
     raw = raw_boxes(records, malformed, videos, index)
     counts = validate_box_batches(raw.combine_chunks().to_batches(), lookup, cfg, out)

@@ -44,37 +44,20 @@ from tqdm import tqdm
 from fgclip.atomic import atomic_path, write_text_atomic
 from fgclip.config import Params
 from fgclip.data.annotations import load_annotations
+from fgclip.data.layout import (
+    DONE_MARKER,
+    FAILURES_FILE,
+    FAILURES_SCHEMA,
+    IMAGES_DIR,
+    INDEX_FILE,
+    INDEX_SCHEMA,
+    VIDEOS_FILE,
+    VIDEOS_SCHEMA,
+)
 from fgclip.data.ucf import NORMAL_LABEL, DatasetFormatError, VideoResolver, read_split, video_label
 from fgclip.errors import FGClipError
 
 logger = logging.getLogger(__name__)
-
-DONE_MARKER = "_done.json"
-
-INDEX_SCHEMA = pa.schema(
-    [
-        ("video", pa.string()),
-        ("split", pa.string()),
-        ("label", pa.string()),
-        ("frame", pa.int64()),
-        ("timestamp", pa.float64()),
-        ("path", pa.string()),
-        ("purpose", pa.string()),
-    ]
-)
-VIDEOS_SCHEMA = pa.schema(
-    [
-        ("video", pa.string()),
-        ("split", pa.string()),
-        ("label", pa.string()),
-        ("num_frames", pa.int64()),
-        ("fps", pa.float64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("status", pa.string()),
-    ]
-)
-FAILURES_SCHEMA = pa.schema([("video", pa.string()), ("reason", pa.string())])
 
 
 class ExtractionError(FGClipError, RuntimeError):
@@ -121,7 +104,7 @@ class VideoJob:
 
     @property
     def rel_dir(self) -> str:
-        return "images/" + self.video.removesuffix(".mp4")
+        return f"{IMAGES_DIR}/" + self.video.removesuffix(".mp4")
 
     def plan(self) -> dict:
         plan = {k: v for k, v in asdict(self).items() if k not in ("source", "out")}
@@ -403,7 +386,7 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
     jobs = _plan_jobs(params, data_root, Path(annotations), out)
     if not jobs:
         raise ExtractionError(f"{data_root}: the split files list no videos")
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     results = _run(jobs, params.frames.workers or os.cpu_count() or 1)
 
     index = _index_table(jobs, results)
@@ -415,7 +398,7 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
         [{"video": r["video"], "reason": reason} for r in results for reason in r["failures"]],
         schema=FAILURES_SCHEMA,
     ).sort_by("video")
-    for table, name in ((index, "index.parquet"), (videos, "videos.parquet"), (failures, "failures.parquet")):
+    for table, name in ((index, INDEX_FILE), (videos, VIDEOS_FILE), (failures, FAILURES_FILE)):
         _write_parquet(table, out / name)
 
     failed = [r["video"] for r in results if r["meta"]["status"] == "failed"]
@@ -446,7 +429,7 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
     if jobs and len(failed) / len(jobs) > params.frames.max_failure_frac:
         raise ExtractionError(
             f"{len(failed)} of {len(jobs)} videos failed ({len(failed) / len(jobs):.1%} > "
-            f"frames.max_failure_frac={params.frames.max_failure_frac}); see {out / 'failures.parquet'}: "
+            f"frames.max_failure_frac={params.frames.max_failure_frac}); see {out / FAILURES_FILE}: "
             + "; ".join(f"{r['video']}: {r['reason']}" for r in summary["failures"][:3])
         )
     return summary

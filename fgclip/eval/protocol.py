@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from fgclip.atomic import atomic_path
+from fgclip.data.layout import FRAME_SCORES_SCHEMA
 from fgclip.data.ucf import NORMAL_LABEL as NORMAL
 from fgclip.data.ucf import TemporalAnnotation, video_label
 from fgclip.errors import FGClipError
@@ -39,19 +40,6 @@ log = logging.getLogger(__name__)
 
 # Which model produced a row of the frame-score table.
 MODEL_KINDS = ("finetuned", "pretrained", "untrained")
-
-FRAME_SCORES_SCHEMA = pa.schema(
-    [
-        ("video", pa.string()),
-        ("class", pa.string()),
-        ("frame", pa.int64()),
-        ("snippet", pa.int64()),
-        ("score", pa.float64()),
-        ("log_odds", pa.float64()),
-        ("label", pa.int8()),
-        ("model", pa.string()),
-    ]
-)
 
 
 class EvalInputError(FGClipError, ValueError):

@@ -36,7 +36,9 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fgclip.data.dataset import _segment_indices, read_boxes
+from fgclip.data.dataset import read_boxes
+from fgclip.data.images import segment_indices
+from fgclip.data.layout import BOX_COORDS
 from fgclip.eval.zeroshot import input_size, load_pixels, model_device, text_embeddings
 from fgclip.model.fgclip import FGCLIPVideoModel
 
@@ -90,7 +92,7 @@ def load_held_out(boxes_dir: Path, frames_dir: Path, test_videos: Sequence[str])
         captions = {}
         for i in idx:
             r, k = regions.index(columns["region"][i]), frames.index(columns["frame"][i])
-            boxes[r, k] = torch.tensor([columns[c][i] for c in ("x1", "y1", "x2", "y2")])
+            boxes[r, k] = torch.tensor([columns[c][i] for c in BOX_COORDS])
             mask[r, k] = True
             captions[r] = columns["region_caption"][i]
         out.append(
@@ -173,7 +175,7 @@ def retrieval_recall(
 
 def video_clip(frame_embeds: Tensor, num_frames: int) -> Tensor:
     """``[num_frames, D]``: the frames at the middle of ``num_frames`` equal segments, as validation picks them."""
-    picked = torch.from_numpy(_segment_indices(len(frame_embeds), num_frames, None))
+    picked = torch.from_numpy(segment_indices(len(frame_embeds), num_frames, None))
     return frame_embeds[picked.to(frame_embeds.device)]
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from fgclip.data.dataset import load_image, normalize
+from fgclip.data.images import load_image, normalize
 from fgclip.data.ucf import NORMAL_LABEL
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.tokenizer import tokenize
@@ -148,13 +148,6 @@ def _boxes_on_frames(model: FGCLIPVideoModel, patches: Tensor, boxes: Tensor) ->
     return features
 
 
-def frame_embeddings(
-    models: Sequence[FGCLIPVideoModel], paths: Sequence[Path], batch_size: int
-) -> list[Tensor]:
-    """Embeddings ``[N, D]`` of the frames at ``paths`` under each model (unnormalised)."""
-    return [embeds for embeds, _ in frame_features(models, paths, batch_size)]
-
-
 def _anomaly_log_odds(logits: Tensor, normal_index: int) -> Tensor:
     """``log((1 - p(Normal)) / p(Normal))`` along the last (class) dimension, in float64."""
     logits = logits.double()
@@ -204,11 +197,6 @@ def snippet_log_odds(
     )
     global_scale, _ = model.scales()
     return _anomaly_log_odds(global_scale.exp() * video_embeds @ class_embeds.T, normal_index).cpu()
-
-
-def snippet_scores(*args, **kwargs) -> Tensor:
-    """Anomaly score ``1 - p(Normal)`` of every snippet (the sigmoid of :func:`snippet_log_odds`)."""
-    return torch.sigmoid(snippet_log_odds(*args, **kwargs))
 
 
 def model_device(model: FGCLIPVideoModel) -> torch.device:

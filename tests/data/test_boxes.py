@@ -14,10 +14,8 @@ import fgclip.data.boxes as boxes_mod
 from fgclip.config import Params
 from fgclip.data.annotations import load_annotations
 from fgclip.data.boxes import (
-    ACCEPTED_SCHEMA,
     RAW_BOX_SCHEMA,
     REASONS,
-    REJECTS_SCHEMA,
     BoxAccountingError,
     FrameLookup,
     raw_boxes,
@@ -25,6 +23,7 @@ from fgclip.data.boxes import (
     validate_boxes,
 )
 from fgclip.data.frames import extract_frames
+from fgclip.data.layout import ACCEPTED_SCHEMA, REJECTS_SCHEMA
 
 VIDEO = "Arson/Arson001_x264.mp4"
 

@@ -21,10 +21,6 @@ from PIL import Image
 
 from fgclip.config import Params
 from fgclip.data.frames import (
-    DONE_MARKER,
-    FAILURES_SCHEMA,
-    INDEX_SCHEMA,
-    VIDEOS_SCHEMA,
     ExtractionError,
     extract_frames,
     snippet_middles,
@@ -32,6 +28,7 @@ from fgclip.data.frames import (
     uniform_frames,
     window_frames,
 )
+from fgclip.data.layout import DONE_MARKER, FAILURES_SCHEMA, INDEX_SCHEMA, VIDEOS_SCHEMA
 
 
 def _rows(frames: Path, video: str, purpose: str) -> list[int]:

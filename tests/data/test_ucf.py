@@ -1,7 +1,9 @@
 """UCF-Crime layout: names, labels, split files, temporal annotations, video-field resolution."""
 
+import itertools
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from fgclip.data.ucf import (
@@ -10,6 +12,7 @@ from fgclip.data.ucf import (
     DatasetFormatError,
     VideoResolver,
     escapes_root,
+    escapes_root_array,
     format_temporal_line,
     read_split,
     read_temporal_annotations,
@@ -165,3 +168,14 @@ def test_resolver_ambiguous_short_name_does_not_resolve():
 def test_escapes_root():
     assert escapes_root("a/../../b") and escapes_root("/x") and escapes_root("D:/x")
     assert not escapes_root("a/b..c.mp4")
+
+
+def test_escapes_root_array_judges_every_path_as_the_scalar_rule():
+    """Every string of up to 5 of these characters: separators, dots, drives, whitespace."""
+    refs = ["".join(t) for n in range(6) for t in itertools.product(". /\\aC:\t", repeat=n)]
+    assert escapes_root_array(pa.array(refs)).to_pylist() == [escapes_root(r) for r in refs]
+    assert escapes_root_array(pa.chunked_array([["a..b.jpg", None, "../x"]])).to_pylist() == [
+        False,
+        None,
+        True,
+    ]

@@ -14,13 +14,11 @@ from transformers import PreTrainedTokenizerFast
 from fgclip.config import Params
 from fgclip.eval.zeroshot import (
     class_embeddings,
-    frame_embeddings,
     frame_features,
     grid_boxes,
     load_pixels,
     region_grid_log_odds,
     snippet_log_odds,
-    snippet_scores,
     snippet_windows,
 )
 from fgclip.model.fgclip import FGCLIPVideoModel
@@ -81,8 +79,9 @@ def test_normal_matching_video_scores_low_and_anomaly_high(classes):
     normal = names.index("Normal")
     normal_video = embeds[normal].expand(6, -1)
     arson_video = embeds[names.index("Arson")].expand(6, -1)
-    low = snippet_scores(model, normal_video, embeds, normal, clip_len=4, batch_size=4)
-    high = snippet_scores(model, arson_video, embeds, normal, clip_len=4, batch_size=4)
+    # The score is the sigmoid of the log-odds, as the evaluate stage computes it.
+    low = torch.sigmoid(snippet_log_odds(model, normal_video, embeds, normal, clip_len=4, batch_size=4))
+    high = torch.sigmoid(snippet_log_odds(model, arson_video, embeds, normal, clip_len=4, batch_size=4))
     assert low.shape == high.shape == (6,)
     assert (low < 0.05).all() and (high > 0.95).all()
 
@@ -95,7 +94,8 @@ def test_confident_scores_do_not_saturate_to_one(classes):
     scores = []
     for cos in (0.75, 0.7):
         normal = cos * u + (1 - cos**2) ** 0.5 * v
-        scores.append(snippet_scores(model, frames, torch.stack([normal, u]), 0, clip_len=2, batch_size=2))
+        log_odds = snippet_log_odds(model, frames, torch.stack([normal, u]), 0, clip_len=2, batch_size=2)
+        scores.append(torch.sigmoid(log_odds))
     assert scores[0].dtype == torch.float64
     assert (scores[0] < 1.0).all() and (scores[0] < scores[1]).all()
     assert scores[0][0].item() == pytest.approx(
@@ -103,7 +103,7 @@ def test_confident_scores_do_not_saturate_to_one(classes):
     )
 
 
-def test_snippet_scores_match_a_per_snippet_reference(classes):
+def test_snippet_log_odds_match_a_per_snippet_reference(classes):
     model, names, embeds = classes
     # A temporal head away from its identity init: clip order and content now matter.
     moved = FGCLIPVideoModel(model.clip, model.cfg).eval()
@@ -114,7 +114,7 @@ def test_snippet_scores_match_a_per_snippet_reference(classes):
             p.add_(0.3 * torch.randn(p.shape, generator=g))
     frames = torch.randn(7, 16, generator=g)
     normal = names.index("Normal")
-    scores = snippet_scores(moved, frames, embeds, normal, clip_len=4, batch_size=3)
+    scores = torch.sigmoid(snippet_log_odds(moved, frames, embeds, normal, clip_len=4, batch_size=3))
     assert ((scores >= 0) & (scores <= 1)).all()
     with torch.no_grad():
         scale = moved.scales()[0].exp()
@@ -125,16 +125,16 @@ def test_snippet_scores_match_a_per_snippet_reference(classes):
             assert scores[s].item() == pytest.approx(1 - p_normal.item(), abs=1e-5)
 
 
-def test_frame_embeddings_batched_like_one_pass(
-    tmp_path: Path, make_model: Callable[[int], FGCLIPVideoModel]
-):
+def test_frame_features_batched_like_one_pass(tmp_path: Path, make_model: Callable[[int], FGCLIPVideoModel]):
     rng = np.random.default_rng(0)
     paths = []
     for i in range(5):
         paths.append(tmp_path / f"{i:06d}.jpg")
         Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(paths[-1])
     a, b = make_model(0), make_model(1)
-    batched = frame_embeddings([a, b], paths, batch_size=2)
+    features = frame_features([a, b], paths, batch_size=2)
+    assert all(regions is None for _, regions in features)  # no boxes, no dense RoI features
+    batched = [embeds for embeds, _ in features]
     pixels = load_pixels(paths, 32)
     assert pixels.shape == (5, 3, 32, 32)
     with torch.no_grad():
