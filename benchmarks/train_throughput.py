@@ -1,19 +1,24 @@
 """Training-step throughput of video FG-CLIP, against plain CLIP in the same run.
 
 One process per configuration (peak memory is per process). For each it times
-full optimizer steps (forward, FGCLIPLoss, backward, AdamW) on synthetic
-batches, and the same number of images and captions through a plain CLIP
-image-text step, so the ratio shows what the video head and the region path
-cost. FLOPs per step are counted by torch's FlopCounterMode; MFU is achieved
-FLOP/s over the GPU's dense bf16 peak.
+full optimizer steps on synthetic batches: the training loop's own step
+(``fgclip.train.step.TrainStep``, built from ``train.*`` in params.yaml: forward,
+FGCLIPLoss with the memory bank's negatives, backward, gradient clipping, AdamW,
+the schedule, the logit-scale clamp), and the same number of images and captions
+through a plain CLIP image-text step with the same optimizer, so the ratio shows
+what the video head and the region path cost. The bank is on from the first
+step (warm-up 0), as in the steady state of a run. On CUDA both steps run under
+bf16 autocast, as training does. FLOPs per step are counted by torch's
+FlopCounterMode; MFU is achieved FLOP/s over the GPU's dense bf16 peak.
 
     python benchmarks/train_throughput.py --config default --device cpu
-    python benchmarks/train_throughput.py --config vitb16 --device cuda --bf16
+    python benchmarks/train_throughput.py --config vitb16 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import resource
@@ -29,10 +34,12 @@ from transformers import CLIPConfig, CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fgclip.config import ModelConfig, load_params
+from fgclip.config import ModelConfig, TrainConfig, load_params
+from fgclip.data.batch import Batch
 from fgclip.model.fgclip import FGCLIPVideoModel, clip_config
-from fgclip.model.losses import FGCLIPLoss, contrastive_loss
-from fgclip.model.memory_bank import RegionMemoryBank
+from fgclip.model.losses import contrastive_loss
+from fgclip.train.optim import build_optimizer
+from fgclip.train.step import TrainStep
 
 # Dense bf16 tensor-core peaks (datasheets, SXM parts), for MFU.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -52,9 +59,16 @@ VITB16 = {  # OpenAI ViT-B/16 shapes; random weights (nothing is downloaded)
 }
 
 
-def model_config(name: str) -> ModelConfig:
-    base = load_params(Path(__file__).resolve().parents[1] / "params.yaml").model
-    return base if name == "default" else ModelConfig.model_validate({**base.model_dump(), **VITB16})
+def configs(name: str, batch_videos: int) -> tuple[ModelConfig, TrainConfig]:
+    """params.yaml's model (or ViT-B/16 shapes) and training sections, the bank on from step 1."""
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    model = (
+        params.model
+        if name == "default"
+        else ModelConfig.model_validate({**params.model.model_dump(), **VITB16})
+    )
+    train = params.train.model_copy(update={"batch_size": batch_videos, "memory_bank_warmup_steps": 0})
+    return model, train
 
 
 def openai_vocab_config(cfg: ModelConfig, vocab: int = 49408) -> CLIPConfig:
@@ -62,7 +76,7 @@ def openai_vocab_config(cfg: ModelConfig, vocab: int = 49408) -> CLIPConfig:
     return clip_config(cfg, vocab_size=vocab, pad_token_id=0, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
 
 
-def synthetic_batch(cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int, device) -> dict:
+def synthetic_batch(cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int, device) -> Batch:
     g = torch.Generator().manual_seed(0)
     s, L = cfg.image_size, cfg.max_text_len
 
@@ -73,36 +87,33 @@ def synthetic_batch(cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int
 
     x1 = torch.rand(b, r, k, 2, generator=g) * 0.5
     boxes = torch.cat([x1, x1 + 0.2 + torch.rand(b, r, k, 2, generator=g) * 0.3], dim=-1)
-    batch = {
-        "frames": torch.randn(b, t, 3, s, s, generator=g),
-        "text_ids": ids(b),
-        "text_mask": torch.ones(b, L, dtype=torch.long),
-        "caption_ids": torch.arange(b),
-        "keyframes": torch.randn(b, k, 3, s, s, generator=g),
-        "boxes": boxes,
-        "box_mask": torch.ones(b, r, k, dtype=torch.bool),
-        "region_ids": ids(b, r),
-        "region_text_mask": torch.ones(b, r, L, dtype=torch.long),
-        "region_caption_ids": torch.arange(b * r).view(b, r) + b,
-        "region_mask": torch.ones(b, r, dtype=torch.bool),
-    }
-    return {key: v.to(device) for key, v in batch.items()}
+    region_caption_ids = torch.arange(b * r).view(b, r) + b
+    batch = Batch(
+        videos=[f"video{i}" for i in range(b)],
+        frames=torch.randn(b, t, 3, s, s, generator=g),
+        text_token_ids=ids(b),
+        text_mask=torch.ones(b, L, dtype=torch.long),
+        caption_ids=torch.arange(b),
+        keyframes=torch.randn(b, k, 3, s, s, generator=g),
+        boxes=boxes,
+        box_mask=torch.ones(b, r, k, dtype=torch.bool),
+        region_token_ids=ids(b, r),
+        region_text_mask=torch.ones(b, r, L, dtype=torch.long),
+        region_caption_ids=region_caption_ids,
+        region_image_ids=region_caption_ids.clone(),  # every region shows pixels of its own
+        region_mask=torch.ones(b, r, dtype=torch.bool),
+    )
+    return batch.to(device)
 
 
-def fgclip_step_fn(cfg, ccfg, batch, device, bf16):
+def fgclip_step_fn(cfg, train_cfg, ccfg, batch, device):
+    """The training loop's step, on the same batch every time."""
     model = FGCLIPVideoModel(CLIPModel(ccfg), cfg).to(device).train()
-    bank = RegionMemoryBank(128, cfg.projection_dim, warmup_steps=0, grad_accum_steps=1).to(device)
-    loss_fn = FGCLIPLoss(0.5, bank)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    trainer = TrainStep.build(model, train_cfg, device)
+    batches = itertools.repeat(batch)
 
     def step():
-        with amp:
-            loss = loss_fn(model(batch)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return trainer(batches).last.loss
 
     return step
 
@@ -112,14 +123,14 @@ def _pooled(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-def clip_step_fn(cfg, ccfg, batch, device, bf16):
+def clip_step_fn(cfg, train_cfg, ccfg, batch, device):
     """Plain CLIP on the same images and captions: every frame and keyframe vs a caption."""
     model = CLIPModel(ccfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     s = cfg.image_size
-    images = torch.cat([batch["frames"], batch["keyframes"]], dim=1).reshape(-1, 3, s, s)
-    texts = torch.cat([batch["text_ids"], batch["region_ids"].flatten(0, 1)])
+    images = torch.cat([batch.frames, batch.keyframes], dim=1).reshape(-1, 3, s, s)
+    texts = torch.cat([batch.text_token_ids, batch.region_token_ids.flatten(0, 1)])
     texts = texts.repeat((images.shape[0] + texts.shape[0] - 1) // texts.shape[0], 1)[: images.shape[0]]
     mask = torch.ones_like(texts)
 
@@ -129,6 +140,7 @@ def clip_step_fn(cfg, ccfg, batch, device, bf16):
             txt = F.normalize(_pooled(model.get_text_features(input_ids=texts, attention_mask=mask)), dim=-1)
             loss = contrastive_loss(img, txt, model.logit_scale).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -160,7 +172,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["default", "vitb16"], default="default")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--batch", type=int, default=8, help="videos per step")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--keyframes", type=int, default=4)
@@ -174,7 +185,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = model_config(args.config)
+    cfg, train_cfg = configs(args.config, args.batch)
     ccfg = openai_vocab_config(cfg)
     batch = synthetic_batch(cfg, args.batch, args.frames, args.keyframes, args.regions, 49408, device)
     images = args.batch * (args.frames + args.keyframes)
@@ -182,7 +193,7 @@ def main() -> None:
     result = {
         "config": args.config,
         "device": args.device,
-        "bf16": args.bf16,
+        "bf16": device.type == "cuda",
         "batch_videos": args.batch,
         "frames": args.frames,
         "keyframes": args.keyframes,
@@ -195,7 +206,7 @@ def main() -> None:
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     for name, build in (("fgclip", fgclip_step_fn), ("clip", clip_step_fn)):
-        step = build(cfg, ccfg, batch, device, args.bf16)
+        step = build(cfg, train_cfg, ccfg, batch, device)
         flops = count_flops(step)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -210,7 +221,7 @@ def main() -> None:
         if device.type == "cuda":
             entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             peak = next((v for k, v in PEAK_BF16.items() if k in result["gpu"]), None)
-            if peak and args.bf16:
+            if peak and device.type == "cuda":
                 entry["mfu"] = round(flops / sec / peak, 4)
         # ru_maxrss is the process's peak so far (KiB on Linux): FG-CLIP runs first, so its
         # figure is its own; plain CLIP's is the peak of both.

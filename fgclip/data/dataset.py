@@ -1,8 +1,8 @@
 """Training datasets over the extracted frames and the validated box shards.
 
-- :class:`VideoClipDataset`: one item per video (T frames, global caption,
-  regions with boxes on keyframes), for video FG-CLIP training; :func:`collate`
-  pads regions and keyframes into the batch dict the model's ``forward`` takes.
+- :class:`VideoClipDataset`: one :class:`~fgclip.data.batch.VideoItem` per video
+  (T frames, global caption, regions with boxes on keyframes), for video FG-CLIP
+  training; :func:`fgclip.data.batch.collate` pads them into a ``Batch``.
 - :class:`FramePairDataset`: (image, caption) pairs for the plain-CLIP
   pretraining of the embedded stand-in: every train frame with its video's
   global caption, every accepted box crop with its region caption.
@@ -19,7 +19,6 @@ what makes a resumed run step-for-step identical to an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,30 +27,27 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fgclip.config import Params
-from fgclip.errors import FGClipError
+from fgclip.data.batch import VideoItem
+from fgclip.data.images import augment, load_image, normalize, segment_indices
+from fgclip.data.layout import (
+    ACCEPTED_SCHEMA,
+    BOX_COORDS,
+    INDEX_FILE,
+    DatasetError,
+    read_box_shards,
+    read_frame_index,
+)
 from fgclip.model.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
 
-# OpenAI CLIP's pixel statistics: the stand-in and OpenAI weights share them.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# region_caption_ids of padded regions: caption ids are 63-bit, never negative.
-PAD_CAPTION_ID = -1
-
 ItemKey = int | tuple[int, int]  # index, or (epoch, index) from EpochBatchSampler
-
-
-class DatasetError(FGClipError, ValueError):
-    """The frame index or the box shards cannot be used; the message names the file."""
 
 
 def caption_ids(texts: Sequence[str]) -> np.ndarray:
@@ -84,107 +80,21 @@ def region_image_ids(
     return out
 
 
-def load_image(path: Path, size: int, box: Sequence[float] | None = None) -> torch.Tensor:
-    """A JPEG as ``uint8 [3, size, size]``, optionally cropped to a normalized xyxy box.
-
-    Frames are resized to a square without cropping: boxes are normalized to the
-    full frame, and a centre crop would cut boxes near the left and right edges.
-    """
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if box is not None:
-                w, h = img.size
-                x1, y1, x2, y2 = box
-                left, top = int(np.floor(x1 * w)), int(np.floor(y1 * h))
-                right, bottom = max(left + 1, int(np.ceil(x2 * w))), max(top + 1, int(np.ceil(y2 * h)))
-                img = img.crop((left, top, right, bottom))
-            img = img.resize((size, size), Image.Resampling.BICUBIC)
-            array = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: frame image listed by the extraction stage is missing") from exc
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot decode frame image: {exc}") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def augment(pixels: torch.Tensor, generator: torch.Generator, min_scale: float = 0.7) -> torch.Tensor:
-    """Random horizontal flip and zoom-in crop of ``float [B, 3, H, W]``, one affine warp per image.
-
-    A tiny CLIP trained on a few dozen videos memorises their exact framing; random
-    crops and flips make it key on what happens instead. Colours are left alone:
-    captions name them ("the red car").
-    """
-    b = pixels.shape[0]
-    scale = min_scale + (1 - min_scale) * torch.rand(b, generator=generator)
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
-    # The crop stays inside the image: its centre moves at most (1 - scale).
-    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1 - scale)[:, None]
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = scale * flip
-    theta[:, 1, 1] = scale
-    theta[:, :, 2] = shift
-    grid = torch.nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", align_corners=False)
-
-
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """``uint8 [..., 3, H, W]`` to CLIP-normalised float32."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
-
-
-def _check_relative(paths: pa.ChunkedArray, source: Path) -> None:
-    """Frame paths must stay inside the frames directory."""
-    bad = pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, ".."))
-    if pc.any(bad).as_py():
-        first = pc.filter(paths, bad)[0].as_py()
-        raise DatasetError(f"{source}: frame path {first!r} points outside the frames directory")
+# The box columns the datasets use: all but label and virtual.
+_BOX_COLUMNS = [name for name in ACCEPTED_SCHEMA.names if name not in ("label", "virtual")]
 
 
 def read_train_frames(frames_dir: Path, split: str) -> pa.Table:
     """``video, frame, path`` of the ``train``-purpose frames of ``split``, sorted."""
-    index_path = frames_dir / "index.parquet"
-    if not index_path.is_file():
-        raise DatasetError(f"{index_path}: frame index not found (run the extract_frames stage)")
-    table = pq.read_table(index_path, columns=["video", "split", "frame", "path", "purpose"])
-    table = table.filter(pc.and_(pc.equal(table["split"], split), pc.equal(table["purpose"], "train")))
+    table = read_frame_index(frames_dir, ["video", "frame", "path"], split=split, purpose="train")
     if table.num_rows == 0:
-        raise DatasetError(f"{index_path}: no 'train' frames for split {split!r}")
-    _check_relative(table["path"], index_path)
-    return table.select(["video", "frame", "path"]).sort_by([("video", "ascending"), ("frame", "ascending")])
+        raise DatasetError(f"{Path(frames_dir) / INDEX_FILE}: no 'train' frames for split {split!r}")
+    return table.sort_by([("video", "ascending"), ("frame", "ascending")])
 
 
 def read_boxes(boxes_dir: Path, split: str) -> pa.Table:
-    """Every accepted box row of ``split`` from the shards in ``manifest.json``, sorted."""
-    manifest_path = boxes_dir / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        shard_paths = [boxes_dir / shard["path"] for shard in manifest["shards"]]
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{manifest_path}: not found (run the validate_boxes stage)") from exc
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{manifest_path}: not a valid shard manifest: {exc}") from exc
-    columns = [
-        "video",
-        "split",
-        "region",
-        "region_caption",
-        "global_caption",
-        "frame",
-        "x1",
-        "y1",
-        "x2",
-        "y2",
-        "frame_path",
-    ]
-    tables = [pq.read_table(path, columns=columns) for path in shard_paths]
-    if not tables:
-        raise DatasetError(f"{manifest_path}: lists no shards")
-    table = pa.concat_tables(tables)
-    table = table.filter(pc.equal(table["split"], split))
-    _check_relative(table["frame_path"], manifest_path)
+    """Every accepted box row of ``split``, sorted by video, region, frame."""
+    table = read_box_shards(boxes_dir, _BOX_COLUMNS, split=split)
     return table.sort_by([("video", "ascending"), ("region", "ascending"), ("frame", "ascending")])
 
 
@@ -240,19 +150,6 @@ def _tokenize_captions(tokenizer: PreTrainedTokenizerBase, texts: list[str], max
     return _Captions(ids, mask, torch.from_numpy(caption_ids(texts)), texts)
 
 
-def _segment_indices(n: int, t: int, rng: np.random.Generator | None) -> np.ndarray:
-    """``t`` indices into ``n`` sorted frames: one per equal segment (random or middle).
-
-    With fewer frames than segments, neighbouring segments share a frame.
-    """
-    bounds = np.arange(t + 1) * n / t
-    lo = np.floor(bounds[:-1]).astype(np.int64)
-    hi = np.maximum(lo + 1, np.floor(bounds[1:]).astype(np.int64))
-    if rng is None:
-        return (lo + hi - 1) // 2
-    return lo + np.floor(rng.random(t) * (hi - lo)).astype(np.int64)
-
-
 class VideoClipDataset(Dataset):
     """One item per video of ``split``: frames, global caption, regions on keyframes.
 
@@ -295,7 +192,7 @@ class VideoClipDataset(Dataset):
         box_videos = boxes["video"].to_numpy(zero_copy_only=False)
         regions = boxes["region"].to_numpy().astype(np.int64)
         self.row_frame = boxes["frame"].to_numpy().astype(np.int64)
-        self.row_box = np.stack([boxes[c].to_numpy().astype(np.float32) for c in ("x1", "y1", "x2", "y2")], 1)
+        self.row_box = np.stack([boxes[c].to_numpy().astype(np.float32) for c in BOX_COORDS], 1)
         self.row_path = boxes["frame_path"].to_numpy(zero_copy_only=False)
         video_row_start, _ = _group_starts(box_videos)
         # Region groups: a new group wherever the video or the region index changes.
@@ -320,12 +217,12 @@ class VideoClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.videos)
 
-    def __getitem__(self, key: ItemKey) -> dict:
+    def __getitem__(self, key: ItemKey) -> VideoItem:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
 
         start, count = self.frame_start[index], self.frame_count[index]
-        picked = start + _segment_indices(int(count), self.num_frames, rng)
+        picked = start + segment_indices(int(count), self.num_frames, rng)
         frames = [load_image(self.frames_dir / p, self.image_size) for p in self.frame_paths[picked]]
 
         regions = self.video_region_start[index] + self._pick_regions(
@@ -336,20 +233,20 @@ class VideoClipDataset(Dataset):
 
         caption = self.video_caption[index]
         region_captions = self.region_caption[regions]
-        return {
-            "video": self.videos[index],
-            "frames": normalize(torch.stack(frames)),
-            "text_ids": self.captions.ids[caption],
-            "text_mask": self.captions.mask[caption],
-            "caption_ids": self.captions.hashes[caption],
-            "keyframes": normalize(torch.stack(keyframe_pixels)),
-            "boxes": torch.from_numpy(boxes),
-            "box_mask": torch.from_numpy(box_mask),
-            "region_ids": self.captions.ids[region_captions],
-            "region_text_mask": self.captions.mask[region_captions],
-            "region_caption_ids": self.captions.hashes[region_captions],
-            "region_image_ids": torch.from_numpy(self.region_image_id[regions]),
-        }
+        return VideoItem(
+            video=self.videos[index],
+            frames=normalize(torch.stack(frames)),
+            text_token_ids=self.captions.ids[caption],
+            text_mask=self.captions.mask[caption],
+            caption_id=self.captions.hashes[caption],
+            keyframes=normalize(torch.stack(keyframe_pixels)),
+            boxes=torch.from_numpy(boxes),
+            box_mask=torch.from_numpy(box_mask),
+            region_token_ids=self.captions.ids[region_captions],
+            region_text_mask=self.captions.mask[region_captions],
+            region_caption_ids=self.captions.hashes[region_captions],
+            region_image_ids=torch.from_numpy(self.region_image_id[regions]),
+        )
 
     def _pick_regions(self, count: int, rng: np.random.Generator | None) -> np.ndarray:
         if count <= self.max_regions:
@@ -399,52 +296,6 @@ class VideoClipDataset(Dataset):
         path_of = np.empty(len(keyframes), dtype=object)
         path_of[col[on_keyframe]] = self.row_path[rows[on_keyframe]]
         return path_of, boxes, box_mask
-
-
-def collate(items: list[dict]) -> dict:
-    """Stack items into the model's batch dict, padding regions (R) and keyframes (K).
-
-    Padded regions have ``region_mask`` False, padded keyframes zero pixels and
-    ``box_mask`` False, padded region caption ids ``PAD_CAPTION_ID``.
-    """
-    b = len(items)
-    r = max(item["region_ids"].shape[0] for item in items)
-    k = max(item["keyframes"].shape[0] for item in items)
-    first = items[0]
-    length = first["text_ids"].shape[-1]
-    keyframes = torch.zeros((b, k, *first["keyframes"].shape[1:]), dtype=first["keyframes"].dtype)
-    boxes = torch.zeros((b, r, k, 4), dtype=torch.float32)
-    box_mask = torch.zeros((b, r, k), dtype=torch.bool)
-    region_ids = torch.zeros((b, r, length), dtype=first["region_ids"].dtype)
-    region_text_mask = torch.zeros((b, r, length), dtype=first["region_text_mask"].dtype)
-    region_caption_ids = torch.full((b, r), PAD_CAPTION_ID, dtype=torch.int64)
-    region_image_ids = torch.full((b, r), PAD_CAPTION_ID, dtype=torch.int64)
-    region_mask = torch.zeros((b, r), dtype=torch.bool)
-    for i, item in enumerate(items):
-        ri, ki = item["boxes"].shape[:2]
-        keyframes[i, :ki] = item["keyframes"]
-        boxes[i, :ri, :ki] = item["boxes"]
-        box_mask[i, :ri, :ki] = item["box_mask"]
-        region_ids[i, :ri] = item["region_ids"]
-        region_text_mask[i, :ri] = item["region_text_mask"]
-        region_caption_ids[i, :ri] = item["region_caption_ids"]
-        region_image_ids[i, :ri] = item["region_image_ids"]
-        region_mask[i, :ri] = True
-    return {
-        "video": [item["video"] for item in items],
-        "frames": torch.stack([item["frames"] for item in items]),
-        "text_ids": torch.stack([item["text_ids"] for item in items]),
-        "text_mask": torch.stack([item["text_mask"] for item in items]),
-        "caption_ids": torch.stack([item["caption_ids"] for item in items]),
-        "keyframes": keyframes,
-        "boxes": boxes,
-        "box_mask": box_mask,
-        "region_ids": region_ids,
-        "region_text_mask": region_text_mask,
-        "region_caption_ids": region_caption_ids,
-        "region_image_ids": region_image_ids,
-        "region_mask": region_mask,
-    }
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -513,7 +364,7 @@ class FramePairDataset(Dataset):
         crop_paths = boxes["frame_path"].to_numpy(zero_copy_only=False)
         frame_paths, first = np.unique(crop_paths.astype(object), return_index=True)
         frame_texts = boxes["global_caption"].to_numpy(zero_copy_only=False)[first]
-        crop_boxes = np.stack([boxes[c].to_numpy().astype(np.float32) for c in ("x1", "y1", "x2", "y2")], 1)
+        crop_boxes = np.stack([boxes[c].to_numpy().astype(np.float32) for c in BOX_COORDS], 1)
         texts = np.concatenate([frame_texts, boxes["region_caption"].to_numpy(zero_copy_only=False)])
 
         jobs = [(p, None) for p in frame_paths] + list(zip(crop_paths, crop_boxes.tolist()))

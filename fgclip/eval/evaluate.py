@@ -29,17 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from fgclip.atomic import write_text_atomic
-from fgclip.config import Params
+from fgclip.config import Params, model_source
+from fgclip.data.layout import INDEX_FILE, VIDEOS_FILE, read_failures, read_frame_index, read_videos
 from fgclip.data.ucf import NORMAL_LABEL, read_split, read_temporal_annotations
+from fgclip.device import resolve_device
 from fgclip.eval.protocol import (
     AnnotatedVideo,
     EvalInputError,
@@ -88,16 +87,6 @@ class ScoringModel:
     normal_index: int
 
 
-def _read_table(path: Path, columns: list[str]) -> pa.Table:
-    if not path.is_file():
-        raise EvalInputError(f"{path} not found: run the extract_frames stage first")
-    table = pq.read_table(path)
-    missing = sorted(set(columns) - set(table.column_names))
-    if missing:
-        raise EvalInputError(f"{path}: missing column(s) {missing}")
-    return table.select(columns)
-
-
 def decoded_test_videos(split: list[str], frames_dir: Path) -> tuple[dict[str, int], list[dict[str, str]]]:
     """Decoded frame counts of the split's videos, and the ones that failed to decode.
 
@@ -105,8 +94,8 @@ def decoded_test_videos(split: list[str], frames_dir: Path) -> tuple[dict[str, i
     absent from it means the frames directory was built from another dataset: an
     error. One that failed to decode is left out and recorded with its reason.
     """
-    videos_path = frames_dir / "videos.parquet"
-    videos = _read_table(videos_path, ["video", "num_frames", "status"]).to_pydict()
+    videos_path = frames_dir / VIDEOS_FILE
+    videos = read_videos(frames_dir, ["video", "num_frames", "status"], error=EvalInputError).to_pydict()
     rows = {v: (n, s) for v, n, s in zip(videos["video"], videos["num_frames"], videos["status"])}
     absent = [v for v in split if v not in rows]
     if absent:
@@ -115,11 +104,8 @@ def decoded_test_videos(split: list[str], frames_dir: Path) -> tuple[dict[str, i
             + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
             + " not extracted: re-run extract_frames for this dataset"
         )
-    reasons: dict[str, str] = {}
-    failures_path = frames_dir / "failures.parquet"
-    if failures_path.is_file():
-        failures = pq.read_table(failures_path, columns=["video", "reason"]).to_pydict()
-        reasons = dict(zip(failures["video"], failures["reason"]))
+    failures = read_failures(frames_dir, ["video", "reason"], missing_ok=True, error=EvalInputError)
+    reasons = dict(zip(failures["video"].to_pylist(), failures["reason"].to_pylist()))
     decoded, skipped = {}, []
     for video in split:
         num_frames, status = rows[video]
@@ -136,16 +122,8 @@ def eval_frame_paths(
     frames_dir: Path, test_set: list[AnnotatedVideo], snippet_len: int
 ) -> dict[str, list[Path]]:
     """The ``eval`` frame of every snippet of every test video, checked against the protocol."""
-    index_path = frames_dir / "index.parquet"
-    index = _read_table(index_path, ["video", "frame", "path", "purpose"])
-    index = index.filter(pc.equal(index["purpose"], "eval"))
-    # Frame paths come from a file on disk: never open one outside the frames directory.
-    escapes = pc.or_(
-        pc.starts_with(index["path"], "/"), pc.match_substring_regex(index["path"], r"(^|[/\\])\.\.([/\\]|$)")
-    )
-    if pc.any(escapes).as_py():
-        bad = index.filter(escapes)["path"][0].as_py()
-        raise EvalInputError(f"{index_path}: frame path {bad!r} points outside {frames_dir}")
+    index_path = frames_dir / INDEX_FILE
+    index = read_frame_index(frames_dir, ["video", "frame", "path"], purpose="eval", error=EvalInputError)
     index = index.sort_by([("video", "ascending"), ("frame", "ascending")])
     videos = index["video"].to_numpy(zero_copy_only=False)
     frames = index["frame"].to_numpy()
@@ -233,17 +211,20 @@ def load_finetuned(model_dir: Path) -> tuple[FGCLIPVideoModel, PreTrainedTokeniz
 
 
 def load_pretrained(
-    source: str | os.PathLike, like: FGCLIPVideoModel
+    source: str | os.PathLike, like: FGCLIPVideoModel, tolerance: float
 ) -> tuple[FGCLIPVideoModel, PreTrainedTokenizerBase]:
     """The CLIP that fine-tuning started from, wrapped exactly as training wrapped it.
 
     ``from_clip`` with the fine-tuned model's config: same temporal head at its
     identity initialisation and the same loaded-logit-scale policy, so this is
-    the model at fine-tuning step 0.
+    the model at fine-tuning step 0. ``source`` is a directory or a hub id, as
+    :func:`fgclip.config.model_source` tells; a local one must be a directory.
     """
-    if isinstance(source, Path) and not source.is_dir():
+    local = model_source(source)
+    if isinstance(local, Path) and not local.is_dir():
         raise EvalInputError(f"{source}: pretrained CLIP directory not found (run the pretrain stage)")
-    return FGCLIPVideoModel.from_clip(source, like.cfg, source=str(source)), _tokenizer(source, "pretrained")
+    model = FGCLIPVideoModel.from_clip(source, like.cfg, source=str(source), tolerance=tolerance)
+    return model, _tokenizer(source, "pretrained")
 
 
 def build_untrained(like: FGCLIPVideoModel, seed: int) -> FGCLIPVideoModel:
@@ -255,12 +236,6 @@ def build_untrained(like: FGCLIPVideoModel, seed: int) -> FGCLIPVideoModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return FGCLIPVideoModel(CLIPModel(copy.deepcopy(like.clip.config)), like.cfg)
-
-
-def _resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise EvalInputError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def _scoring_model(
@@ -368,10 +343,10 @@ def evaluate(
 
     Returns the metrics written to ``out``.
     """
-    frames_dir, model_dir, data_root = Path(frames_dir), Path(model_dir), Path(data_root)
+    frames_dir, model_dir = Path(frames_dir), Path(model_dir)
     snippet_len = params.frames.snippet_len
-    split_path = data_root / params.data.test_split
-    annotation_path = data_root / params.data.temporal_annotations
+    dataset = params.resolve_paths(data_root=data_root)
+    split_path, annotation_path = dataset.test_split, dataset.temporal_annotations
     split = read_split(split_path)
     annotations = read_temporal_annotations(annotation_path)
     decoded, skipped = decoded_test_videos(split, frames_dir)
@@ -380,13 +355,15 @@ def evaluate(
     held_out = _held_out(boxes_dir, frames_dir, test_set)
     run = training_run(model_dir)
 
-    device = _resolve_device(params.train.device)
+    device = resolve_device(params.train.device)
     finetuned, tokenizer = load_finetuned(model_dir)
     scorers = [_scoring_model(FINETUNED, finetuned, tokenizer, params, device)]
     if pretrained_dir is None:
         log.info("no pretrained CLIP given: pretrained baseline skipped")
     else:
-        pretrained, pretrained_tokenizer = load_pretrained(pretrained_dir, finetuned)
+        pretrained, pretrained_tokenizer = load_pretrained(
+            pretrained_dir, finetuned, params.train.health.logit_scale_tolerance
+        )
         scorers.append(_scoring_model(PRETRAINED, pretrained, pretrained_tokenizer, params, device))
     untrained = build_untrained(finetuned, params.train.seed)
     scorers.append(_scoring_model(UNTRAINED, untrained, tokenizer, params, device))

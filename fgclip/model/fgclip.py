@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 from fgclip.config import ModelConfig
 from fgclip.errors import FGClipError
 from fgclip.model.roi_align import roi_align
+
+if TYPE_CHECKING:  # the model reads a batch's fields; it builds none
+    from fgclip.data.batch import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,11 @@ _HEAD_KEYS = ("temporal_layers", "temporal_heads", "pooling", "max_frames", "lon
 
 class LogitScaleMismatch(FGClipError, ValueError):
     """A loaded logit scale differs from ``model.logit_scale_init_value`` and the policy is "error"."""
+
+
+def capped_logit_scale(scale: torch.Tensor, top: float) -> torch.Tensor:
+    """A logit scale as the losses use it: at most ``top`` (``model.logit_scale_max``, ln 100)."""
+    return scale.clamp(max=top)
 
 
 def _describe_scale(value: float) -> str:
@@ -192,12 +200,12 @@ class FGCLIPOutput:
     region_image_embeds: torch.Tensor  # [M, D], L2-normalised
     region_text_embeds: torch.Tensor  # [M, D], L2-normalised
     region_caption_ids: torch.Tensor  # [M]
+    # [M] ids of what each region shows (equal = same pixels, e.g. a whole-frame box
+    # with several captions).
+    region_image_ids: torch.Tensor
     zero_norm_frac: float
     logit_scale_global: torch.Tensor  # clamped at model.logit_scale_max
     logit_scale_region: torch.Tensor
-    # [M] ids of what each region shows (equal = same pixels, e.g. a whole-frame box
-    # with several captions); None = every region shows something of its own.
-    region_image_ids: torch.Tensor | None = None
 
 
 class FGCLIPVideoModel(nn.Module):
@@ -235,12 +243,18 @@ class FGCLIPVideoModel(nn.Module):
 
     @classmethod
     def from_clip(
-        cls, clip_or_path: CLIPModel | str | os.PathLike, cfg: ModelConfig, *, source: str | os.PathLike
+        cls,
+        clip_or_path: CLIPModel | str | os.PathLike,
+        cfg: ModelConfig,
+        *,
+        source: str | os.PathLike,
+        tolerance: float,
     ) -> FGCLIPVideoModel:
         """Build from a pretrained CLIP, applying ``cfg.loaded_logit_scale`` to its logit scale.
 
         The CLIP's ``logit_scale`` becomes the global scale. If it differs from
-        ``cfg.logit_scale_init_value`` by more than 1e-4: "error" raises
+        ``cfg.logit_scale_init_value`` by more than ``tolerance``
+        (``train.health.logit_scale_tolerance``, which the health check uses too): "error" raises
         ``LogitScaleMismatch``, "keep" keeps it, "reinit" replaces it (with a
         warning). A plain CLIP has no region scale: it starts from the config value.
         """
@@ -249,7 +263,7 @@ class FGCLIPVideoModel(nn.Module):
         loaded = clip.logit_scale.item()
         wanted = float(cfg.logit_scale_init_value)
         action = "loaded"
-        if abs(loaded - wanted) > 1e-4:
+        if abs(loaded - wanted) > tolerance:
             if cfg.loaded_logit_scale == "error":
                 raise LogitScaleMismatch(
                     f"{source}: loaded logit_scale = {_describe_scale(loaded)} differs from "
@@ -362,9 +376,22 @@ class FGCLIPVideoModel(nn.Module):
     # ---------------------------------------------------------------- encoders
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(global, region)`` logit scales clamped at ``cfg.logit_scale_max``."""
+        """``(global, region)`` logit scales clamped at ``cfg.logit_scale_max``, as the losses use them."""
         top = self.cfg.logit_scale_max
-        return self.logit_scale_global.clamp(max=top), self.logit_scale_region.clamp(max=top)
+        return capped_logit_scale(self.logit_scale_global, top), capped_logit_scale(
+            self.logit_scale_region, top
+        )
+
+    @torch.no_grad()
+    def clamp_logit_scales_(self) -> None:
+        """Keep the stored scales at most ``cfg.logit_scale_max``, as open_clip does after each step.
+
+        The forward pass clamps too, but there the gradient above the cap is zero
+        while Adam's momentum keeps pushing: the stored value would creep past ln 100
+        and a checkpoint would report a temperature the model never used.
+        """
+        for scale in (self.logit_scale_global, self.logit_scale_region):
+            scale.copy_(capped_logit_scale(scale, self.cfg.logit_scale_max))
 
     def _vision(
         self, pixel_values: torch.Tensor, with_hidden: bool
@@ -452,9 +479,9 @@ class FGCLIPVideoModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> FGCLIPOutput:
-        """Encode a training batch (keys in ``docs/contracts.md``) for ``FGCLIPLoss``."""
-        frames, keyframes = batch["frames"], batch["keyframes"]
+    def forward(self, batch: Batch) -> FGCLIPOutput:
+        """Encode a training batch (``fgclip.data.batch.Batch``) for ``FGCLIPLoss``."""
+        frames, keyframes = batch.frames, batch.keyframes
         b, t = frames.shape[:2]
         k = keyframes.shape[1]
         if k == 0:
@@ -465,24 +492,24 @@ class FGCLIPVideoModel(nn.Module):
         pixels = torch.cat([frames.flatten(0, 1), keyframes.flatten(0, 1)])
         embeds, penultimate = self._vision(pixels, with_hidden=True)
         video = self.encode_video(embeds[: b * t].view(b, t, -1))
-        text = self.encode_text(batch["text_ids"], batch["text_mask"])
+        text = self.encode_text(batch.text_token_ids, batch.text_mask)
 
         # Only the keyframes need the dense path.
         patches = self._dense(penultimate[b * t :], self._grid(pixels))
         patches = patches.view(b, k, *patches.shape[1:])
-        regions, box_valid, zero_norm_frac = self.encode_regions(patches, batch["boxes"], batch["box_mask"])
-        keep = batch["region_mask"].bool() & box_valid
-        region_text = self.encode_text(batch["region_ids"][keep], batch["region_text_mask"][keep])
+        regions, box_valid, zero_norm_frac = self.encode_regions(patches, batch.boxes, batch.box_mask)
+        keep = batch.region_mask.bool() & box_valid
+        region_text = self.encode_text(batch.region_token_ids[keep], batch.region_text_mask[keep])
 
         scale_global, scale_region = self.scales()
         return FGCLIPOutput(
             video_embeds=video,
             text_embeds=text,
-            caption_ids=batch["caption_ids"],
+            caption_ids=batch.caption_ids,
             region_image_embeds=regions[keep],
             region_text_embeds=region_text,
-            region_caption_ids=batch["region_caption_ids"][keep],
-            region_image_ids=batch["region_image_ids"][keep] if "region_image_ids" in batch else None,
+            region_caption_ids=batch.region_caption_ids[keep],
+            region_image_ids=batch.region_image_ids[keep],
             zero_norm_frac=zero_norm_frac,
             logit_scale_global=scale_global,
             logit_scale_region=scale_region,

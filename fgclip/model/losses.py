@@ -32,7 +32,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
-from fgclip.model.memory_bank import RegionMemoryBank
+from fgclip.model.memory_bank import RegionFeatures
 
 if TYPE_CHECKING:  # the losses only read its fields; no transformers import needed here
     from fgclip.model.fgclip import FGCLIPOutput
@@ -54,8 +54,9 @@ class LossResult(NamedTuple):
     loss_global: torch.Tensor
     loss_region: torch.Tensor
     logits_i2t: torch.Tensor  # region logits; the global ones when the batch has no region
-    bank_negatives: int
     region_row_losses: torch.Tensor  # [M] detached, one per region (see ContrastiveResult)
+    # Every rank's regions of this batch (detached, gathered under DDP): what the bank queues.
+    regions: RegionFeatures
 
 
 def _is_distributed() -> bool:
@@ -113,7 +114,7 @@ CAPTION, IMAGE = 0, 1  # columns of region ids: [caption id, image id]
 REGION_NEGATIVES = "known-pairs"
 
 
-def _known_matches(rows: torch.Tensor, cols: torch.Tensor, rows_are_images: bool) -> torch.Tensor:
+def known_matches(rows: torch.Tensor, cols: torch.Tensor, rows_are_images: bool) -> torch.Tensor:
     """``[N, M]``: column j is a known match of row i, by the (caption, image) pairs in ``cols``.
 
     ``[N]``/``[M]`` ids (one per row: videos) match when equal. ``[N, 2]``/``[M, 2]``
@@ -166,7 +167,7 @@ def _direction(
             if extra_ids is None:
                 raise ValueError("extra negatives need extra_ids when ids are given")
             col_ids = torch.cat([col_ids, extra_ids.to(col_ids)])
-        known = _known_matches(row_ids, col_ids, rows_are_images)
+        known = known_matches(row_ids, col_ids, rows_are_images)
         # The positive itself is never masked, even though it matches the anchor.
         known[torch.arange(rows.shape[0], device=rows.device), targets] = False
         masked = logits.masked_fill(known, float("-inf"))
@@ -224,7 +225,7 @@ def contrastive_loss(
         logit_scale: log temperature (already clamped); logits = ``exp(logit_scale) * sim``.
         ids: ``[N]`` caption ids (a column with the anchor's id is masked out of the
             softmax), or ``[N, 2]`` ``[caption id, image id]`` (a column that a known
-            pair matches with the anchor is masked; see ``_known_matches``). The
+            pair matches with the anchor is masked; see ``known_matches``). The
             anchor's own positive is never masked.
         extra_text, extra_image, extra_ids: ``[F, D]``, ``[F, D]``, ``[F]``/``[F, 2]`` extra negatives
             (memory bank), appended as columns: image→text uses ``extra_text``,
@@ -287,46 +288,40 @@ def global_loss(
 
 
 class FGCLIPLoss(nn.Module):
-    """Global loss + ``region_weight`` × region loss (with memory-bank negatives once it is on)."""
+    """Global loss + ``region_weight`` × region loss, with the memory bank's negatives when given.
 
-    def __init__(self, region_weight: float, memory_bank: RegionMemoryBank | None = None) -> None:
+    A pure function of the model output and the negatives: it neither reads nor
+    advances the bank. The training step (``fgclip.train.step``) fetches the
+    negatives before and enqueues ``LossResult.regions`` after, so the current
+    batch is never its own negative.
+    """
+
+    def __init__(self, region_weight: float) -> None:
         super().__init__()
         self.region_weight = region_weight
-        self.memory_bank = memory_bank
 
-    def forward(self, out: FGCLIPOutput) -> LossResult:
-        bank = self.memory_bank
-        if bank is not None:
-            bank.step()
+    def forward(self, out: FGCLIPOutput, negatives: RegionFeatures | None = None) -> LossResult:
         glob = global_loss(out.video_embeds, out.text_embeds, out.logit_scale_global, out.caption_ids)
-
-        extra_image = extra_text = extra_ids = None
-        if bank is not None:
-            extra_image, extra_text, extra_ids = bank.negatives()
-        # [caption id, image id]: the bank keeps both; without image ids each region
-        # is its own image, which its caption id already stands for.
-        image_ids = out.region_image_ids if out.region_image_ids is not None else out.region_caption_ids
-        region_ids = torch.stack([out.region_caption_ids, image_ids.to(out.region_caption_ids)], dim=1)
+        # [caption id, image id]: the bank keeps both.
+        pair_ids = torch.stack(
+            [out.region_caption_ids, out.region_image_ids.to(out.region_caption_ids)], dim=1
+        )
         # Every rank runs the gather, even with no region of its own: it is a collective.
         region, image_all, text_all, ids_all = _gathered_loss(
             out.region_image_embeds,
             out.region_text_embeds,
             out.logit_scale_region,
-            region_ids,
-            extra_text=extra_text,
-            extra_image=extra_image,
-            extra_ids=extra_ids,
+            pair_ids,
+            extra_text=None if negatives is None else negatives.text,
+            extra_image=None if negatives is None else negatives.image,
+            extra_ids=None if negatives is None else negatives.ids,
         )
-        if bank is not None:
-            # After the loss: the current batch must not be its own negative.
-            bank.enqueue(image_all.detach(), text_all.detach(), ids_all)
-
         has_regions = out.region_image_embeds.shape[0] > 0
         return LossResult(
             loss=glob.loss + self.region_weight * region.loss,
             loss_global=glob.loss,
             loss_region=region.loss,
             logits_i2t=region.logits_i2t if has_regions else glob.logits_i2t,
-            bank_negatives=0 if extra_ids is None else int(extra_ids.shape[0]),
             region_row_losses=region.row_losses,
+            regions=RegionFeatures(image_all.detach(), text_all.detach(), ids_all),
         )

@@ -7,13 +7,22 @@ batches in a ring buffer. It stays off for a warm-up of ``warmup_steps`` forward
 passes, while the features still move fast, then switches itself on: the users'
 original bank never did, because the switch was missing altogether.
 
-Every piece of state is a buffer, so the bank is saved and resumed with the
-model's ``state_dict()`` and moves with ``.to(device)``.
+The bank does not count forward passes: the training step does
+(``fgclip.train.step.TrainStep``) and tells it each pass's number with
+:meth:`RegionMemoryBank.begin_pass`, so the switch and the data position of a
+resumed run read one counter. The loss never touches the bank: the step hands it
+:meth:`~RegionMemoryBank.negatives` and then queues the batch's features with
+:meth:`~RegionMemoryBank.enqueue`.
+
+Every piece of state is a buffer, so the bank has a ``state_dict()`` of its own
+(saved in a checkpoint's ``state.pt``, beside the optimizer) and moves with
+``.to(device)``.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,6 +32,14 @@ logger = logging.getLogger(__name__)
 
 # Ids kept per queued region: its caption id and its image id (see losses.py).
 ID_COLUMNS = 2
+
+
+class RegionFeatures(NamedTuple):
+    """Region features with their ``[caption id, image id]`` rows: the bank's negatives, or what it queues."""
+
+    image: torch.Tensor  # [F, D]
+    text: torch.Tensor  # [F, D]
+    ids: torch.Tensor  # [F, 2]
 
 
 class RegionMemoryBank(nn.Module):
@@ -69,10 +86,13 @@ class RegionMemoryBank(nn.Module):
     def is_enabled(self) -> bool:
         return bool(self.enabled)
 
-    def step(self) -> bool:
-        """Count one forward pass; switch the bank on when the warm-up is over. Returns ``is_enabled``."""
-        self.forward_passes += 1
-        passes = int(self.forward_passes)
+    def begin_pass(self, passes: int) -> bool:
+        """Forward pass number ``passes`` (from 1) is starting: switch on once the warm-up is over.
+
+        Returns ``is_enabled``. ``forward_passes`` records the number for
+        :meth:`state`; the training step owns the count.
+        """
+        self.forward_passes.fill_(passes)
         if not self.is_enabled and self.size > 0 and passes >= self.warmup_steps:
             self.enabled.fill_(True)
             self.enabled_at.fill_(passes)
@@ -84,13 +104,15 @@ class RegionMemoryBank(nn.Module):
             )
         return self.is_enabled
 
-    def negatives(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def negatives(self) -> RegionFeatures:
         """The queued ``(image [F, D], text [F, D], ids [F, 2])``: only filled slots, empty while off."""
         n = int(self.filled) if self.is_enabled else 0
         # The ring is written from slot 0 on, so the filled slots are always [0, filled).
         # Copies, not views: the loss saves these for backward, and enqueue() overwrites
         # the queue in place before backward runs.
-        return self.image_queue[:n].clone(), self.text_queue[:n].clone(), self.id_queue[:n].clone()
+        return RegionFeatures(
+            self.image_queue[:n].clone(), self.text_queue[:n].clone(), self.id_queue[:n].clone()
+        )
 
     @torch.no_grad()
     def enqueue(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> None:

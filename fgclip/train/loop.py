@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -43,10 +43,11 @@ from transformers import PreTrainedTokenizerBase
 
 from fgclip.atomic import write_text_atomic
 from fgclip.config import Params
-from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset, collate
+from fgclip.data.batch import Batch, collate
+from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset
+from fgclip.device import resolve_device
 from fgclip.errors import FGClipError
 from fgclip.model.fgclip import FGCLIPVideoModel
-from fgclip.model.losses import FGCLIPLoss, LossResult
 from fgclip.model.memory_bank import RegionMemoryBank
 from fgclip.model.tokenizer import load_tokenizer
 from fgclip.train.checkpoints import (
@@ -60,8 +61,8 @@ from fgclip.train.checkpoints import (
     save_checkpoint,
 )
 from fgclip.train.diagnostics import HealthMonitor, diag_figures, log_diag, runtime_diag_enabled
-from fgclip.train.optim import build_optimizer, cosine_with_warmup
 from fgclip.train.runlock import RunLock
+from fgclip.train.step import LOSS_COLUMNS, NonFiniteValue, TrainStep
 from fgclip.train.tracking import Tracker, flatten_params
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,6 @@ ORCHESTRATOR_TAG_ENV = {
     "prefect.flow_run_id": "FGCLIP_FLOW_RUN_ID",
     "prefect.flow_run_name": "FGCLIP_FLOW_RUN_NAME",
 }
-LOSS_COLUMNS = ("loss", "loss_global", "loss_region")
 
 
 class NonFiniteLossError(FGClipError, FloatingPointError):
@@ -104,7 +104,7 @@ class DistContext:
 
 @dataclass(frozen=True)
 class TrainPaths:
-    """Everything the stage reads and writes."""
+    """Everything the stage reads and writes: the caller's paths, else ``params.paths``."""
 
     frames: Path
     boxes: Path
@@ -120,19 +120,23 @@ class TrainPaths:
 class _Run:
     """The mutable training state a checkpoint captures."""
 
-    model: FGCLIPVideoModel
-    bank: RegionMemoryBank
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainer: TrainStep
     monitor: HealthMonitor
     step: int = 0
-    forward_passes: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def model(self) -> FGCLIPVideoModel:
+        return self.trainer.model
+
+    @property
+    def bank(self) -> RegionMemoryBank:
+        return self.trainer.bank
 
     def state(self) -> dict[str, Any]:
         return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.trainer.optimizer.state_dict(),
+            "scheduler": self.trainer.scheduler.state_dict(),
             "memory_bank": self.bank.state_dict(),
             "health": self.monitor.state_dict(),
             "history": self.history,
@@ -140,58 +144,13 @@ class _Run:
         }
 
     def restore(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.scheduler.load_state_dict(state["scheduler"])
         self.bank.load_state_dict(state["memory_bank"])
         self.monitor.load_state_dict(state["health"])
         self.history = list(state["history"])
         restore_rng_state(state["rng"])
-        self.step, self.forward_passes = meta["step"], meta["forward_passes"]
-
-
-@dataclass
-class _Engine:
-    """What runs the forward/backward passes: the (maybe DDP-wrapped) model, loss and data."""
-
-    train_model: torch.nn.Module
-    loss_fn: FGCLIPLoss
-    batches: Iterator[dict[str, Any]]
-    device: torch.device
-    ctx: DistContext
-
-    def accumulate(self, run: _Run, paths: TrainPaths, step: int, accum: int, inject_nan: bool,
-                   last_checkpoint: Path | None) -> tuple[dict[str, float], float, LossResult, float]:  # fmt: skip
-        """The ``accum`` forward/backward passes of one optimizer step.
-
-        Returns the step's mean losses, its largest zero-norm fraction, the last
-        pass's loss result (for diagnostics) and the seconds spent waiting for data.
-        """
-        losses = dict.fromkeys(LOSS_COLUMNS, 0.0)
-        zero_norm, waited = 0.0, 0.0
-        cuda = self.device.type == "cuda"
-        for micro in range(accum):
-            fetch = time.perf_counter()
-            batch = _to_device(next(self.batches), self.device)
-            waited += time.perf_counter() - fetch
-            # Gradients are all-reduced once per optimizer step, on its last forward pass.
-            last = micro == accum - 1 or not self.ctx.enabled
-            with nullcontext() if last else self.train_model.no_sync():
-                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
-                    output = self.train_model(batch)
-                    result: LossResult = self.loss_fn(output)
-                loss = (result.loss + float("nan")) if inject_nan else result.loss
-                values = dict(
-                    zip(LOSS_COLUMNS, (loss.item(), result.loss_global.item(), result.loss_region.item()))
-                )
-                bad = _first_nonfinite(values, self.ctx, self.device)
-                if bad is not None:
-                    _stop(run, paths, self.ctx, step, *bad, last_checkpoint)
-                (loss / accum).backward()
-            run.forward_passes += 1
-            for name, value in values.items():
-                losses[name] += value / accum
-            zero_norm = max(zero_norm, output.zero_norm_frac)
-        return losses, zero_norm, result, waited
+        self.step, self.trainer.forward_passes = meta["step"], meta["forward_passes"]
 
 
 def _init_distributed(device_choice: str) -> DistContext:
@@ -203,16 +162,6 @@ def _init_distributed(device_choice: str) -> DistContext:
         use_cuda = device_choice != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return ctx
-
-
-def resolve_device(choice: str, ctx: DistContext) -> torch.device:
-    """``auto`` is CUDA when available; under torchrun each rank takes its local GPU."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-        torch.cuda.set_device(ctx.local_rank)
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device("cpu")
 
 
 def train(
@@ -234,8 +183,8 @@ def train(
     ``max_steps`` stops this invocation after that optimizer step (a checkpoint is
     written there) while the learning-rate schedule still spans ``train.max_steps``:
     an interrupted run, on purpose. ``resume=False`` ignores existing checkpoints.
-    The summary also goes to ``metrics_path`` (default ``metrics/train.json``) and
-    the per-step losses of the whole run to ``loss_csv`` (``plots/train_loss.csv``).
+    The summary also goes to ``metrics_path`` (default ``train.metrics``) and the
+    per-step losses of the whole run to ``loss_csv`` (default ``train.loss_curve``).
     """
     paths = TrainPaths(
         frames=Path(frames_dir),
@@ -244,11 +193,11 @@ def train(
         out=Path(out),
         checkpoints=Path(checkpoints_dir),
         health=Path(health_path),
-        metrics=Path(metrics_path) if metrics_path else params.path("metrics/train.json"),
-        loss_csv=Path(loss_csv) if loss_csv else params.path("plots/train_loss.csv"),
+        metrics=Path(metrics_path) if metrics_path else params.paths.train_metrics,
+        loss_csv=Path(loss_csv) if loss_csv else params.paths.loss_curve,
     )
     ctx = _init_distributed(params.train.device)
-    device = resolve_device(params.train.device, ctx)
+    device = resolve_device(params.train.device, ctx.local_rank)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -270,17 +219,15 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build(params: Params, paths: TrainPaths, device: torch.device) -> tuple[_Run, FGCLIPLoss]:
+def _build(params: Params, paths: TrainPaths, device: torch.device) -> _Run:
     cfg = params.train
-    model = FGCLIPVideoModel.from_clip(paths.model, params.model, source=paths.model).to(device)
-    dim = model.clip.config.projection_dim
-    bank = RegionMemoryBank(cfg.memory_bank_size, dim, cfg.memory_bank_warmup_steps, cfg.grad_accum_steps)
-    loss_fn = FGCLIPLoss(cfg.region_loss_weight, bank).to(device)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    model = FGCLIPVideoModel.from_clip(
+        paths.model, params.model, source=paths.model, tolerance=cfg.health.logit_scale_tolerance
+    ).to(device)
+    trainer = TrainStep.build(model, cfg, device)
     monitor = HealthMonitor(cfg.health, params)
     monitor.record_init(model.logit_scale_global.item(), model.logit_scale_region.item(), _init_note(model))
-    return _Run(model, bank, optimizer, scheduler, monitor), loss_fn
+    return _Run(trainer, monitor)
 
 
 def _loader(
@@ -302,19 +249,13 @@ def _loader(
     return loader, sampler
 
 
-def _batches(loader: DataLoader, sampler: EpochBatchSampler, forward_passes: int) -> Iterator[dict[str, Any]]:
+def _batches(loader: DataLoader, sampler: EpochBatchSampler, forward_passes: int) -> Iterator[Batch]:
     """Endless batches, cycling epochs, starting after ``forward_passes`` batches already consumed."""
     epoch, start = divmod(forward_passes, len(sampler))
     while True:
         sampler.set_position(epoch, start)
         yield from loader
         epoch, start = epoch + 1, 0
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
 
 
 def _init_note(model: FGCLIPVideoModel) -> str:
@@ -325,34 +266,6 @@ def _init_note(model: FGCLIPVideoModel) -> str:
     if action == "kept":
         return f"the loaded global scale from {report.get('source')} was kept (loaded_logit_scale=keep)"
     return ""
-
-
-def _clamp_scales(model: FGCLIPVideoModel, top: float) -> None:
-    """Keep the stored scales at most ``top``, as open_clip does after each step.
-
-    The forward pass clamps too, but there the gradient above the cap is zero
-    while Adam's momentum keeps pushing: the stored value would creep past ln 100
-    and a checkpoint would report a temperature the model never used.
-    """
-    with torch.no_grad():
-        model.logit_scale_global.clamp_(max=top)
-        model.logit_scale_region.clamp_(max=top)
-
-
-def _first_nonfinite(
-    values: dict[str, float], ctx: DistContext, device: torch.device
-) -> tuple[str, float] | None:
-    """The first non-finite ``(name, value)``; under DDP, every rank stops when any rank must.
-
-    A rank raising alone would leave the others waiting forever in the next collective.
-    """
-    bad = next(((name, v) for name, v in values.items() if not math.isfinite(v)), None)
-    if ctx.enabled:
-        flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if bad is None and flag.item() > 0:
-            bad = ("loss (on another rank)", math.nan)
-    return bad
 
 
 def _train(
@@ -371,7 +284,7 @@ def _train(
     # everywhere (per-item data randomness is keyed on the item, not the rank).
     _seed_everything(cfg.seed)
     tokenizer = load_tokenizer(paths.model)
-    run, loss_fn = _build(params, paths, device)
+    run = _build(params, paths, device)
     dataset = VideoClipDataset(params, paths.frames, paths.boxes, tokenizer, split="train")
     loader, sampler = _loader(dataset, params, ctx, device)
 
@@ -386,18 +299,18 @@ def _train(
         run.restore(state, meta)
         run_id = meta.get("run_id")
         logger.info("Resuming from %s (optimizer step %d, %d forward passes)",
-                    last_checkpoint, run.step, run.forward_passes)  # fmt: skip
+                    last_checkpoint, run.step, run.trainer.forward_passes)  # fmt: skip
         run.model.log_scales(last_checkpoint)
         if lock is not None:
             lock.update(last_checkpoint)
     elif not resume and any(run_dir.glob("checkpoint-*")):
         logger.warning("resume=False: ignoring the checkpoints in %s (equal steps are overwritten)", run_dir)
 
-    train_model: torch.nn.Module = run.model
     if ctx.enabled:
-        train_model = DistributedDataParallel(
+        run.trainer.forward = DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None
         )
+        run.trainer.distributed = True
     diag = runtime_diag_enabled(params)
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
     samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ctx.world_size
@@ -411,7 +324,7 @@ def _train(
 
     with Tracker(params, cfg.run_name, run_id=run_id, enabled=ctx.is_main, tags=tags) as tracker:
         tracker.log_params(flatten_params(params))
-        engine = _Engine(train_model, loss_fn, _batches(loader, sampler, run.forward_passes), device, ctx)
+        batches = _batches(loader, sampler, run.trainer.forward_passes)
         bar = tqdm(
             total=stop_step,
             initial=run.step,
@@ -423,18 +336,11 @@ def _train(
         while run.step < stop_step:
             step = run.step + 1
             step_start = time.perf_counter()
-            losses, zero_norm, result, waited = engine.accumulate(
-                run, paths, step, cfg.grad_accum_steps, step == fault_step, last_checkpoint
-            )
-
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm).item()
-            if not math.isfinite(grad_norm):
-                _stop(run, paths, ctx, step, "gradient norm", grad_norm, last_checkpoint)
-            lr = run.optimizer.param_groups[0]["lr"]
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            _clamp_scales(run.model, params.model.logit_scale_max)
+            try:
+                done = run.trainer(batches, inject_nan=step == fault_step)
+            except NonFiniteValue as bad:
+                _stop(run, paths, ctx, step, bad, last_checkpoint)
+            losses, zero_norm = done.losses, done.zero_norm_frac
             run.step = step
             run.monitor.observe(step, losses["loss_region"], zero_norm)
             run.history.append({"step": step, **losses})
@@ -452,15 +358,15 @@ def _train(
                     "train/logit_scale_region": scale_region,
                     "train/temperature": math.exp(scale_global),
                     "train/temperature_region": math.exp(scale_region),
-                    "train/lr": lr,
-                    "train/grad_norm": grad_norm,
+                    "train/lr": done.lr,
+                    "train/grad_norm": done.grad_norm,
                     "train/samples_per_s": throughput,
-                    "train/loader_samples_per_s": samples_per_step / max(waited, 1e-6),
+                    "train/loader_samples_per_s": samples_per_step / max(done.data_wait_s, 1e-6),
                 })  # fmt: skip
                 tracker.log_metrics(metrics, step=step)
             if ctx.is_main and diag and step % cfg.diag_every == 0:
                 figures = diag_figures(
-                    scale_global, scale_region, result.logits_i2t, run.bank.state(), zero_norm
+                    scale_global, scale_region, done.last.logits_i2t, run.bank.state(), zero_norm
                 )
                 log_diag(step, figures)
                 tracker.log_metrics(figures, step=step)
@@ -469,7 +375,7 @@ def _train(
                     # Metrics up to this step go to MLflow before the checkpoint exists: a run
                     # killed after the save resumes past them and would never log them again.
                     tracker.flush()
-                    meta = {"forward_passes": run.forward_passes, "fingerprint": fingerprint,
+                    meta = {"forward_passes": run.trainer.forward_passes, "fingerprint": fingerprint,
                             "fingerprint_params": fp_params, "run_id": tracker.run_id,
                             "loss": _mean_loss(run.history, saved_at)}  # fmt: skip
                     last_checkpoint = save_checkpoint(
@@ -505,13 +411,13 @@ def _mean_loss(history: list[dict[str, float]], after_step: int) -> float:
 
 
 def _stop(
-    run: _Run, paths: TrainPaths, ctx: DistContext, step: int, what: str, value: float, last: Path | None
-) -> None:
+    run: _Run, paths: TrainPaths, ctx: DistContext, step: int, bad: NonFiniteValue, last: Path | None
+) -> NoReturn:
     """Record the non-finite value in health.json and raise; the last checkpoint stays as it is."""
-    run.monitor.record_nonfinite(step, what, value)
+    run.monitor.record_nonfinite(step, bad.what, bad.value)
     if ctx.is_main:
         run.monitor.write(paths.health, run.bank.state())
-    raise NonFiniteLossError(step, what, value, last)
+    raise NonFiniteLossError(step, bad.what, bad.value, last) from bad
 
 
 def _summary(

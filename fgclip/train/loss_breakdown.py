@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from fgclip.config import Params
-from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset, collate
+from fgclip.data.batch import collate
+from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.losses import FGCLIPLoss
 from fgclip.model.memory_bank import RegionMemoryBank
@@ -61,8 +62,8 @@ def region_loss_breakdown(
 
     cfg = params.train
     bank = RegionMemoryBank(cfg.memory_bank_size, model.clip.config.projection_dim, warmup_steps=0).to(device)
-    with_bank = FGCLIPLoss(cfg.region_loss_weight, bank)
-    no_bank = FGCLIPLoss(cfg.region_loss_weight)
+    bank.begin_pass(1)  # on from the first batch
+    loss_fn = FGCLIPLoss(cfg.region_loss_weight)
 
     sums: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # regions, loss, loss without bank
     sampler = EpochBatchSampler(len(data), cfg.batch_size, cfg.seed)
@@ -71,10 +72,11 @@ def region_loss_breakdown(
         sampler.set_position(epoch)
         batches.extend(sampler)
     for keys in tqdm(batches, desc="region-loss", unit="batch", disable=None):
-        batch = collate([data[key] for key in keys])
-        out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-        losses = with_bank(out).region_row_losses.tolist()
-        plain = no_bank(out).region_row_losses.tolist()
+        out = model(collate([data[key] for key in keys]).to(device))
+        with_bank = loss_fn(out, bank.negatives())
+        bank.enqueue(*with_bank.regions)
+        losses = with_bank.region_row_losses.tolist()
+        plain = loss_fn(out).region_row_losses.tolist()
         for caption, loss, loss_plain in zip(out.region_caption_ids.tolist(), losses, plain):
             entry = sums[caption]
             entry[0] += 1

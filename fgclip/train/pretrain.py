@@ -28,7 +28,7 @@ from fgclip.atomic import write_text_atomic
 from fgclip.config import Params
 from fgclip.data.annotations import load_annotations
 from fgclip.data.dataset import FramePairDataset
-from fgclip.model.fgclip import tiny_clip_config
+from fgclip.model.fgclip import capped_logit_scale, tiny_clip_config
 from fgclip.model.losses import contrastive_loss
 from fgclip.model.tokenizer import build_tokenizer
 from fgclip.train.checkpoints import PRETRAIN_SUMMARY_FILE as SUMMARY_FILE
@@ -106,7 +106,7 @@ def pretrain_clip(
         text = clip.get_text_features(
             input_ids=batch["text_ids"], attention_mask=batch["text_mask"]
         ).pooler_output
-        scale = clip.logit_scale.clamp(max=params.model.logit_scale_max)
+        scale = capped_logit_scale(clip.logit_scale, params.model.logit_scale_max)
         result = contrastive_loss(
             F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale, ids=batch["caption_ids"]
         )

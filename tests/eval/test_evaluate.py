@@ -16,7 +16,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fgclip.config import Params
-from fgclip.data.dataset import DatasetError, read_boxes
+from fgclip.data.dataset import read_boxes
+from fgclip.data.layout import DatasetError, read_scores
 from fgclip.data.ucf import read_split, read_temporal_annotations
 from fgclip.eval.evaluate import (
     build_untrained,
@@ -75,7 +76,7 @@ def first_run(run_eval, save_model_dir: Callable[[int], Path], pretrained_dir: P
 
 
 def scores_of(out: Path, model: str) -> dict[str, list]:
-    table = pq.read_table(out / "eval" / "frame_scores.parquet")
+    table = read_scores(out / "eval" / "frame_scores.parquet")
     return table.filter(pc.equal(table["model"], model)).to_pydict()
 
 

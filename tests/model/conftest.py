@@ -10,6 +10,7 @@ from model_tiny import CAPTIONS, TINY
 from transformers import CLIPModel, PreTrainedTokenizerFast
 
 from fgclip.config import ModelConfig
+from fgclip.data.batch import Batch
 from fgclip.model.fgclip import FGCLIPVideoModel, tiny_clip_config
 from fgclip.model.tokenizer import build_tokenizer, tokenize
 
@@ -37,10 +38,10 @@ def make_model(tokenizer: PreTrainedTokenizerFast) -> Callable[..., FGCLIPVideoM
 
 
 @pytest.fixture
-def make_batch(tokenizer: PreTrainedTokenizerFast) -> Callable[..., dict[str, torch.Tensor]]:
+def make_batch(tokenizer: PreTrainedTokenizerFast) -> Callable[..., Batch]:
     """``make_batch(b, t, k, r)``: a seeded training batch; every region has a box on keyframe 0."""
 
-    def make(b: int = 2, t: int = 3, k: int = 2, r: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    def make(b: int = 2, t: int = 3, k: int = 2, r: int = 3, seed: int = 0) -> Batch:
         g = torch.Generator().manual_seed(seed)
         size, max_len = TINY["image_size"], TINY["max_text_len"]
         ids, mask = tokenize(tokenizer, [CAPTIONS[i % len(CAPTIONS)] for i in range(b)], max_len)
@@ -50,18 +51,21 @@ def make_batch(tokenizer: PreTrainedTokenizerFast) -> Callable[..., dict[str, to
         wh = 0.2 + torch.rand(b, r, k, 2, generator=g) * 0.3
         box_mask = torch.rand(b, r, k, generator=g) > 0.3
         box_mask[:, :, 0] = True
-        return {
-            "frames": torch.randn(b, t, 3, size, size, generator=g),
-            "text_ids": ids,
-            "text_mask": mask,
-            "caption_ids": torch.arange(b),
-            "keyframes": torch.randn(b, k, 3, size, size, generator=g),
-            "boxes": torch.cat([xy1, xy1 + wh], dim=-1),
-            "box_mask": box_mask,
-            "region_ids": rids.view(b, r, max_len),
-            "region_text_mask": rmask.view(b, r, max_len),
-            "region_caption_ids": 100 + torch.arange(b * r).view(b, r),
-            "region_mask": torch.ones(b, r, dtype=torch.bool),
-        }
+        region_caption_ids = 100 + torch.arange(b * r).view(b, r)
+        return Batch(
+            videos=[f"video{i}" for i in range(b)],
+            frames=torch.randn(b, t, 3, size, size, generator=g),
+            text_token_ids=ids,
+            text_mask=mask,
+            caption_ids=torch.arange(b),
+            keyframes=torch.randn(b, k, 3, size, size, generator=g),
+            boxes=torch.cat([xy1, xy1 + wh], dim=-1),
+            box_mask=box_mask,
+            region_token_ids=rids.view(b, r, max_len),
+            region_text_mask=rmask.view(b, r, max_len),
+            region_caption_ids=region_caption_ids,
+            region_image_ids=1000 + region_caption_ids,  # every region its own pixels
+            region_mask=torch.ones(b, r, dtype=torch.bool),
+        )
 
     return make

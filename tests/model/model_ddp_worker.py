@@ -69,11 +69,13 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
             region_image_embeds=unit(sum(REGION_SIZES), seed=2)[r_rows],
             region_text_embeds=unit(sum(REGION_SIZES), seed=3)[r_rows],
             region_caption_ids=torch.arange(sum(REGION_SIZES))[r_rows],
-            region_image_ids=None,
+            region_image_ids=torch.arange(sum(REGION_SIZES))[r_rows],  # each region its own pixels
             logit_scale_global=torch.tensor(LN_100),
             logit_scale_region=torch.tensor(LN_100),
         )
-        region = FGCLIPLoss(region_weight=1.0, memory_bank=bank)(out)
+        bank.begin_pass(1)
+        region = FGCLIPLoss(region_weight=1.0)(out, bank.negatives())
+        bank.enqueue(*region.regions)  # every rank's regions: each rank holds the same bank
         j_rows = _rows(JOINED_SIZES, rank)
         joined_ids = torch.tensor(JOINED_IDS)[j_rows]
         out.region_image_embeds = unit(sum(JOINED_SIZES), seed=4)[j_rows]
@@ -88,7 +90,7 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
                     "logits": tuple(result.logits_i2t.shape),
                     "grad": video.grad.tolist(),
                     "region": region.loss_region.item(),
-                    "bank_ids": bank.negatives()[2].tolist(),
+                    "bank_ids": bank.negatives().ids.tolist(),
                     "joined": joined.loss_region.item(),
                 },
             )

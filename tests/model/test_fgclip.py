@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from model_tiny import CAPTIONS, TINY
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-from fgclip.config import LN_100, ModelConfig
+from fgclip.config import LN_100, HealthConfig, ModelConfig
 from fgclip.model.fgclip import (
     FGCLIPVideoModel,
     LogitScaleMismatch,
@@ -22,12 +22,13 @@ from fgclip.model.fgclip import (
     tiny_clip_config,
 )
 from fgclip.model.losses import FGCLIPLoss
-from fgclip.model.memory_bank import RegionMemoryBank
+from fgclip.model.memory_bank import RegionFeatures
 from fgclip.model.roi_align import roi_align
 from fgclip.model.tokenizer import build_tokenizer, tokenize
 
 LOGGER = "fgclip.model.fgclip"
 SCRATCH = 2.6592  # CLIP's from-scratch scale, as params.yaml writes it
+TOLERANCE = HealthConfig().logit_scale_tolerance
 Make = Callable[..., FGCLIPVideoModel]
 
 
@@ -91,16 +92,39 @@ def test_logit_scale_global_is_the_clip_parameter(make_model: Make) -> None:
 def test_from_clip_error_policy_names_both_values(tokenizer: PreTrainedTokenizerFast) -> None:
     cfg = ModelConfig(**TINY, loaded_logit_scale="error")
     with pytest.raises(LogitScaleMismatch) as err:
-        FGCLIPVideoModel.from_clip(_clip(tokenizer, SCRATCH), cfg, source="models/clip-pretrained")
+        FGCLIPVideoModel.from_clip(
+            _clip(tokenizer, SCRATCH), cfg, source="models/clip-pretrained", tolerance=TOLERANCE
+        )
     message = str(err.value)
     for part in ("2.6592", "4.6052", "models/clip-pretrained", "model.loaded_logit_scale"):
         assert part in message
 
 
+def test_from_clip_mismatch_is_judged_at_the_given_tolerance(tokenizer: PreTrainedTokenizerFast) -> None:
+    """The loaded-scale check and the health check read one tolerance (train.health.logit_scale_tolerance)."""
+    cfg = ModelConfig(**TINY, loaded_logit_scale="error")
+    near = LN_100 + 5e-4
+    with pytest.raises(LogitScaleMismatch):
+        FGCLIPVideoModel.from_clip(_clip(tokenizer, near), cfg, source="src", tolerance=1e-4)
+    model = FGCLIPVideoModel.from_clip(_clip(tokenizer, near), cfg, source="src", tolerance=1e-3)
+    assert model.load_report["global"]["action"] == "loaded"
+
+
+def test_clamp_logit_scales_caps_the_stored_values(make_model: Make) -> None:
+    model = make_model()
+    with torch.no_grad():
+        model.logit_scale_global.fill_(5.0)
+        model.logit_scale_region.fill_(4.0)
+    model.clamp_logit_scales_()
+    assert model.logit_scale_global.item() == pytest.approx(LN_100)
+    assert model.logit_scale_region.item() == pytest.approx(4.0)
+    assert [s.item() for s in model.scales()] == [model.logit_scale_global.item(), 4.0]
+
+
 def test_from_clip_keep_policy(tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     cfg = ModelConfig(**TINY, loaded_logit_scale="keep")
-    model = FGCLIPVideoModel.from_clip(_clip(tokenizer, SCRATCH), cfg, source="src")
+    model = FGCLIPVideoModel.from_clip(_clip(tokenizer, SCRATCH), cfg, source="src", tolerance=TOLERANCE)
     assert model.logit_scale_global.item() == pytest.approx(SCRATCH)
     assert model.logit_scale_region.item() == pytest.approx(LN_100)
     assert "[global] Loaded logit_scale = 2.6592 (exp=14.3)" in caplog.messages
@@ -119,7 +143,7 @@ def test_from_clip_reinit_policy(
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     cfg = ModelConfig(**TINY, loaded_logit_scale="reinit")
-    model = FGCLIPVideoModel.from_clip(_clip(tokenizer, SCRATCH), cfg, source="src")
+    model = FGCLIPVideoModel.from_clip(_clip(tokenizer, SCRATCH), cfg, source="src", tolerance=TOLERANCE)
     assert model.logit_scale_global.item() == pytest.approx(LN_100)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "2.6592" in warnings[0] and "4.6052" in warnings[0]
@@ -139,7 +163,7 @@ def test_from_clip_path_with_matching_scale(
     clip.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     cfg = ModelConfig(**TINY, loaded_logit_scale="error")
-    model = FGCLIPVideoModel.from_clip(str(tmp_path), cfg, source=str(tmp_path))
+    model = FGCLIPVideoModel.from_clip(str(tmp_path), cfg, source=str(tmp_path), tolerance=TOLERANCE)
     assert model.load_report["global"] == {
         "value": pytest.approx(LN_100, abs=1e-4),
         "source": str(tmp_path),
@@ -289,8 +313,8 @@ def test_zero_norm_fraction_counts_valid_regions_only(make_model: Make) -> None:
 def test_forward_keeps_only_present_regions_with_a_box(make_model: Make, make_batch: Callable) -> None:
     model = make_model()
     batch = make_batch(b=2, k=2, r=3)
-    batch["box_mask"][0, 1] = False  # region (0, 1): present but no valid box
-    batch["region_mask"][1, 2] = False  # region (1, 2): padding
+    batch.box_mask[0, 1] = False  # region (0, 1): present but no valid box
+    batch.region_mask[1, 2] = False  # region (1, 2): padding
     out = model(batch)
     assert out.region_caption_ids.tolist() == [100, 102, 103, 104]
     assert out.region_image_embeds.shape == out.region_text_embeds.shape == (4, 16)
@@ -298,14 +322,18 @@ def test_forward_keeps_only_present_regions_with_a_box(make_model: Make, make_ba
     torch.testing.assert_close(out.region_image_embeds.norm(dim=-1), torch.ones(4))
     # Region texts are the region captions of the kept regions.
     keep = torch.tensor([[True, False, True], [True, True, False]])
-    expected = model.encode_text(batch["region_ids"][keep], batch["region_text_mask"][keep])
+    expected = model.encode_text(batch.region_token_ids[keep], batch.region_text_mask[keep])
     torch.testing.assert_close(out.region_text_embeds, expected)
 
 
 def test_training_step_reaches_every_parameter(make_model: Make, make_batch: Callable) -> None:
     model = make_model().train()
-    loss_fn = FGCLIPLoss(region_weight=0.5, memory_bank=RegionMemoryBank(8, 16, warmup_steps=0))
-    result = loss_fn(model(make_batch()))
+    negatives = RegionFeatures(
+        F.normalize(torch.randn(8, 16), dim=-1),
+        F.normalize(torch.randn(8, 16), dim=-1),
+        torch.arange(16).view(8, 2),
+    )
+    result = FGCLIPLoss(region_weight=0.5)(model(make_batch()), negatives)
     assert torch.isfinite(result.loss)
     result.loss.backward()
     # Zero-initialised residual outputs block the gradient of what lies behind them at
@@ -319,7 +347,7 @@ def test_training_step_reaches_every_parameter(make_model: Make, make_batch: Cal
 def test_batch_without_valid_regions(make_model: Make, make_batch: Callable) -> None:
     model = make_model()
     batch = make_batch()
-    batch["region_mask"][:] = False
+    batch.region_mask[:] = False
     out = model(batch)
     assert out.region_image_embeds.shape == (0, 16) and out.region_text_embeds.shape == (0, 16)
     result = FGCLIPLoss(region_weight=0.5)(out)
@@ -371,7 +399,7 @@ def test_long_text_stretches_a_77_position_clip(
     clip = _clip(tokenizer, LN_100)
     original = clip.text_model.embeddings.position_embedding.weight.detach().clone()
     cfg = ModelConfig(**{**TINY, "long_text": True, "max_text_len": 100})
-    model = FGCLIPVideoModel.from_clip(clip, cfg, source="tiny").eval()
+    model = FGCLIPVideoModel.from_clip(clip, cfg, source="tiny", tolerance=TOLERANCE).eval()
     table = model.clip.text_model.embeddings.position_embedding.weight
     assert table.shape == (248, 32) and torch.equal(table[:20], original[:20])
     assert model.clip.config.text_config.max_position_embeddings == 248

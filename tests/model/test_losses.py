@@ -109,13 +109,15 @@ def _output(n_regions: int, seed: int, scale: float = LN_100, region_ids=None) -
     s_region = torch.tensor(scale, requires_grad=True)
     for t in (video, text, region_image, region_text):
         t.requires_grad_(True)
+    caption_ids = torch.arange(n_regions) if region_ids is None else region_ids
     return FGCLIPOutput(
         video_embeds=video,
         text_embeds=text,
         caption_ids=torch.tensor([0, 1, 0]),
         region_image_embeds=region_image,
         region_text_embeds=region_text,
-        region_caption_ids=torch.arange(n_regions) if region_ids is None else region_ids,
+        region_caption_ids=caption_ids,
+        region_image_ids=caption_ids.clone(),  # each region its own pixels
         zero_norm_frac=0.0,
         logit_scale_global=s_global,
         logit_scale_region=s_region,
@@ -163,10 +165,11 @@ def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
     out.region_image_embeds = image.requires_grad_(True)
     out.region_image_ids = torch.tensor([7, 7, 7, 8, 9])
     bank = RegionMemoryBank(size=8, dim=image.shape[1], warmup_steps=0)
-    bank.step()
+    bank.begin_pass(1)
     bank.enqueue(unit(3, seed=40), unit(3, seed=41), torch.tensor([[11, 99], [20, 7], [21, 99]]))
-    extra_image, extra_text, extra_ids = bank.negatives()
-    result = FGCLIPLoss(region_weight=1.0, memory_bank=bank)(out)
+    negatives = bank.negatives()
+    extra_image, extra_text, extra_ids = negatives
+    result = FGCLIPLoss(region_weight=1.0)(out, negatives)
 
     ids = torch.stack([out.region_caption_ids, out.region_image_ids], 1)
     text, image = out.region_text_embeds.detach(), image.detach()
@@ -193,24 +196,23 @@ def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
     assert _row_loss(logits_t2i, 3, 5 + 2, ids, extra_ids, rows_are_images=False) > 100 + _row_loss(
         logits_t2i, 3, None, ids, extra_ids, rows_are_images=False
     )
-    # Without image ids the three copies of the frame compete with each other.
-    out.region_image_ids = None
-    bank2 = RegionMemoryBank(size=8, dim=image.shape[1], warmup_steps=0)
-    bank2.step()
-    bank2.enqueue(extra_image, extra_text, extra_ids)
-    assert FGCLIPLoss(region_weight=1.0, memory_bank=bank2)(out).loss_region.item() > (i2t + t2i) / 2 + 0.3
-    # The bank queued both ids of the batch's regions.
-    assert bank.negatives()[2][-5:].tolist() == ids.tolist()
+    # The loss hands back both ids of the batch's regions for the bank to queue.
+    assert result.regions.ids.tolist() == ids.tolist()
+    bank.enqueue(*result.regions)
+    assert bank.negatives().ids[-5:].tolist() == ids.tolist()
+    # When each region claims pixels of its own, the three copies of the frame compete with each other.
+    out.region_image_ids = out.region_caption_ids.clone()
+    assert FGCLIPLoss(region_weight=1.0)(out, negatives).loss_region.item() > (i2t + t2i) / 2 + 0.3
 
 
 def _row_loss(logits, row: int, boost: int | None, ids, extra_ids, rows_are_images: bool) -> float:
     """One row's cross-entropy through the library's mask, optionally with column ``boost`` made huge."""
-    from fgclip.model.losses import _known_matches
+    from fgclip.model.losses import known_matches
 
     logits = logits.clone()
     if boost is not None:
         logits[row, boost] += 500.0
-    known = _known_matches(ids, torch.cat([ids, extra_ids]), rows_are_images)
+    known = known_matches(ids, torch.cat([ids, extra_ids]), rows_are_images)
     known[torch.arange(ids.shape[0]), torch.arange(ids.shape[0])] = False
     return F.cross_entropy(
         logits.masked_fill(known, float("-inf"))[row : row + 1], torch.tensor([row])
@@ -228,22 +230,34 @@ def test_fgclip_loss_combines_global_and_region() -> None:
     assert result.loss_global.item() == pytest.approx(expected_global, rel=1e-5)
     assert result.loss_region.item() == pytest.approx(expected_region, rel=1e-5)
     assert result.loss.item() == pytest.approx(expected_global + 0.5 * expected_region, rel=1e-5)
-    assert result.logits_i2t.shape == (4, 4) and result.bank_negatives == 0
+    assert result.logits_i2t.shape == (4, 4)  # no negatives given: the batch's columns only
+    assert torch.equal(result.regions.image, out.region_image_embeds.detach())
+    assert not result.regions.image.requires_grad and result.regions.ids.shape == (4, 2)
     result.loss.backward()
     assert out.logit_scale_region.grad is not None and out.region_image_embeds.grad.abs().sum() > 0
 
 
+def _bank_pass(bank: RegionMemoryBank, loss: FGCLIPLoss, passes: int, out: FGCLIPOutput):
+    """One forward pass's bank protocol, as ``TrainStep`` runs it: count, negatives, loss, queue."""
+    bank.begin_pass(passes)
+    negatives = bank.negatives()
+    result = loss(out, negatives)
+    bank.enqueue(*result.regions)
+    return result, negatives
+
+
 def test_memory_bank_negatives_after_warmup() -> None:
     bank = RegionMemoryBank(size=6, dim=8, warmup_steps=2)
-    loss = FGCLIPLoss(region_weight=1.0, memory_bank=bank)
-    first = loss(_output(4, seed=20))
-    assert first.bank_negatives == 0 and int(bank.filled) == 0  # pass 1: still warming up
+    loss = FGCLIPLoss(region_weight=1.0)
+    _, negatives = _bank_pass(bank, loss, 1, _output(4, seed=20))
+    assert negatives.image.shape[0] == 0 and int(bank.filled) == 0  # pass 1: still warming up
     second_out = _output(4, seed=30)
-    second = loss(second_out)  # pass 2: switched on, nothing queued yet, then this batch is queued
-    assert second.bank_negatives == 0 and int(bank.filled) == 4
+    # pass 2: switched on, nothing queued yet, then this batch is queued
+    _, negatives = _bank_pass(bank, loss, 2, second_out)
+    assert negatives.image.shape[0] == 0 and int(bank.filled) == 4
     third_out = _output(4, seed=40, region_ids=torch.tensor([0, 1, 2, 3]))
-    third = loss(third_out)
-    assert third.bank_negatives == 4 and third.logits_i2t.shape == (4, 8)
+    third, negatives = _bank_pass(bank, loss, 3, third_out)
+    assert negatives.image.shape[0] == 4 and third.logits_i2t.shape == (4, 8)
     # The queued batch (ids 0..3 again) shares each anchor's id once: masked out.
     expected = _reference(
         third_out.region_image_embeds.detach(),
@@ -261,15 +275,15 @@ def test_memory_bank_negatives_after_warmup() -> None:
 def test_backward_after_the_bank_enqueues_in_place() -> None:
     """The loss keeps the bank's negatives for backward; enqueueing must not invalidate them."""
     bank = RegionMemoryBank(size=16, dim=8, warmup_steps=0)
-    loss = FGCLIPLoss(region_weight=1.0, memory_bank=bank)
-    for seed in (60, 61, 62):
+    loss = FGCLIPLoss(region_weight=1.0)
+    for passes, seed in enumerate((60, 61, 62), start=1):
         out = _output(4, seed=seed)
         leaf = out.region_image_embeds.detach().requires_grad_(True)
         out.region_image_embeds = leaf
-        result = loss(out)
+        result, negatives = _bank_pass(bank, loss, passes, out)
         result.loss.backward()  # raised "modified by an inplace operation" when negatives were views
         assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
-    assert result.bank_negatives > 0
+    assert negatives.image.shape[0] > 0
 
 
 def test_batch_without_regions_gives_zero_region_loss() -> None:

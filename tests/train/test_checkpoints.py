@@ -44,14 +44,14 @@ def _parts(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, object, RegionM
 
 
 def _train(model, opt, sched, bank, steps: int) -> None:
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         x = torch.randn(4, 6)
         loss = model(x).pow(2).mean()
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad()
-        bank.step()
+        bank.begin_pass(step)
         bank.enqueue(torch.randn(3, 6), torch.randn(3, 6), torch.arange(3))
 
 

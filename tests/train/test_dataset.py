@@ -14,18 +14,14 @@ import pytest
 import torch
 
 from fgclip.config import Params
+from fgclip.data.batch import PAD_ID, collate
 from fgclip.data.dataset import (
-    CLIP_MEAN,
-    CLIP_STD,
-    PAD_CAPTION_ID,
-    DatasetError,
     EpochBatchSampler,
     FramePairDataset,
     VideoClipDataset,
     caption_ids,
-    collate,
-    normalize,
 )
+from fgclip.data.layout import DatasetError
 from fgclip.model.tokenizer import load_tokenizer
 
 
@@ -62,23 +58,23 @@ def test_one_item_per_train_video_with_shapes_and_masks(dataset, setup) -> None:
     )
     for i, video in enumerate(dataset.videos):
         item = dataset[(0, i)]
-        assert item["video"] == video
-        assert item["frames"].shape == (t, 3, s, s) and item["frames"].dtype == torch.float32
-        r, k = item["boxes"].shape[:2]
+        assert item.video == video
+        assert item.frames.shape == (t, 3, s, s) and item.frames.dtype == torch.float32
+        r, k = item.boxes.shape[:2]
         n_regions = rows.loc[rows.video == video, "region"].nunique()
         assert r == min(n_regions, r_max)
-        assert 1 <= k <= k_max and item["keyframes"].shape == (k, 3, s, s)
-        assert item["box_mask"].shape == (r, k) and item["region_ids"].shape == (r, params.model.max_text_len)
+        assert 1 <= k <= k_max and item.keyframes.shape == (k, 3, s, s)
+        assert item.box_mask.shape == (r, k) and item.region_token_ids.shape == (r, params.model.max_text_len)
         # Boxes exist exactly where the mask says, and are valid normalized xyxy there.
-        b = item["boxes"][item["box_mask"]]
+        b = item.boxes[item.box_mask]
         assert ((b >= 0) & (b <= 1)).all() and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
-        assert (item["boxes"][~item["box_mask"]] == 0).all()
+        assert (item.boxes[~item.box_mask] == 0).all()
         # Every kept region has a box on a keyframe whenever there are enough keyframe slots.
         if r <= k_max:
-            assert item["box_mask"].any(dim=1).all()
+            assert item.box_mask.any(dim=1).all()
         # The global caption's tokens end with EOS (CLIP pools there).
-        last = int(item["text_mask"].sum()) - 1
-        assert item["text_ids"][last].item() == tokenizer.eos_token_id
+        last = int(item.text_mask.sum()) - 1
+        assert item.text_token_ids[last].item() == tokenizer.eos_token_id
 
 
 def test_items_match_the_box_rows(dataset, setup) -> None:
@@ -89,29 +85,29 @@ def test_items_match_the_box_rows(dataset, setup) -> None:
     i = dataset.videos.index(video)
     item = dataset[(0, i)]
     expected = rows[rows.video == video].sort_values(["region", "frame"])
-    regions = sorted(expected.region.unique())[: item["boxes"].shape[0]]
+    regions = sorted(expected.region.unique())[: item.boxes.shape[0]]
     found = 0
     for r, region in enumerate(regions):
-        for k in range(item["boxes"].shape[1]):
-            if item["box_mask"][r, k]:
-                box = item["boxes"][r, k].numpy()
+        for k in range(item.boxes.shape[1]):
+            if item.box_mask[r, k]:
+                box = item.boxes[r, k].numpy()
                 match = expected[(expected.region == region)][["x1", "y1", "x2", "y2"]].to_numpy()
                 assert np.isclose(match, box).all(axis=1).any()
                 found += 1
     assert found >= 1
     caption = expected.global_caption.iloc[0]
-    assert item["caption_ids"].item() == caption_ids([caption])[0]
+    assert item.caption_id.item() == caption_ids([caption])[0]
 
 
 def test_train_items_are_seeded_per_epoch_and_eval_items_fixed(dataset, setup) -> None:
     params, tokenizer, frames, boxes = setup
     a, b = dataset[(0, 1)], dataset[(0, 1)]
     for key in ("frames", "keyframes", "boxes", "box_mask"):
-        assert torch.equal(a[key], b[key])
+        assert torch.equal(getattr(a, key), getattr(b, key))
     # Another epoch draws other frames from the segments (16 frames, 4 segments).
-    assert any(not torch.equal(dataset[(e, 1)]["frames"], a["frames"]) for e in range(1, 4))
+    assert any(not torch.equal(dataset[(e, 1)].frames, a.frames) for e in range(1, 4))
     fixed = VideoClipDataset(params, frames, boxes, tokenizer, train=False)
-    assert torch.equal(fixed[(0, 1)]["frames"], fixed[(5, 1)]["frames"])
+    assert torch.equal(fixed[(0, 1)].frames, fixed[(5, 1)].frames)
 
 
 def test_caption_ids_are_stable_63_bit() -> None:
@@ -126,26 +122,19 @@ def test_collate_pads_regions_and_keyframes(dataset) -> None:
     items = [dataset[(0, i)] for i in range(len(dataset))]
     batch = collate(items)
     b = len(items)
-    r = max(it["boxes"].shape[0] for it in items)
-    k = max(it["boxes"].shape[1] for it in items)
-    assert batch["frames"].shape[:2] == (b, items[0]["frames"].shape[0])
-    assert batch["boxes"].shape == (b, r, k, 4) and batch["box_mask"].shape == (b, r, k)
-    assert batch["region_mask"].shape == (b, r) and batch["region_caption_ids"].shape == (b, r)
-    assert batch["video"] == [it["video"] for it in items]
+    r = max(it.boxes.shape[0] for it in items)
+    k = max(it.boxes.shape[1] for it in items)
+    assert batch.frames.shape[:2] == (b, items[0].frames.shape[0])
+    assert batch.boxes.shape == (b, r, k, 4) and batch.box_mask.shape == (b, r, k)
+    assert batch.region_mask.shape == (b, r) and batch.region_caption_ids.shape == (b, r)
+    assert batch.videos == [it.video for it in items]
     for i, it in enumerate(items):
-        ri, ki = it["boxes"].shape[:2]
-        assert batch["region_mask"][i].tolist() == [True] * ri + [False] * (r - ri)
-        assert (batch["region_caption_ids"][i, ri:] == PAD_CAPTION_ID).all()
-        assert not batch["box_mask"][i, ri:].any() and not batch["box_mask"][i, :, ki:].any()
-        assert (batch["keyframes"][i, ki:] == 0).all()
-        assert torch.equal(batch["boxes"][i, :ri, :ki], it["boxes"])
-
-
-def test_normalize_uses_clip_statistics() -> None:
-    white = torch.full((3, 2, 2), 255, dtype=torch.uint8)
-    out = normalize(white)
-    expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    assert torch.allclose(out[:, 0, 0], expected)
+        ri, ki = it.boxes.shape[:2]
+        assert batch.region_mask[i].tolist() == [True] * ri + [False] * (r - ri)
+        assert (batch.region_caption_ids[i, ri:] == PAD_ID).all()
+        assert not batch.box_mask[i, ri:].any() and not batch.box_mask[i, :, ki:].any()
+        assert (batch.keyframes[i, ki:] == 0).all()
+        assert torch.equal(batch.boxes[i, :ri, :ki], it.boxes)
 
 
 def test_epoch_sampler_resumes_mid_epoch_and_splits_ranks() -> None:
@@ -219,9 +208,9 @@ def test_region_image_ids_join_regions_that_show_the_same_pixels(dataset) -> Non
     seen: dict[int, str] = {}
     for i, video in enumerate(dataset.videos):
         item = dataset[i]
-        ids = item["region_image_ids"].tolist()
-        assert len(ids) == item["boxes"].shape[0]
-        whole = bool((item["boxes"][item["box_mask"]] == torch.tensor([0.0, 0.0, 1.0, 1.0])).all())
+        ids = item.region_image_ids.tolist()
+        assert len(ids) == item.boxes.shape[0]
+        whole = bool((item.boxes[item.box_mask] == torch.tensor([0.0, 0.0, 1.0, 1.0])).all())
         if "Normal" in video and len(ids) > 1:
             assert whole and len(set(ids)) == 1, video
             checked_virtual += 1
@@ -232,4 +221,4 @@ def test_region_image_ids_join_regions_that_show_the_same_pixels(dataset) -> Non
             assert seen.setdefault(image_id, video) == video
     assert checked_virtual > 0 and checked_boxed > 0
     batch = collate([dataset[i] for i in range(3)])
-    assert batch["region_image_ids"].shape == batch["region_caption_ids"].shape
+    assert batch.region_image_ids.shape == batch.region_caption_ids.shape

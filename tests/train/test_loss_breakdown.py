@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from fgclip.cli import main
-from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset, collate
+from fgclip.data.batch import collate
+from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.losses import FGCLIPLoss
 from fgclip.model.tokenizer import load_tokenizer
@@ -23,7 +24,10 @@ def model_dir(train_params, tiny_clip, tmp_path_factory):
     params = train_params(train={"batch_size": 3, "memory_bank_size": 64})
     out = tmp_path_factory.mktemp("fgclip")
     torch.manual_seed(0)
-    FGCLIPVideoModel.from_clip(tiny_clip[0], params.model, source=tiny_clip[0]).save_pretrained(out)
+    tolerance = params.train.health.logit_scale_tolerance
+    FGCLIPVideoModel.from_clip(
+        tiny_clip[0], params.model, source=tiny_clip[0], tolerance=tolerance
+    ).save_pretrained(out)
     load_tokenizer(tiny_clip[0]).save_pretrained(out)
     return params, out
 
