@@ -55,8 +55,8 @@ DATASET = {
     "width": 320,
     "height": 240,
     "fps": 30,
-    "min_frames": 300,
-    "max_frames": 3000,
+    "min_video_frames": 300,
+    "max_video_frames": 3000,
     "anomaly_classes": ["Arson", "Explosion", "Fighting", "RoadAccidents"],
     "train_per_class": 2,
     "test_per_class": 2,
@@ -80,7 +80,8 @@ def bench_params(out: Path, workers: int, videos: int) -> Params:
 
 def ensure_dataset(params: Params) -> Path:
     """Generate the dataset unless the one on disk was made from the same sample config."""
-    root, stamp = params.data_root, params.data_root / "bench_config.json"
+    root = params.paths.data_root
+    stamp = root / "bench_config.json"
     wanted = params.sample.model_dump_json()
     if not (stamp.is_file() and stamp.read_text() == wanted):
         print(f"generating the dataset under {root} (not timed) ...", file=sys.stderr)

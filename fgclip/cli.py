@@ -1,8 +1,9 @@
 """The ``fgclip`` console script: one subcommand per pipeline stage.
 
 Every subcommand takes ``--params`` and its inputs and outputs as options named
-for what they are, defaulting to the paths in ``params.yaml``; so each stage runs
-under DVC and outside it, on the embedded sample or on a real UCF-Crime root.
+for what they are, defaulting to the paths in ``params.yaml`` (``params.paths``, the
+same ones dvc.yaml names); so each stage runs under DVC and outside it, on the
+embedded sample or on a real UCF-Crime root.
 Heavy imports (torch, transformers, mlflow) happen inside the subcommand that
 needs them, so ``fgclip --help`` stays instant.
 """
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fgclip.config import Params, load_params
+from fgclip.config import Params, Paths, load_params, model_source
 from fgclip.errors import FGClipError
 
 log = logging.getLogger("fgclip")
@@ -24,10 +25,6 @@ log = logging.getLogger("fgclip")
 # Errors a user can act on: printed as one clear line, exit status 1, no traceback.
 # Anything else is a bug and keeps its traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (FGClipError, FileNotFoundError)
-
-
-def _path(p: str | None) -> Path | None:
-    return Path(p) if p else None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -52,40 +49,25 @@ def _print_summary(summary: dict) -> None:
 def cmd_sample(params: Params, args: argparse.Namespace) -> dict:
     from fgclip.data.sample import generate_sample
 
-    root = _path(args.out) or params.data_root
-    return generate_sample(params.sample, params.data, root)
+    return generate_sample(params.sample, params.data, args.out)
 
 
 def cmd_extract_frames(params: Params, args: argparse.Namespace) -> dict:
     from fgclip.data.frames import extract_frames
 
-    data_root = _path(args.data_root) or params.data_root
-    annotations = _path(args.annotations) or data_root / params.data.annotations
-    out = _path(args.out) or params.path(params.frames.out)
-    return extract_frames(params, data_root, annotations, out)
+    return extract_frames(params, args.data_root, args.annotations, args.out)
 
 
 def cmd_validate_boxes(params: Params, args: argparse.Namespace) -> dict:
     from fgclip.data.boxes import validate_boxes
 
-    annotations = _path(args.annotations) or params.data_file("annotations")
-    frames = _path(args.frames) or params.path(params.frames.out)
-    out = _path(args.out) or params.path(params.boxes.out)
-    metrics = _path(args.metrics) or params.path("metrics/boxes.json")
-    return validate_boxes(params, annotations, frames, out, metrics)
+    return validate_boxes(params, args.annotations, args.frames, args.out, args.metrics)
 
 
 def cmd_pretrain(params: Params, args: argparse.Namespace) -> dict:
     from fgclip.train.pretrain import pretrain_clip
 
-    out = _path(args.out) or params.path(params.pretrain.out)
-    return pretrain_clip(
-        params,
-        _path(args.frames) or params.path(params.frames.out),
-        _path(args.boxes) or params.path(params.boxes.out),
-        _path(args.annotations) or params.data_file("annotations"),
-        out,
-    )
+    return pretrain_clip(params, args.frames, args.boxes, args.annotations, args.out)
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> dict:
@@ -93,31 +75,32 @@ def cmd_train(params: Params, args: argparse.Namespace) -> dict:
 
     return train(
         params,
-        _path(args.frames) or params.path(params.frames.out),
-        _path(args.boxes) or params.path(params.boxes.out),
+        args.frames,
+        args.boxes,
         params.pretrained_source(args.model),
-        _path(args.out) or params.path(params.train.out),
-        _path(args.checkpoints) or params.path(params.train.checkpoints),
-        _path(args.health) or params.path("metrics/health.json"),
+        args.out,
+        args.checkpoints,
+        args.health,
         resume=not args.no_resume,
         max_steps=args.max_steps,
+        metrics_path=args.metrics,
+        loss_csv=args.loss_curve,
     )
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
     from fgclip.eval.evaluate import evaluate
 
-    pretrained = args.pretrained or params.pretrained_source()
     return evaluate(
         params,
-        _path(args.frames) or params.path(params.frames.out),
-        _path(args.model) or params.path(params.train.out),
-        Path(pretrained) if Path(pretrained).exists() else pretrained,
-        _path(args.data_root) or params.data_root,
-        _path(args.out) or params.path(params.evaluate.out),
-        _path(args.scores) or params.path(params.evaluate.scores),
-        roc_path=_path(args.roc) or params.path("plots/roc.csv"),
-        boxes_dir=_path(args.boxes) or params.path(params.boxes.out),
+        args.frames,
+        args.model,
+        model_source(params.pretrained_source(args.pretrained)),
+        args.data_root,
+        args.out,
+        args.scores,
+        roc_path=args.roc,
+        boxes_dir=args.boxes,
     )
 
 
@@ -125,13 +108,7 @@ def cmd_region_loss(params: Params, args: argparse.Namespace) -> None:
     from fgclip.atomic import write_text_atomic
     from fgclip.train.loss_breakdown import format_breakdown, region_loss_breakdown
 
-    result = region_loss_breakdown(
-        params,
-        _path(args.model) or params.path(params.train.out),
-        _path(args.frames) or params.path(params.frames.out),
-        _path(args.boxes) or params.path(params.boxes.out),
-        epochs=args.epochs,
-    )
+    result = region_loss_breakdown(params, args.model, args.frames, args.boxes, epochs=args.epochs)
     sys.stdout.write(format_breakdown(result, top=args.top))
     if args.json:
         out = Path(args.json)
@@ -146,12 +123,9 @@ def cmd_checkpoints_clean(params: Params, args: argparse.Namespace) -> None:
     inputs = None
     if args.check_inputs:
         inputs = current_inputs(
-            params,
-            model=params.pretrained_source(args.model),
-            frames=_path(args.frames),
-            boxes=_path(args.boxes),
+            params, model=params.pretrained_source(args.model), frames=args.frames, boxes=args.boxes
         )
-    removals = clean_checkpoints(params, root=_path(args.checkpoints), dry_run=args.dry_run, inputs=inputs)
+    removals = clean_checkpoints(params, root=args.checkpoints, dry_run=args.dry_run, inputs=inputs)
     verb = "would remove" if args.dry_run else "removed"
     for removal in removals:
         print(f"{verb} {removal.path}: {removal.reason}")
@@ -182,6 +156,24 @@ def cmd_serve(params: Params, args: argparse.Namespace) -> None:
 # --- parser --------------------------------------------------------------------
 
 
+def _path_option(p: argparse.ArgumentParser, flag: str, field: str, help_: str, default: str = "") -> None:
+    """``flag`` names a file or directory; left out, it is ``params.paths.<field>`` (resolved in main)."""
+    dest = flag.lstrip("-").replace("-", "_")
+    p.add_argument(flag, dest=dest, type=Path, help=f"{help_} (default: {default or Paths.key(field)})")
+    p.get_default("path_fields")[dest] = field
+
+
+def _resolve_path_options(params: Params, args: argparse.Namespace) -> None:
+    """Fill each path option left out from ``params.paths``; dataset files follow ``--data-root``."""
+    fields = getattr(args, "path_fields", {})
+    if not fields:
+        return
+    paths = params.resolve_paths(data_root=getattr(args, "data_root", None))
+    for dest, field in fields.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, getattr(paths, field))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fgclip",
@@ -193,61 +185,70 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, path_fields={})
         return p
 
     p = add("sample", cmd_sample, "generate the embedded UCF-Crime-style sample (real H.264)")
-    p.add_argument("--out", help="dataset root to write (default: data.root)")
+    _path_option(p, "--out", "sample", "dataset root to write")
 
     p = add("extract-frames", cmd_extract_frames, "decode videos, write selected frames + Parquet index")
-    p.add_argument("--data-root", help="UCF-Crime root (default: data.root)")
-    p.add_argument("--annotations", help="region annotation JSON (default: <data-root>/data.annotations)")
-    p.add_argument("--out", help="frames directory (default: frames.out)")
+    _path_option(p, "--data-root", "data_root", "UCF-Crime root: videos and split files")
+    _path_option(p, "--annotations", "annotations", "region annotation JSON", "<data-root>/data.annotations")
+    _path_option(p, "--out", "frames", "frames directory")
 
     p = add("validate-boxes", cmd_validate_boxes, "validate boxes into Parquet shards + rejects")
-    p.add_argument("--annotations", help="region annotation JSON (default: from params)")
-    p.add_argument("--frames", help="frames directory (default: frames.out)")
-    p.add_argument("--out", help="boxes directory (default: boxes.out)")
-    p.add_argument("--metrics", help="counts JSON (default: metrics/boxes.json)")
+    _path_option(p, "--annotations", "annotations", "region annotation JSON", "<data.root>/data.annotations")
+    _path_option(p, "--frames", "frames", "frames directory")
+    _path_option(p, "--out", "boxes", "boxes directory")
+    _path_option(p, "--metrics", "boxes_metrics", "counts JSON")
 
     p = add("pretrain", cmd_pretrain, "train the tiny stand-in CLIP from scratch (skipped for real weights)")
-    p.add_argument("--frames", help="frames directory (default: frames.out)")
-    p.add_argument("--boxes", help="boxes directory (default: boxes.out)")
-    p.add_argument("--annotations", help="region annotation JSON (tokenizer corpus)")
-    p.add_argument("--out", help="model directory (default: pretrain.out)")
+    _path_option(p, "--frames", "frames", "frames directory")
+    _path_option(p, "--boxes", "boxes", "boxes directory")
+    _path_option(
+        p,
+        "--annotations",
+        "annotations",
+        "region annotation JSON, the tokenizer corpus",
+        "<data.root>/data.annotations",
+    )
+    _path_option(p, "--out", "stand_in", "model directory")
 
     p = add("train", cmd_train, "fine-tune video FG-CLIP (resumes from the latest matching checkpoint)")
-    p.add_argument("--frames", help="frames directory (default: frames.out)")
-    p.add_argument("--boxes", help="boxes directory (default: boxes.out)")
+    _path_option(p, "--frames", "frames", "frames directory")
+    _path_option(p, "--boxes", "boxes", "boxes directory")
     p.add_argument(
         "--model", help="pretrained CLIP: directory or hub id (default: model.pretrained or pretrain.out)"
     )
-    p.add_argument("--out", help="fine-tuned model directory (default: train.out)")
-    p.add_argument("--checkpoints", help="checkpoint root (default: train.checkpoints)")
-    p.add_argument("--health", help="health report JSON (default: metrics/health.json)")
+    _path_option(p, "--out", "model", "fine-tuned model directory")
+    _path_option(p, "--checkpoints", "checkpoints", "checkpoint root")
+    _path_option(p, "--health", "health", "health report JSON")
+    _path_option(p, "--metrics", "train_metrics", "training summary JSON")
+    _path_option(p, "--loss-curve", "loss_curve", "per-step losses CSV for `dvc plots`")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
 
     p = add("evaluate", cmd_evaluate, "frame-level AUC by the UCF-Crime protocol, zero-shot from prompts")
-    p.add_argument("--data-root", help="UCF-Crime root (default: data.root)")
-    p.add_argument("--frames", help="frames directory (default: frames.out)")
-    p.add_argument("--model", help="fine-tuned model directory (default: train.out)")
+    _path_option(p, "--data-root", "data_root", "UCF-Crime root: test split and temporal annotations")
+    _path_option(p, "--frames", "frames", "frames directory")
+    _path_option(p, "--model", "model", "fine-tuned model directory")
     p.add_argument(
-        "--pretrained", help="pretrained CLIP baseline (default: model.pretrained or pretrain.out)"
+        "--pretrained",
+        help="pretrained CLIP baseline: directory or hub id (default: model.pretrained or pretrain.out)",
     )
-    p.add_argument("--out", help="metrics JSON (default: evaluate.out)")
-    p.add_argument("--scores", help="per-frame scores Parquet (default: evaluate.scores)")
-    p.add_argument("--roc", help="ROC curve CSV for `dvc plots` (default: plots/roc.csv)")
-    p.add_argument("--boxes", help="boxes directory, for the held-out region metrics (default: boxes.out)")
+    _path_option(p, "--out", "eval_metrics", "metrics JSON")
+    _path_option(p, "--scores", "scores", "per-frame scores Parquet")
+    _path_option(p, "--roc", "roc", "ROC curve CSV for `dvc plots`")
+    _path_option(p, "--boxes", "boxes", "boxes directory, for the held-out region metrics")
 
     p = add(
         "region-loss",
         cmd_region_loss,
         "which region captions carry a trained model's region loss (training set, memory bank as in training)",
     )
-    p.add_argument("--model", help="fine-tuned model directory (default: train.out)")
-    p.add_argument("--frames", help="frames directory (default: frames.out)")
-    p.add_argument("--boxes", help="boxes directory (default: boxes.out)")
+    _path_option(p, "--model", "model", "fine-tuned model directory")
+    _path_option(p, "--frames", "frames", "frames directory")
+    _path_option(p, "--boxes", "boxes", "boxes directory")
     p.add_argument("--epochs", type=int, default=2, help="passes over the training set (default: 2)")
     p.add_argument("--top", type=int, default=15, help="captions to print (default: 15)")
     p.add_argument("--json", help="also write the whole breakdown to this JSON file")
@@ -258,17 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     help_ = "remove the current run's stale, broken and surplus checkpoints (never a running job's)"
     p = actions.add_parser("clean", help=help_, description=help_)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.set_defaults(func=cmd_checkpoints_clean)
+    p.set_defaults(func=cmd_checkpoints_clean, path_fields={})
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed, and why")
-    p.add_argument("--checkpoints", help="checkpoint root (default: train.checkpoints)")
+    _path_option(p, "--checkpoints", "checkpoints", "checkpoint root")
     p.add_argument(
         "--check-inputs",
         action="store_true",
         help="also compare the base model and data hashes, as `fgclip train` does (reads them all)",
     )
     p.add_argument("--model", help="with --check-inputs: the CLIP `fgclip train --model` was given")
-    p.add_argument("--frames", help="with --check-inputs: frames directory (default: frames.out)")
-    p.add_argument("--boxes", help="with --check-inputs: boxes directory (default: boxes.out)")
+    _path_option(p, "--frames", "frames", "with --check-inputs: frames directory")
+    _path_option(p, "--boxes", "boxes", "with --check-inputs: boxes directory")
 
     p = add(
         "compare", cmd_compare, "the runs of an MLflow experiment side by side: differing params, losses, AUC"
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         params = load_params(args.params)
+        _resolve_path_options(params, args)
         summary = args.func(params, args)
     except _USER_ERRORS as exc:
         print(f"fgclip {args.command}: error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -38,12 +39,16 @@ class DataConfig(_Section):
 
 
 class SampleConfig(_Section):
+    # Where `fgclip sample` writes the generated dataset. Its own key, not data.root: DVC
+    # removes a stage's outputs before running it, and data.root may be a real UCF-Crime root.
+    out: str = "data/sample"
     seed: int = 0
     width: int = Field(160, ge=32)
     height: int = Field(120, ge=32)
     fps: int = Field(30, ge=1)
-    min_frames: int = Field(128, ge=16)
-    max_frames: int = Field(200, ge=16)
+    # Each video's length in frames is drawn from [min_video_frames, max_video_frames].
+    min_video_frames: int = Field(128, ge=16)
+    max_video_frames: int = Field(200, ge=16)
     anomaly_classes: list[str] = ["Arson", "Explosion", "Fighting", "RoadAccidents"]
     train_per_class: int = Field(6, ge=1)
     test_per_class: int = Field(3, ge=1)
@@ -54,8 +59,8 @@ class SampleConfig(_Section):
 
     @model_validator(mode="after")
     def _frames_range(self) -> SampleConfig:
-        if self.max_frames < self.min_frames:
-            raise ValueError("sample.max_frames must be >= sample.min_frames")
+        if self.max_video_frames < self.min_video_frames:
+            raise ValueError("sample.max_video_frames must be >= sample.min_video_frames")
         return self
 
 
@@ -70,6 +75,7 @@ class FramesConfig(_Section):
 
 class BoxesConfig(_Section):
     out: str = "data/boxes"
+    metrics: str = "metrics/boxes.json"
     min_area_frac: float = Field(0.005, ge=0.0, lt=1.0)
     clip_tolerance: float = Field(0.02, ge=0.0)
     clip_overshoot: bool = True
@@ -136,6 +142,9 @@ class HealthConfig(_Section):
 class TrainConfig(_Section):
     out: str = "models/fgclip"
     checkpoints: str = "checkpoints"
+    health_report: str = "metrics/health.json"  # the checks of `health` below, as JSON
+    metrics: str = "metrics/train.json"
+    loss_curve: str = "plots/train_loss.csv"
     run_name: str = "fgclip"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -164,6 +173,7 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     out: str = "metrics/eval.json"
     scores: str = "data/eval/frame_scores.parquet"
+    roc: str = "plots/roc.csv"
     batch_size: int = Field(64, ge=1)
     # Snippets per scoring clip, centred on the scored snippet; null = train.num_frames.
     window_snippets: int | None = Field(None, ge=1)
@@ -219,6 +229,58 @@ class OrchestrationConfig(_Section):
         return self
 
 
+@dataclass(frozen=True)
+class Paths:
+    """Every file and directory a stage reads or writes: the one place they are resolved.
+
+    From :meth:`Params.resolve_paths` (``params.paths``): relative paths in the params
+    are relative to the params file's directory, so these are absolute, except a
+    dataset root given to ``resolve_paths``, kept as given. Each field's params key
+    (:meth:`key`) is also what dvc.yaml names (``${frames.out}``) and what the CLI
+    option of each stage defaults to; ``in_dataset`` fields name a file under the
+    dataset root (the UCF-Crime layout), not a path of their own.
+    """
+
+    # Where the sample stage generates its dataset; the dataset the pipeline reads.
+    sample: Path = field(metadata={"key": "sample.out"})
+    data_root: Path = field(metadata={"key": "data.root"})
+    videos: Path = field(metadata={"key": "data.videos_dir", "in_dataset": True})
+    train_split: Path = field(metadata={"key": "data.train_split", "in_dataset": True})
+    test_split: Path = field(metadata={"key": "data.test_split", "in_dataset": True})
+    temporal_annotations: Path = field(metadata={"key": "data.temporal_annotations", "in_dataset": True})
+    annotations: Path = field(metadata={"key": "data.annotations", "in_dataset": True})
+    frames: Path = field(metadata={"key": "frames.out"})
+    boxes: Path = field(metadata={"key": "boxes.out"})
+    boxes_metrics: Path = field(metadata={"key": "boxes.metrics"})
+    stand_in: Path = field(metadata={"key": "pretrain.out"})  # the CLIP the pretrain stage trains
+    model: Path = field(metadata={"key": "train.out"})  # the fine-tuned video FG-CLIP
+    checkpoints: Path = field(metadata={"key": "train.checkpoints"})
+    health: Path = field(metadata={"key": "train.health_report"})
+    train_metrics: Path = field(metadata={"key": "train.metrics"})
+    loss_curve: Path = field(metadata={"key": "train.loss_curve"})
+    eval_metrics: Path = field(metadata={"key": "evaluate.out"})
+    scores: Path = field(metadata={"key": "evaluate.scores"})
+    roc: Path = field(metadata={"key": "evaluate.roc"})
+
+    @staticmethod
+    def key(name: str) -> str:
+        """The params key a field is read from: ``Paths.key("frames") == "frames.out"``."""
+        return next(f.metadata["key"] for f in fields(Paths) if f.name == name)
+
+
+def model_source(source: str | os.PathLike) -> Path | str:
+    """Where a CLIP is loaded from, decided once: a local path (a ``Path``) or a hub id (a ``str``).
+
+    A path object, or a string naming something that exists on disk, is local: a
+    model directory is expected there (loaders say so when it is not one). Any
+    other string is a hub id such as ``openai/clip-vit-base-patch32``, returned
+    as given for transformers to fetch.
+    """
+    if isinstance(source, os.PathLike):
+        return Path(source)
+    return Path(source) if Path(source).exists() else source
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     sample: SampleConfig = SampleConfig()
@@ -238,21 +300,30 @@ class Params(_Section):
         p = Path(p)
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
-    @property
-    def data_root(self) -> Path:
-        return self.path(self.data.root)
+    def resolve_paths(self, data_root: str | os.PathLike | None = None) -> Paths:
+        """Every stage's inputs and outputs; with ``data_root``, the dataset files under that root."""
+        root = Path(data_root) if data_root is not None else self.path(self.data.root)
+        resolved = {}
+        for f in fields(Paths):
+            section, name = f.metadata["key"].split(".")
+            value = getattr(getattr(self, section), name)
+            if f.name == "data_root":
+                resolved[f.name] = root
+            else:
+                resolved[f.name] = root / value if f.metadata.get("in_dataset") else self.path(value)
+        return Paths(**resolved)
 
     @property
-    def videos_root(self) -> Path:
-        return self.data_root / self.data.videos_dir
+    def paths(self) -> Paths:
+        """Every stage's inputs and outputs, from these params (see :class:`Paths`)."""
+        return self.resolve_paths()
 
     def pretrained_source(self, override: str | None = None) -> str:
-        """The CLIP to fine-tune from: ``override``, else ``model.pretrained``, else the stand-in."""
-        return override or self.model.pretrained or str(self.path(self.pretrain.out))
+        """The CLIP to fine-tune from: ``override``, else ``model.pretrained``, else the stand-in.
 
-    def data_file(self, name: str) -> Path:
-        """A dataset file named in ``data`` (split files, annotations), under the data root."""
-        return self.data_root / getattr(self.data, name)
+        A directory or a hub id: :func:`model_source` tells which.
+        """
+        return override or self.model.pretrained or str(self.paths.stand_in)
 
     @property
     def tracking_uri(self) -> str:

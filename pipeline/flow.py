@@ -31,7 +31,7 @@ from prefect.runtime import flow_run
 
 from fgclip.config import Params, load_params
 from fgclip.errors import FGClipError
-from pipeline.stages import STAGES, run_stage
+from pipeline.stages import run_stage, stage_order
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -82,7 +82,7 @@ def _orchestrator_env() -> dict[str, str]:
 
 @flow(name=FLOW_NAME, description="fgclip-vad: the DVC pipeline, stage by stage, with retries")
 def fgclip_pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, str]:
-    """Run every DVC stage of ``repo`` in order; ``{stage: "ran" | "up to date"}``.
+    """Run every DVC stage of ``repo`` in dvc.yaml's order; ``{stage: "ran" | "up to date"}``.
 
     ``params_file`` (relative to ``repo``) supplies the retries and the checkpoint
     settings; it must be the file dvc.yaml's stage commands read (``params.yaml``),
@@ -96,7 +96,7 @@ def fgclip_pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[s
     stage = stage_task.with_options(retries=orch.retries, retry_delay_seconds=orch.retry_delay_s)
     env = _orchestrator_env()
     results: dict[str, str] = {}
-    for name in STAGES:
+    for name in stage_order(root):
         if name == "train":
             clean_task(params_path, "before")
         results[name] = stage(root, name, orch.stage_timeout_s, env)

@@ -1,8 +1,9 @@
 """The DVC stages in pipeline order, and a thin runner over `dvc repro`.
 
-The stage commands themselves live in dvc.yaml (they call the `fgclip` console
-script); this module is what orchestrators (Prefect flows, tests) use to run one
-stage or all of them in a repository without re-stating any ML logic.
+The stages themselves, their commands (the `fgclip` console script) and their
+order live in dvc.yaml; this module is what orchestrators (Prefect flows, tests)
+use to run one stage or all of them in a repository without re-stating any ML
+logic, or the stage list.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-STAGES: tuple[str, ...] = ("sample", "extract_frames", "validate_boxes", "pretrain", "train", "evaluate")
+import yaml
 
+DVC_FILE = "dvc.yaml"
 
 # Characters of a failed stage's output kept in StageFailed: enough for a traceback.
 TAIL_CHARS = 4000
@@ -23,6 +25,23 @@ TAIL_CHARS = 4000
 
 class StageFailed(RuntimeError):
     """`dvc repro` of a stage exited non-zero; the message carries its output tail."""
+
+
+def stage_order(repo: Path) -> tuple[str, ...]:
+    """The stages of ``repo``'s dvc.yaml in pipeline order: its ``stages:`` keys, as written.
+
+    dvc.yaml writes each stage after the stages whose outputs it reads (a test
+    checks this against DVC's own graph), so running them in this order finds
+    every stage's upstream already up to date.
+    """
+    path = Path(repo) / DVC_FILE
+    try:
+        stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: not a DVC pipeline repository") from None
+    if not isinstance(stages, dict) or not stages:
+        raise ValueError(f"{path}: no stages (a `stages:` mapping of stage names)")
+    return tuple(stages)
 
 
 def dvc_executable() -> str:
@@ -42,7 +61,7 @@ def run_stage(
     """`dvc repro [-s stage]` in ``repo``; returns its output, raises StageFailed on failure.
 
     ``-s`` (single stage) runs just that stage; an orchestrator calls the stages in
-    STAGES order, so each one's upstream is already up to date. ``env`` is added to
+    :func:`stage_order`, so each one's upstream is already up to date. ``env`` is added to
     this process's environment; DVC passes it on to the stage command (that is how
     the flow run id reaches the training run's MLflow tags).
 
@@ -52,8 +71,8 @@ def run_stage(
     interrupted, the whole process group (dvc and the stage command it started) is
     killed, so no orphaned training job keeps writing checkpoints.
     """
-    if stage is not None and stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if stage is not None and stage not in (stages := stage_order(repo)):
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(stages)}")
     cmd = [dvc_executable(), "repro"] + (["-s", stage] if stage else [])
     proc = subprocess.Popen(
         cmd,

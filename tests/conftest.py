@@ -6,7 +6,7 @@ real validated box shards in a couple of seconds:
 
 - ``tiny_params``: the project's ``params.yaml`` shrunk to a tiny sample, with
   ``base_dir`` in a temporary directory so every relative output path lands there.
-- ``tiny_sample``: the generated dataset root (``tiny_params.data_root``).
+- ``tiny_sample``: the generated dataset root (``tiny_params.paths.data_root``).
 - ``tiny_frames``: the extracted frames directory (``tiny_params.frames.out``).
 - ``tiny_boxes``: the validated boxes directory (``tiny_params.boxes.out``); its
   metrics JSON is at ``tiny_params.path("metrics/boxes.json")``.
@@ -31,8 +31,8 @@ TINY_SAMPLE = {
     "test_per_class": 2,
     "train_normal": 2,
     "test_normal": 2,
-    "min_frames": 40,
-    "max_frames": 56,
+    "min_video_frames": 40,
+    "max_video_frames": 56,
     "width": 96,
     "height": 72,
 }
@@ -70,8 +70,8 @@ def tiny_params(params_factory: Callable[..., Params]) -> Params:
 def tiny_sample(tiny_params: Params) -> Path:
     from fgclip.data.sample import generate_sample
 
-    generate_sample(tiny_params.sample, tiny_params.data, tiny_params.data_root)
-    return tiny_params.data_root
+    generate_sample(tiny_params.sample, tiny_params.data, tiny_params.paths.data_root)
+    return tiny_params.paths.data_root
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +79,7 @@ def tiny_frames(tiny_params: Params, tiny_sample: Path) -> Path:
     from fgclip.data.frames import extract_frames
 
     out = tiny_params.path(tiny_params.frames.out)
-    extract_frames(tiny_params, tiny_sample, tiny_params.data_file("annotations"), out)
+    extract_frames(tiny_params, tiny_sample, tiny_params.paths.annotations, out)
     return out
 
 
@@ -90,7 +90,7 @@ def tiny_boxes(tiny_params: Params, tiny_sample: Path, tiny_frames: Path) -> Pat
     out = tiny_params.path(tiny_params.boxes.out)
     validate_boxes(
         tiny_params,
-        tiny_params.data_file("annotations"),
+        tiny_params.paths.annotations,
         tiny_frames,
         out,
         tiny_params.path("metrics/boxes.json"),

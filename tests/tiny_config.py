@@ -28,8 +28,8 @@ TINY_REPO_SAMPLE = {
     "test_per_class": 1,
     "train_normal": 3,
     "test_normal": 1,
-    "min_frames": 48,
-    "max_frames": 72,
+    "min_video_frames": 48,
+    "max_video_frames": 72,
     "width": 96,
     "height": 72,
 }

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import av
 import numpy as np
@@ -245,10 +245,11 @@ class Arson:
     w: float
     h: float
     phases: np.ndarray = field(default_factory=lambda: np.zeros(5))
+    regions: ClassVar[list[tuple[str, list[float]]]] = [("fire", [0.6, 0.92]), ("arsonist", [0.15])]
 
-    def __post_init__(self) -> None:
-        self.colors = {"a": self.color}
-        self.regions = [("fire", [0.6, 0.92]), ("arsonist", [0.15])]
+    @property
+    def colors(self) -> dict[str, str]:
+        return {"a": self.color}
 
     def draw(self, img: np.ndarray, p: float, t: int) -> dict[str, Box]:
         # The person walks to the spot, stays while the fire catches, then walks away.
@@ -282,10 +283,8 @@ class Explosion:
     cy: float
     radius: float
     rise: float
-
-    def __post_init__(self) -> None:
-        self.colors = {}
-        self.regions = [("blast", [0.2, 0.35]), ("smoke", [0.7, 0.95])]
+    regions: ClassVar[list[tuple[str, list[float]]]] = [("blast", [0.2, 0.35]), ("smoke", [0.7, 0.95])]
+    colors: ClassVar[dict[str, str]] = {}  # nobody to describe: the captions name no colour
 
     def draw(self, img: np.ndarray, p: float, t: int) -> dict[str, Box]:
         boxes: dict[str, Box] = {}
@@ -314,17 +313,28 @@ class Explosion:
 
 
 @dataclass
-class Fighting:
+class _TwoParties:
+    """An event between two coloured parties: the captions' placeholders "a" and "b"."""
+
     color_a: str
     color_b: str
+
+    @property
+    def colors(self) -> dict[str, str]:
+        return {"a": self.color_a, "b": self.color_b}
+
+
+@dataclass
+class Fighting(_TwoParties):
     x: float
     feet: float
     w: float
     h: float
-
-    def __post_init__(self) -> None:
-        self.colors = {"a": self.color_a, "b": self.color_b}
-        self.regions = [("fighter_a", [0.3, 0.75]), ("fighter_b", [0.5]), ("fight", [0.4, 0.85])]
+    regions: ClassVar[list[tuple[str, list[float]]]] = [
+        ("fighter_a", [0.3, 0.75]),
+        ("fighter_b", [0.5]),
+        ("fight", [0.4, 0.85]),
+    ]
 
     def draw(self, img: np.ndarray, p: float, t: int) -> dict[str, Box]:
         # Fast jitter and alternating punches: what tells a fight from two people standing.
@@ -355,17 +365,16 @@ class Fighting:
 
 
 @dataclass
-class RoadAccident:
-    color_a: str
-    color_b: str
+class RoadAccident(_TwoParties):
     lane: float
     w: float
     h: float
     frame_w: float
-
-    def __post_init__(self) -> None:
-        self.colors = {"a": self.color_a, "b": self.color_b}
-        self.regions = [("car_a", [0.2]), ("car_b", [0.25]), ("crash", [0.55, 0.9])]
+    regions: ClassVar[list[tuple[str, list[float]]]] = [
+        ("car_a", [0.2]),
+        ("car_b", [0.25]),
+        ("crash", [0.55, 0.9]),
+    ]
 
     def _car(self, img: np.ndarray, cx: float, cy: float, angle: float, name: str) -> Box:
         color = PALETTE[name]
@@ -455,7 +464,7 @@ def _plan(cfg: SampleConfig) -> list[VideoPlan]:
         for _ in range(count):
             key = label if label != NORMAL_LABEL else f"{label}/{split}"
             numbers[key] = numbers.get(key, 0) + 1
-            n = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
+            n = int(rng.integers(cfg.min_video_frames, cfg.max_video_frames + 1))
             intervals = [] if label == NORMAL_LABEL else _intervals(rng, n, split)
             plans.append(
                 VideoPlan(video_id(label, numbers[key], split), split, label, len(plans), n, intervals)

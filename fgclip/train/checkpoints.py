@@ -40,7 +40,8 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from fgclip.config import Params, fingerprint
+from fgclip.config import Params, fingerprint, model_source
+from fgclip.data.layout import INDEX_FILE, MANIFEST_FILE
 from fgclip.errors import FGClipError
 from fgclip.model.losses import REGION_NEGATIVES
 from fgclip.model.memory_bank import ID_COLUMNS
@@ -126,10 +127,12 @@ def input_fingerprint(model_path: str | Path, frames_dir: Path, boxes_dir: Path)
 
     Params alone cannot tell a re-pretrained stand-in or re-extracted frames from
     the old ones, and resuming across such a change hands back a model trained on
-    something else (the users' stale-checkpoint story). A hub id stands for itself.
+    something else (the users' stale-checkpoint story). A hub id stands for itself
+    (:func:`fgclip.config.model_source` tells a directory from a hub id), and so
+    does a local path that is not a model directory.
     """
-    base = Path(model_path)
-    if base.is_dir():
+    base = model_source(model_path)
+    if isinstance(base, Path) and base.is_dir():
         files = sorted(
             p
             for p in base.iterdir()
@@ -138,10 +141,10 @@ def input_fingerprint(model_path: str | Path, frames_dir: Path, boxes_dir: Path)
         base_id = _digest(files) if files else str(model_path)
     else:
         base_id = str(model_path)
-    shards = sorted(Path(boxes_dir).glob("*.parquet")) + [Path(boxes_dir) / "manifest.json"]
+    shards = sorted(Path(boxes_dir).glob("*.parquet")) + [Path(boxes_dir) / MANIFEST_FILE]
     return {
         "input.base_model": base_id,
-        "input.frames_index": _digest([Path(frames_dir) / "index.parquet"]),
+        "input.frames_index": _digest([Path(frames_dir) / INDEX_FILE]),
         "input.boxes": _digest([p for p in shards if p.is_file()]),
     }
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fgclip.config import Params
+from fgclip.data.layout import INDEX_FILE
 from fgclip.errors import FGClipError
 from fgclip.train.checkpoints import (
     checkpoint_score,
@@ -65,9 +66,9 @@ def current_inputs(
 ) -> dict[str, str]:
     """The input hashes ``fgclip train`` would key its checkpoints on, from these paths or params' defaults."""
     model = params.pretrained_source(model)
-    frames = Path(frames) if frames else params.path(params.frames.out)
-    boxes = Path(boxes) if boxes else params.path(params.boxes.out)
-    index = frames / "index.parquet"
+    frames = Path(frames) if frames else params.paths.frames
+    boxes = Path(boxes) if boxes else params.paths.boxes
+    index = frames / INDEX_FILE
     if not index.is_file():
         raise FGClipError(f"cannot hash the training inputs: {index} not found (run extract-frames first)")
     return input_fingerprint(model, frames, boxes)
@@ -81,7 +82,7 @@ def clean_checkpoints(
     inputs: dict[str, str] | None = None,
 ) -> list[Removal]:
     """Remove (or with ``dry_run`` only list) the current run's stale, broken and surplus checkpoints."""
-    root = Path(root) if root else params.path(params.train.checkpoints)
+    root = Path(root) if root else params.paths.checkpoints
     run_dir = root / params.train.run_name
     if not run_dir.is_dir():
         logger.info("No checkpoints to clean: %s does not exist", run_dir)

@@ -93,7 +93,7 @@ def test_videos_are_h264_with_ragged_lengths(tiny_params: Params, tiny_sample: P
             assert float(s.average_rate) == cfg.fps
             n = sum(1 for _ in c.decode(video=0))
         assert s.frames == n
-        assert cfg.min_frames <= n <= cfg.max_frames
+        assert cfg.min_video_frames <= n <= cfg.max_video_frames
         lengths.append(n)
     assert any(n % 16 for n in lengths)
 

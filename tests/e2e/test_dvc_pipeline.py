@@ -13,7 +13,7 @@ import pytest
 from e2e_helpers import scratch_repo
 from tiny_config import TINY_MODEL, TINY_REPO_SAMPLE
 
-from pipeline.stages import STAGES, StageFailed, run_stage
+from pipeline.stages import StageFailed, run_stage, stage_order
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -60,7 +60,7 @@ def tiny_repo(tmp_path_factory) -> Path:
 
 def test_dvc_repro_runs_every_stage_then_is_a_noop(tiny_repo: Path):
     out = _run([sys.executable, "-m", "dvc", "repro"], tiny_repo)
-    for stage in STAGES:
+    for stage in stage_order(tiny_repo):
         assert f"Running stage '{stage}'" in out, f"stage {stage} did not run:\n{out[-3000:]}"
 
     boxes = json.loads((tiny_repo / "metrics/boxes.json").read_text())
@@ -71,11 +71,20 @@ def test_dvc_repro_runs_every_stage_then_is_a_noop(tiny_repo: Path):
     health = json.loads((tiny_repo / "metrics/health.json").read_text())
     assert health["checks"]["finite"]["passed"] is True
     assert (tiny_repo / "models/fgclip/model.safetensors").is_file()
+    # Every other output at its default path too (DVC would have failed on a missing out).
+    outputs = (
+        "metrics/train.json",
+        "plots/train_loss.csv",
+        "plots/roc.csv",
+        "data/eval/frame_scores.parquet",
+    )
+    for output in outputs:
+        assert (tiny_repo / output).is_file(), output
     assert (tiny_repo / "mlflow.db").is_file(), "MLflow must default to <repo>/mlflow.db"
 
     again = _run([sys.executable, "-m", "dvc", "repro"], tiny_repo)
     assert "Running stage" not in again, again
-    for stage in STAGES:
+    for stage in stage_order(tiny_repo):
         assert f"Stage '{stage}' didn't change, skipping" in again
 
 

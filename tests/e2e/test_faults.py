@@ -34,8 +34,8 @@ SLOW_SAMPLE = {
     "test_per_class": 2,
     "train_normal": 3,
     "test_normal": 2,
-    "min_frames": 160,
-    "max_frames": 200,
+    "min_video_frames": 160,
+    "max_video_frames": 200,
     "width": 160,
     "height": 120,
 }
