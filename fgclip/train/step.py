@@ -2,14 +2,16 @@
 
 An optimizer step is ``grad_accum_steps`` forward passes. Each pass, in order:
 
-1. the pass is counted (:attr:`TrainStep.forward_passes`, the one counter: the
-   memory bank's warm-up switch and a resumed run's data position both read it);
-2. the bank hands over its negatives (empty during the warm-up);
-3. model forward and :class:`~fgclip.model.losses.FGCLIPLoss`, a pure function of
+1. the bank is told the pass number (:attr:`TrainStep.forward_passes` + 1; the
+   counter itself, which a resumed run's data position reads, moves only once the
+   pass has completed) and hands over its negatives (none during the warm-up);
+2. model forward and :class:`~fgclip.model.losses.FGCLIPLoss`, a pure function of
    the output and those negatives;
+3. the batch's regions (every rank's) are queued in the bank: after the loss, so
+   the batch is never its own negative;
 4. a non-finite loss raises :class:`NonFiniteValue` (on every rank when any rank
    sees one), before backward;
-5. backward, then the batch's regions (every rank's) are queued in the bank.
+5. backward.
 
 Then gradient clipping (a non-finite norm raises too), AdamW, the schedule, and
 the logit-scale clamp. What to write when a value is non-finite (health report,
@@ -39,7 +41,12 @@ LOSS_COLUMNS = ("loss", "loss_global", "loss_region")
 
 
 class NonFiniteValue(FloatingPointError):
-    """A loss or the gradient norm of this step is NaN/Inf; nothing was updated with it."""
+    """A loss or the gradient norm of this step is NaN/Inf.
+
+    Raised before the weights, the optimizer, the schedule or the pass counter are
+    updated; the bank has already queued the batch, and its state is what the
+    health report records.
+    """
 
     def __init__(self, what: str, value: float) -> None:
         self.what, self.value = what, value
@@ -119,13 +126,13 @@ class TrainStep:
                 with autocast:
                     output = forward(batch)
                     result = self.loss_fn(output, negatives)
+                self.bank.enqueue(*result.regions)
                 loss = (result.loss + float("nan")) if inject_nan else result.loss
                 values = dict(
                     zip(LOSS_COLUMNS, (loss.item(), result.loss_global.item(), result.loss_region.item()))
                 )
                 self._raise_if_nonfinite(values)
                 (loss / accum).backward()
-            self.bank.enqueue(*result.regions)
             self.forward_passes = passes
             for name, value in values.items():
                 losses[name] += value / accum
