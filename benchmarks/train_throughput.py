@@ -67,7 +67,9 @@ def configs(name: str, batch_videos: int) -> tuple[ModelConfig, TrainConfig]:
         if name == "default"
         else ModelConfig.model_validate({**params.model.model_dump(), **VITB16})
     )
-    train = params.train.model_copy(update={"batch_size": batch_videos, "memory_bank_warmup_steps": 0})
+    # One forward pass a step (images/s counts one batch), the bank on from the first.
+    update = {"batch_size": batch_videos, "grad_accum_steps": 1, "memory_bank_warmup_steps": 0}
+    train = params.train.model_copy(update=update)
     return model, train
 
 
@@ -221,7 +223,7 @@ def main() -> None:
         if device.type == "cuda":
             entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             peak = next((v for k, v in PEAK_BF16.items() if k in result["gpu"]), None)
-            if peak and device.type == "cuda":
+            if peak:
                 entry["mfu"] = round(flops / sec / peak, 4)
         # ru_maxrss is the process's peak so far (KiB on Linux): FG-CLIP runs first, so its
         # figure is its own; plain CLIP's is the peak of both.

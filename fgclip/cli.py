@@ -106,9 +106,13 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
 
 def cmd_region_loss(params: Params, args: argparse.Namespace) -> None:
     from fgclip.atomic import write_text_atomic
+    from fgclip.device import resolve_device
     from fgclip.train.loss_breakdown import format_breakdown, region_loss_breakdown
 
-    result = region_loss_breakdown(params, args.model, args.frames, args.boxes, epochs=args.epochs)
+    device = resolve_device(params.train.device)
+    result = region_loss_breakdown(
+        params, args.model, args.frames, args.boxes, epochs=args.epochs, device=device
+    )
     sys.stdout.write(format_breakdown(result, top=args.top))
     if args.json:
         out = Path(args.json)
@@ -159,8 +163,15 @@ def cmd_serve(params: Params, args: argparse.Namespace) -> None:
 def _path_option(p: argparse.ArgumentParser, flag: str, field: str, help_: str, default: str = "") -> None:
     """``flag`` names a file or directory; left out, it is ``params.paths.<field>`` (resolved in main)."""
     dest = flag.lstrip("-").replace("-", "_")
-    p.add_argument(flag, dest=dest, type=Path, help=f"{help_} (default: {default or Paths.key(field)})")
+    p.add_argument(
+        flag, dest=dest, type=_path_or_default, help=f"{help_} (default: {default or Paths.key(field)})"
+    )
     p.get_default("path_fields")[dest] = field
+
+
+def _path_or_default(value: str) -> Path | None:
+    # An empty value (`--out "$UNSET"`) means the default, never the working directory.
+    return Path(value) if value else None
 
 
 def _resolve_path_options(params: Params, args: argparse.Namespace) -> None:

@@ -37,6 +37,15 @@ class DataConfig(_Section):
     temporal_annotations: str = "Temporal_Anomaly_Annotation_for_Testing_Videos.txt"
     annotations: str = "annotations.json"
 
+    @model_validator(mode="after")
+    def _inside_root(self) -> DataConfig:
+        # The dataset's files live under data.root, and dvc.yaml joins them the same way
+        # (${data.root}/${data.annotations}): an absolute one would be two different files.
+        for name in ("videos_dir", "train_split", "test_split", "temporal_annotations", "annotations"):
+            if Path(getattr(self, name)).is_absolute():
+                raise ValueError(f"data.{name} must be relative to data.root, not {getattr(self, name)!r}")
+        return self
+
 
 class SampleConfig(_Section):
     # Where `fgclip sample` writes the generated dataset. Its own key, not data.root: DVC
@@ -56,6 +65,16 @@ class SampleConfig(_Section):
     test_normal: int = Field(6, ge=1)
     bad_boxes: bool = True
     region_paraphrases: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        # Renamed because model.max_frames is the temporal position table, not a video length.
+        if isinstance(data, dict):
+            for old, new in (("min_frames", "min_video_frames"), ("max_frames", "max_video_frames")):
+                if old in data:
+                    raise ValueError(f"sample.{old} is now sample.{new} (the length of a generated video)")
+        return data
 
     @model_validator(mode="after")
     def _frames_range(self) -> SampleConfig:

@@ -11,6 +11,11 @@ class DeviceError(FGClipError, RuntimeError):
     """The configured device is not available on this machine."""
 
 
+def on_cuda(choice: str) -> bool:
+    """Whether ``choice`` runs on CUDA here: not ``cpu``, and a GPU is present."""
+    return choice != "cpu" and torch.cuda.is_available()
+
+
 def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     """``auto`` is CUDA when available, else the CPU; ``cuda`` without a GPU is an error.
 
@@ -19,7 +24,7 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     """
     if choice == "cuda" and not torch.cuda.is_available():
         raise DeviceError("train.device is 'cuda' but no CUDA device is available")
-    if choice != "cpu" and torch.cuda.is_available():
+    if on_cuda(choice):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

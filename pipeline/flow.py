@@ -31,7 +31,7 @@ from prefect.runtime import flow_run
 
 from fgclip.config import Params, load_params
 from fgclip.errors import FGClipError
-from pipeline.stages import run_stage, stage_order
+from pipeline.stages import DVC_FILE, run_stage, stage_order
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -106,8 +106,8 @@ def fgclip_pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[s
 
 
 def _check_repo(root: Path, params: Params) -> None:
-    if not (root / "dvc.yaml").is_file():
-        raise FGClipError(f"{root} is not the pipeline's repository: no dvc.yaml there")
+    if not (root / DVC_FILE).is_file():
+        raise FGClipError(f"{root} is not the pipeline's repository: no {DVC_FILE} there")
     if params.base_dir.resolve() != root:
         raise FGClipError(f"params file must be in the repository {root}, not in {params.base_dir}")
 

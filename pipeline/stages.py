@@ -36,9 +36,12 @@ def stage_order(repo: Path) -> tuple[str, ...]:
     """
     path = Path(repo) / DVC_FILE
     try:
-        stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages")
+        pipeline = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: not a DVC pipeline repository") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    stages = pipeline.get("stages") if isinstance(pipeline, dict) else None
     if not isinstance(stages, dict) or not stages:
         raise ValueError(f"{path}: no stages (a `stages:` mapping of stage names)")
     return tuple(stages)

@@ -9,7 +9,7 @@ real validated box shards in a couple of seconds:
 - ``tiny_sample``: the generated dataset root (``tiny_params.paths.data_root``).
 - ``tiny_frames``: the extracted frames directory (``tiny_params.frames.out``).
 - ``tiny_boxes``: the validated boxes directory (``tiny_params.boxes.out``); its
-  metrics JSON is at ``tiny_params.path("metrics/boxes.json")``.
+  metrics JSON is at ``tiny_params.paths.boxes_metrics``.
 
 Tests that modify data must copy it first (``shutil.copytree``): these are shared.
 """
@@ -78,7 +78,7 @@ def tiny_sample(tiny_params: Params) -> Path:
 def tiny_frames(tiny_params: Params, tiny_sample: Path) -> Path:
     from fgclip.data.frames import extract_frames
 
-    out = tiny_params.path(tiny_params.frames.out)
+    out = tiny_params.paths.frames
     extract_frames(tiny_params, tiny_sample, tiny_params.paths.annotations, out)
     return out
 
@@ -87,12 +87,12 @@ def tiny_frames(tiny_params: Params, tiny_sample: Path) -> Path:
 def tiny_boxes(tiny_params: Params, tiny_sample: Path, tiny_frames: Path) -> Path:
     from fgclip.data.boxes import validate_boxes
 
-    out = tiny_params.path(tiny_params.boxes.out)
+    out = tiny_params.paths.boxes
     validate_boxes(
         tiny_params,
         tiny_params.paths.annotations,
         tiny_frames,
         out,
-        tiny_params.path("metrics/boxes.json"),
+        tiny_params.paths.boxes_metrics,
     )
     return out

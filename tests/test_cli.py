@@ -117,6 +117,16 @@ def test_train_paths(monkeypatch, paths):
     args, kwargs = _run(monkeypatch, "fgclip.train.loop", "train", argv)
     assert args[1:] == (Path("f"), Path("b"), "openai/clip-vit-base-patch32", Path("o"), Path("c"), Path("h"))
     assert (kwargs["metrics_path"], kwargs["loss_csv"]) == (Path("m"), Path("l"))
+    # An empty value (an unset shell variable) is the default, never the working directory.
+    args, _ = _run(monkeypatch, "fgclip.train.loop", "train", ["train", "--out", "", "--health", ""])
+    assert (args[4], args[6]) == (paths.model, paths.health)
+
+
+def test_a_renamed_params_key_says_its_new_name(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("sample:\n  max_frames: 300\n")
+    assert main(["sample", "--params", str(params)]) == 1
+    assert "sample.max_frames is now sample.max_video_frames" in capsys.readouterr().err
 
 
 def test_evaluate_paths(monkeypatch, paths, tmp_path):

@@ -123,3 +123,9 @@ def test_every_caller_applies_the_model_source_rule(tmp_path):
     for local_non_dir in (tmp_path / "missing", model_file, str(model_file)):
         with pytest.raises(EvalInputError, match="pretrained CLIP directory not found"):
             load_pretrained(local_non_dir, like=None, tolerance=1e-4)  # refused before anything loads
+
+
+def test_dataset_files_must_be_relative_to_the_data_root():
+    """dvc.yaml joins ${data.root}/${data.annotations}: an absolute name would be another file there."""
+    with pytest.raises(ValueError, match=r"data\.annotations must be relative to data\.root"):
+        load_params(REPO / "params.yaml").with_overrides(data={"annotations": "/elsewhere/ann.json"})

@@ -385,7 +385,7 @@ class FramePairDataset(Dataset):
     def batch(
         self, indices: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """``pixels [B,3,S,S]`` (normalised), ``text_ids``/``text_mask [B,L]``, ``caption_ids [B]``.
+        """``pixels [B,3,S,S]`` (normalised), ``text_token_ids``/``text_mask [B,L]``, ``caption_ids [B]``.
 
         ``L`` is the longest caption of the batch: CLIP's text tower is causal and
         pools at EOS, so trailing padding columns change nothing but the cost.
@@ -397,7 +397,7 @@ class FramePairDataset(Dataset):
         pixels = normalize(self.pixels[indices])
         return {
             "pixels": pixels if generator is None else augment(pixels, generator),
-            "text_ids": self.captions.ids[captions, :length],
+            "text_token_ids": self.captions.ids[captions, :length],
             "text_mask": mask[:, :length],
             "caption_ids": self.captions.hashes[captions],
         }

@@ -283,10 +283,8 @@ def extract_video(job: VideoJob) -> dict:
 
 
 def _plan_jobs(params: Params, data_root: Path, annotations: Path, out: Path) -> list[VideoJob]:
-    splits = {
-        "train": read_split(data_root / params.data.train_split),
-        "test": read_split(data_root / params.data.test_split),
-    }
+    dataset = params.resolve_paths(data_root=data_root)
+    splits = {"train": read_split(dataset.train_split), "test": read_split(dataset.test_split)}
     both = sorted(set(splits["train"]) & set(splits["test"]))
     if both:
         raise DatasetFormatError(f"{data_root}: videos in both split files: {both[:5]}")
@@ -304,13 +302,12 @@ def _plan_jobs(params: Params, data_root: Path, annotations: Path, out: Path) ->
         if rec.timestamps and video_label(vid) == NORMAL_LABEL:
             windows.setdefault(vid, rec.timestamps)
     cfg = params.frames
-    videos_root = data_root / params.data.videos_dir
     return [
         VideoJob(
             video=vid,
             split=split,
             label=video_label(vid),
-            source=str(videos_root / vid),
+            source=str(dataset.videos / vid),
             out=str(out),
             train_frames=cfg.train_frames_per_video if split == "train" else 0,
             snippet_len=cfg.snippet_len if split == "test" else 0,

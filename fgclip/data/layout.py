@@ -3,8 +3,8 @@
 A stage's outputs are the next stage's inputs. When the writer and every reader
 spell a file name or a column list on their own, a rename in one of them only
 shows up as a ``KeyError`` two stages later; here the writers take their names
-and schemas, and the readers check what they read against them and say which
-stage to (re)run. Column meanings are in ``docs/contracts.md``.
+and schemas, and the readers check that the columns they need are there and say
+which stage to (re)run. Column meanings are in ``docs/contracts.md``.
 
 Every path read from a file (frame paths, shard names) goes through one
 containment check, the UCF module's :func:`~fgclip.data.ucf.escapes_root` rule
@@ -141,7 +141,9 @@ def check_inside(
     root: str = "the frames directory",
     error: ErrorType = DatasetError,
 ) -> None:
-    """Raise ``error`` naming ``source`` when a path read from it would leave its root."""
+    """Raise ``error`` naming ``source`` when a path read from it would leave its root (or is null)."""
+    if paths.null_count:
+        raise error(f"{source}: {paths.null_count} {what}(s) are null")
     bad = escapes_root_array(paths)
     if pc.any(bad).as_py():
         first = pc.filter(paths, bad)[0].as_py()
@@ -153,13 +155,19 @@ def _wanted(columns: Sequence[str] | None, *extra: str) -> list[str] | None:
     return None if columns is None else list(dict.fromkeys([*columns, *extra]))
 
 
-def _read(path: Path, columns: Sequence[str] | None, stage: str, error: ErrorType) -> pa.Table:
+def _missing(path: Path, have: Sequence[str], wanted: Sequence[str], stage: str, error: ErrorType) -> None:
+    missing = sorted(set(wanted) - set(have))
+    if missing:
+        raise error(f"{path}: missing column(s) {missing} (re-run the {stage} stage)")
+
+
+def _read(
+    path: Path, columns: Sequence[str] | None, stage: str, error: ErrorType, required: Sequence[str] = ()
+) -> pa.Table:
+    """The file's ``columns`` (``None``: all); ``required`` columns must exist either way."""
     if not path.is_file():
         raise error(f"{path}: not found (run the {stage} stage)")
-    if columns is not None:
-        missing = sorted(set(columns) - set(pq.read_schema(path).names))
-        if missing:
-            raise error(f"{path}: missing column(s) {missing} (re-run the {stage} stage)")
+    _missing(path, pq.read_schema(path).names, [*(columns or ()), *required], stage, error)
     return pq.read_table(path, columns=columns)
 
 
@@ -179,7 +187,9 @@ def _read_rows(
     checked, naming ``source``, before anyone opens those paths.
     """
     filters = {name: value for name, value in equal.items() if value is not None}
-    table = pa.concat_tables([_read(path, _wanted(columns, *filters), stage, error) for path in files])
+    table = pa.concat_tables(
+        [_read(path, _wanted(columns, *filters), stage, error, required=list(filters)) for path in files]
+    )
     for name, value in filters.items():
         table = table.filter(pc.equal(table[name], value))
     if path_column in table.column_names:
@@ -224,6 +234,7 @@ def read_failures(
     path = Path(frames_dir) / FAILURES_FILE
     if missing_ok and not path.is_file():
         empty = FAILURES_SCHEMA.empty_table()
+        _missing(path, empty.column_names, columns or (), EXTRACT_FRAMES, error)
         return empty if columns is None else empty.select(list(columns))
     return _read(path, columns, EXTRACT_FRAMES, error)
 

@@ -2,7 +2,8 @@
 
 The ``[DIAG]`` lines reproduce, in the same words, what the users grepped their
 logs for when the region temperature and the memory bank were broken; the health
-gates check the same symptoms automatically and write ``metrics/health.json``.
+gates check the same symptoms automatically and write the health report
+(``train.health_report``, ``metrics/health.json``).
 """
 
 from __future__ import annotations
@@ -263,10 +264,11 @@ class HealthMonitor:
         write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
         return checks
 
-    def raise_if_failed(self, checks: dict[str, dict[str, Any]]) -> None:
+    def raise_if_failed(self, checks: dict[str, dict[str, Any]], report: Path) -> None:
+        """Raise when a gate set to "fail" failed; ``report`` is where :meth:`write` put the checks."""
         region = checks["region_loss"]
         if not region["passed"] and self.cfg.region_loss_action == "fail":
             raise HealthCheckFailed(
                 f"region loss {region['value']:.4f} is not under {region['threshold']} by step {region['step']} "
-                "(train.health.region_loss_action=fail); see metrics/health.json"
+                f"(train.health.region_loss_action=fail); see {report}"
             )

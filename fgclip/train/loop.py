@@ -45,7 +45,7 @@ from fgclip.atomic import write_text_atomic
 from fgclip.config import Params
 from fgclip.data.batch import Batch, collate
 from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset
-from fgclip.device import resolve_device
+from fgclip.device import on_cuda, resolve_device
 from fgclip.errors import FGClipError
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.memory_bank import RegionMemoryBank
@@ -159,8 +159,7 @@ def _init_distributed(device_choice: str) -> DistContext:
         return DistContext()
     ctx = DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        use_cuda = device_choice != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if on_cuda(device_choice) else "gloo")
     return ctx
 
 
@@ -400,7 +399,7 @@ def _train(
         if ctx.is_main:
             _write_outputs(run, tokenizer, tracker, paths, summary)
     if ctx.is_main:
-        run.monitor.raise_if_failed(summary["health"])
+        run.monitor.raise_if_failed(summary["health"], paths.health)
     return summary
 
 

@@ -104,7 +104,7 @@ def pretrain_clip(
 
         image = clip.get_image_features(pixel_values=batch["pixels"]).pooler_output
         text = clip.get_text_features(
-            input_ids=batch["text_ids"], attention_mask=batch["text_mask"]
+            input_ids=batch["text_token_ids"], attention_mask=batch["text_mask"]
         ).pooler_output
         scale = capped_logit_scale(clip.logit_scale, params.model.logit_scale_max)
         result = contrastive_loss(

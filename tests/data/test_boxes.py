@@ -155,7 +155,7 @@ def test_clipping_then_inverted(tiny_params: Params, tiny_frames: Path, frames_f
 
 
 def test_sample_boxes(tiny_params: Params, tiny_boxes: Path, tiny_frames: Path, tiny_sample: Path):
-    metrics = json.loads(tiny_params.path("metrics/boxes.json").read_text())
+    metrics = json.loads(tiny_params.paths.boxes_metrics.read_text())
     assert metrics["accepted"] + metrics["rejected"] == metrics["read"]
     assert set(metrics["by_reason"]) == set(REASONS)
     planted = ("out_of_range", "too_small", "non_finite", "inverted", "keyframe_out_of_range")

@@ -36,7 +36,7 @@ ESCAPING = ["../x.jpg", "a/../../x", "/abs", "..\\x.jpg", "C:/x.jpg", "./../x.jp
 
 
 def test_dotted_names_stay_inside_and_escapes_do_not():
-    check_inside(pa.array(["a..b.jpg", "images/a..b/000001.jpg", "images/x.jpg", None]), Path("index"))
+    check_inside(pa.array(["a..b.jpg", "images/a..b/000001.jpg", "images/x.jpg"]), Path("index"))
     for path in ESCAPING:
         with pytest.raises(DatasetError, match=re.escape(f"index: frame path {path!r} points outside")):
             check_inside(pa.chunked_array([["images/ok.jpg", path]]), Path("index"))
@@ -119,3 +119,22 @@ def test_missing_outputs_name_the_file_and_the_stage(tiny_frames: Path, tmp_path
     (tmp_path / MANIFEST_FILE).write_text("[1]")
     with pytest.raises(DatasetError, match="not a valid shard manifest"):
         read_box_shards(tmp_path)
+
+
+def test_filter_columns_and_null_paths_are_reported_not_raised_raw(tiny_frames: Path, tmp_path: Path):
+    """A filter's column must exist even when every column is read; a null path is no path."""
+    frames = tmp_path / "frames"
+    shutil.copytree(tiny_frames, frames)
+    index = pq.read_table(frames / INDEX_FILE)
+    pq.write_table(index.drop_columns(["split"]), frames / INDEX_FILE)
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['split'\]"):
+        read_frame_index(frames, split="train")
+    with pytest.raises(DatasetError, match=r"failures\.parquet: missing column\(s\) \['nope'\]"):
+        read_failures(tmp_path, ["nope"], missing_ok=True)
+    paths = index["path"].to_pylist()
+    paths[0] = None
+    pq.write_table(
+        index.set_column(index.column_names.index("path"), "path", pa.array(paths)), frames / INDEX_FILE
+    )
+    with pytest.raises(DatasetError, match=r"1 frame path\(s\) are null"):
+        read_frame_index(frames)

@@ -68,6 +68,15 @@ def test_stage_order_runs_every_stage_after_its_upstream(dvc_repo: Path):
                 assert order.index(upstream.name) < order.index(stage.name), (stage, upstream)
 
 
+@pytest.mark.parametrize(
+    "text", ["- a list\n", "just text\n", "stages: [a, b]\n", "stages: {}\n", "stages:\n  a: [unclosed\n"]
+)
+def test_stage_order_refuses_a_dvc_yaml_without_stages(tmp_path: Path, text: str):
+    (tmp_path / "dvc.yaml").write_text(text)
+    with pytest.raises(ValueError, match="dvc.yaml"):
+        stage_order(tmp_path)
+
+
 def test_run_stage_names_the_stages_of_the_repository(tmp_path: Path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"only": {"cmd": "true"}}}))
     with pytest.raises(ValueError, match=r"unknown stage 'sample'; stages: only$"):

@@ -64,6 +64,6 @@ def tiny_clip(
 ) -> tuple[Path, dict]:
     """A tiny CLIP pretrained on the tiny sample: ``(directory, pretrain summary)``."""
     params = train_params()
-    out = params.path(params.pretrain.out)
+    out = params.paths.stand_in
     summary = pretrain_clip(params, tiny_frames, tiny_boxes, tiny_sample / params.data.annotations, out)
     return out, summary

@@ -57,8 +57,9 @@ def test_short_run_is_judged_at_its_last_step_and_fail_action_raises(tmp_path: P
     assert "before the warm-up of 50" in checks["memory_bank_enabled_at"]["note"]
     written = json.loads((tmp_path / "health.json").read_text())
     assert written["passed"] is False and written["checks"]["region_loss"]["action"] == "fail"
-    with pytest.raises(HealthCheckFailed, match="region loss 1.3000 is not under 0.5 by step 2"):
-        monitor.raise_if_failed(checks)
+    with pytest.raises(HealthCheckFailed, match="region loss 1.3000 is not under 0.5 by step 2") as err:
+        monitor.raise_if_failed(checks, tmp_path / "health.json")
+    assert str(err.value).endswith(f"see {tmp_path / 'health.json'}")
 
 
 def test_bank_gate() -> None:

@@ -66,7 +66,7 @@ def test_trained_model_separates_captions(
         )
         text = torch.nn.functional.normalize(
             clip.get_text_features(
-                input_ids=batch["text_ids"], attention_mask=batch["text_mask"]
+                input_ids=batch["text_token_ids"], attention_mask=batch["text_mask"]
             ).pooler_output,
             dim=-1,
         )
