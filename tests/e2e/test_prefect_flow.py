@@ -340,7 +340,10 @@ def test_a_busy_dvc_lock_is_retried_away(drill):
 
 
 def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_repo: Path):
-    """`sample` pointed at a dataset it did not write refuses it on every attempt."""
+    """`data.root` pointed at a dataset without its split files: extraction fails on every attempt.
+
+    The sample stage still writes its own `sample.out` (it never writes into `data.root`).
+    """
     params_path = tiny_repo / "params.yaml"
     good = params_path.read_text()
     params = yaml.safe_load(good)
@@ -353,10 +356,11 @@ def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_rep
         params_path.write_text(good)
     assert flow_run.state.is_failed()
     message = flow_run.state.message
-    assert "dvc repro -s sample failed" in message and "refusing to overwrite a dataset" in message, message
+    assert "dvc repro -s extract_frames failed" in message and "Anomaly_Train.txt" in message, message
     tasks = _task_runs(flow_run.id)
-    assert tasks["sample"].run_count == 1 + TINY["orchestration"]["retries"]
-    assert "extract_frames" not in tasks, "no stage may run after a failed one"
+    assert tasks["sample"].run_count == 1
+    assert tasks["extract_frames"].run_count == 1 + TINY["orchestration"]["retries"]
+    assert "validate_boxes" not in tasks, "no stage may run after a failed one"
 
 
 def test_prefect_yaml_matches_params_and_deploys(prefect_env: dict[str, str], tiny_repo: Path):
