@@ -8,7 +8,7 @@ Everything runs on generated data under ``--out`` (made once, not timed):
 - ``raw_boxes.parquet``: 10 million raw boxes (``RAW_BOX_SCHEMA``) in row groups of
   ``--row-group`` rows, with video names spelt three ways, 100,000 distinct region
   captions, 15% virtual boxes, 1% clipped overshoots, and 0.1-1% bad boxes of every
-  reject reason (see ``BAD``);
+  reject reason (see ``BAD``) but ``duplicate_record`` (no row is marked ``duplicate_of``);
 - ``annotations.json``: 25,000 records with 100,000 regions, the users' format.
 
 Each measurement is a fresh subprocess that computes on one core (Arrow's CPU and I/O
@@ -253,6 +253,7 @@ def make_raw_boxes(path: Path, frames_dir: Path, n: int, row_group: int, rng: np
                 np.where(is_["malformed"], "keyframe must be an object with 'frame' and 'bbox'", None),
                 pa.string(),
             ),
+            "duplicate_of": pa.nulls(n, pa.int64()),  # raw boxes as given: no record is a later duplicate
         },
         schema=RAW_BOX_SCHEMA,
     )
@@ -309,7 +310,8 @@ def make_annotations(path: Path, frames_dir: Path, rng: np.random.Generator) -> 
 
 def ensure_data(out: Path, rows: int, row_group: int) -> dict[str, Path]:
     paths = {"frames": out / "frames", "raw": out / "raw_boxes.parquet", "json": out / "annotations.json"}
-    stamp, wanted = out / "bench_config.json", json.dumps({"rows": rows, "row_group": row_group, "bad": BAD})
+    stamp = out / "bench_config.json"
+    wanted = json.dumps({"rows": rows, "row_group": row_group, "bad": BAD, "raw": RAW_BOX_SCHEMA.names})
     if not (stamp.is_file() and stamp.read_text() == wanted and all(p.exists() for p in paths.values())):
         print(f"generating {rows:,} raw boxes under {out} (not timed) ...", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
@@ -346,6 +348,8 @@ def naive_validate(
             reason = "malformed"
         elif why is not None:
             reason = why
+        elif r["duplicate_of"] is not None:
+            reason = "duplicate_record"
         elif placeholder and v["label"] != NORMAL_LABEL:
             reason = "missing_boxes"
         elif not (r["region_caption"] or "").strip() or not (r["global_caption"] or "").strip():

@@ -16,6 +16,10 @@ Two layers, so that the expensive part scales to tens of millions of boxes:
    - one per malformed part of the file (a whole record, or one keyframe entry), with
      its JSON text in ``raw``.
 
+   A video's first record is the one used: the rows of a later record that names the
+   same video (under any spelling) carry the first one's number in ``duplicate_of`` and
+   are rejected, since mixing two records mixes their captions and boxes.
+
 2. ``validate_batch`` is the rule engine: one Arrow record batch of raw boxes plus a
    ``FrameLookup`` (decoded frame counts, extracted frames) in, accepted rows and
    rejects out. Every rule is a vectorized mask, applied in a fixed order so that each
@@ -33,8 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,6 +62,9 @@ from fgclip.data.layout import (
     write_manifest,
 )
 from fgclip.data.ucf import NORMAL_LABEL, PATH_ESCAPES_ROOT, UNKNOWN_VIDEO, VideoResolver
+from fgclip.outputs import check_output_dir, replacing_output_dir
+
+STAGE = "validate_boxes"
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ REASONS = (
     "malformed",  # wrong shape in annotations.json (see annotations.py)
     "path_escapes_root",  # video field is absolute or has '..': never resolved, never opened
     "unknown_video",  # video field names no video of the split files / frame index
+    "duplicate_record",  # an earlier record annotates the same video (detail: its number)
     "missing_boxes",  # an anomalous video's region has no box_infos at all
     "empty_caption",  # empty region or global caption
     "non_finite",  # NaN or infinite coordinate
@@ -94,7 +100,8 @@ RAW_BOX_SCHEMA = pa.schema(
         ("y2", pa.float64()),  # as written
         ("virtual", pa.bool_()),
         ("raw", pa.string()),  # JSON text of a malformed entry, else null
-        ("detail", pa.string()),  # why the entry is malformed, else null
+        ("detail", pa.string()),  # why the entry is malformed or a duplicate, else null
+        ("duplicate_of", pa.int64()),  # the first record of the same video, when this one is a later one
     ]
 )
 
@@ -209,6 +216,19 @@ def _records_table(records: list[AnnotationRecord], videos: pa.Table) -> pa.Tabl
     return table.join(facts, "video", join_type="left outer").sort_by("rec")
 
 
+def _duplicates(records: list[AnnotationRecord], resolved: list[str | None]) -> list[int | None]:
+    """Per record: the position of the first record that names the same video, or None.
+
+    ``resolved`` is each record's video id (None: unresolved, rejected for its own reason).
+    """
+    first: dict[str, int] = {}
+    out: list[int | None] = []
+    for record, vid in zip(records, resolved):
+        kept = record.index if vid is None else first.setdefault(vid, record.index)
+        out.append(None if kept == record.index else kept)
+    return out
+
+
 def _keyframe_rows(records: list[AnnotationRecord]) -> dict[str, np.ndarray]:
     flat = [
         (i, r, kf.frame, *kf.bbox)
@@ -308,6 +328,12 @@ def raw_boxes(
     """
     recs = _records_table(records, videos)
     n_rec = len(records)
+    resolved = recs["video"].to_pylist()
+    duplicate_of = _duplicates(records, resolved)
+    why = [
+        None if d is None else f"{vid} is annotated by record {d} already; a video's first record is used"
+        for d, vid in zip(duplicate_of, resolved)
+    ]
     parts = [_keyframe_rows(records), _virtual_rows(recs, index), _malformed_rows(malformed, n_rec)]
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     # An entry is a record, or a malformed part after them: per-entry values, then per-row numbers.
@@ -345,7 +371,8 @@ def raw_boxes(
             **{c: pa.array(cols[c], pa.float64(), mask=no_frame) for c in BOX_COORDS},
             "virtual": pa.array(cols["virtual"]),
             "raw": per_entry([None] * n_rec, [m.raw for m in malformed]),
-            "detail": per_entry([None] * n_rec, [m.detail for m in malformed]),
+            "detail": per_entry(why, [m.detail for m in malformed]),
+            "duplicate_of": pa.array(duplicate_of + [None] * len(malformed), pa.int64()).take(entries),
         },
         schema=RAW_BOX_SCHEMA,
     )
@@ -410,6 +437,7 @@ def _rule_codes(
             ),
             "path_escapes_root": ref_code == _CODE[PATH_ESCAPES_ROOT],
             "unknown_video": ref_code == _CODE[UNKNOWN_VIDEO],
+            "duplicate_record": batch["duplicate_of"].is_valid().to_numpy(zero_copy_only=False),
             "missing_boxes": placeholder & ~lookup.normal[video],
             "empty_caption": _blank(batch["region_caption"]) | _blank(batch["global_caption"]),
             "non_finite": ~placeholder & ~finite,
@@ -601,22 +629,13 @@ def validate_box_batches(
     ``pq.ParquetFile(path).iter_batches()``. Memory is one batch plus one row group per
     open Parquet writer, whatever the number of batches. Output goes into a fresh
     directory that replaces ``out`` only when the stream ended and the counts add up;
-    on any error ``out`` is left as it was. Returns ``{"read", "accepted", "rejected",
-    "by_reason", "virtual", "clipped", "videos", "shards"}``, accepted and rejected
-    being the rows actually written.
+    on any error ``out`` is left as it was. ``out`` must be absent, empty, or an earlier
+    output of this stage (``fgclip.outputs``): nothing else is ever replaced. Returns
+    ``{"read", "accepted", "rejected", "by_reason", "virtual", "clipped", "videos",
+    "shards"}``, accepted and rejected being the rows actually written.
     """
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        counts = _validate_into(batches, lookup, cfg, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return counts
+    with replacing_output_dir(Path(out), STAGE) as tmp:
+        return _validate_into(batches, lookup, cfg, tmp)
 
 
 # --------------------------------------------------------------------------- stage
@@ -628,6 +647,7 @@ def validate_boxes(
     """Run the stage; return the metrics (also written to ``metrics_path``)."""
     started = time.perf_counter()
     cfg, frames_dir, out, metrics_path = params.boxes, Path(frames_dir), Path(out), Path(metrics_path)
+    check_output_dir(out, STAGE, {"--frames": frames_dir, "--annotations": Path(annotations)})
     records, malformed = load_annotations(Path(annotations))
     videos = read_videos(frames_dir)
     index = read_frame_index(frames_dir, ["video", "frame", "timestamp", "path", "purpose"])

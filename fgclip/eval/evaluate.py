@@ -67,6 +67,7 @@ from fgclip.eval.zeroshot import (
 )
 from fgclip.model.fgclip import CONFIG_NAME, WEIGHTS_NAME, FGCLIPVideoModel
 from fgclip.model.tokenizer import load_tokenizer
+from fgclip.outputs import check_output_files
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +345,17 @@ def evaluate(
     Returns the metrics written to ``out``.
     """
     frames_dir, model_dir = Path(frames_dir), Path(model_dir)
+    # Checked before any work: an output inside an input would overwrite another stage's file.
+    check_output_files(
+        {"--out": Path(out), "--scores": Path(scores_path), "--roc": roc_path},
+        {
+            "--frames": frames_dir,
+            "--model": model_dir,
+            "--pretrained": pretrained_dir,
+            "--data-root": Path(data_root),
+            "--boxes": Path(boxes_dir) if boxes_dir is not None else None,
+        },
+    )
     snippet_len = params.frames.snippet_len
     dataset = params.resolve_paths(data_root=data_root)
     split_path, annotation_path = dataset.test_split, dataset.temporal_annotations

@@ -31,10 +31,13 @@ from fgclip.data.dataset import FramePairDataset
 from fgclip.model.fgclip import capped_logit_scale, tiny_clip_config
 from fgclip.model.losses import contrastive_loss
 from fgclip.model.tokenizer import build_tokenizer
+from fgclip.outputs import check_output_dir, replacing_output_dir
 from fgclip.train.checkpoints import PRETRAIN_SUMMARY_FILE as SUMMARY_FILE
 from fgclip.train.optim import build_optimizer, cosine_with_warmup
 
 logger = logging.getLogger(__name__)
+
+STAGE = "pretrain"
 
 
 def vocabulary_texts(params: Params, annotations: Path) -> list[str]:
@@ -56,16 +59,21 @@ def pretrain_clip(
 ) -> dict[str, Any]:
     """Pretrain the tiny CLIP and save it (with its tokenizer) to ``out``; returns the summary.
 
-    Skipped, writing nothing, when ``model.pretrained`` names a real checkpoint.
+    Skipped, writing only a note, when ``model.pretrained`` names a real checkpoint.
+    ``out`` is replaced as a whole, and only when it is absent, empty or this stage's
+    (``fgclip.outputs``): checked first, before any work.
     """
+    out = Path(out)
+    inputs = {"--frames": Path(frames_dir), "--boxes": Path(boxes_dir), "--annotations": Path(annotations)}
+    check_output_dir(out, STAGE, inputs)
     if params.model.pretrained is not None:
         logger.info(
             "model.pretrained = %s: skipping the embedded stand-in pretraining", params.model.pretrained
         )
         summary = {"skipped": True, "pretrained": params.model.pretrained}
         # DVC expects the stage's output either way: a note that says why it holds no model.
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        with replacing_output_dir(out, STAGE, inputs) as tmp:
+            write_text_atomic(tmp / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
 
     cfg = params.pretrain
@@ -137,13 +145,13 @@ def pretrain_clip(
         "final_temperature": math.exp(clip.logit_scale.item()),
         "seconds": round(seconds, 2),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    clip.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    # Without the wall time: the file is part of the DVC output, whose hash must not
-    # change between two runs that train the same weights.
-    report = {k: v for k, v in summary.items() if k != "seconds"}
-    write_text_atomic(out / SUMMARY_FILE, json.dumps(report, indent=2) + "\n")
+    with replacing_output_dir(out, STAGE, inputs) as tmp:
+        clip.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # Without the wall time: the file is part of the DVC output, whose hash must not
+        # change between two runs that train the same weights.
+        report = {k: v for k, v in summary.items() if k != "seconds"}
+        write_text_atomic(tmp / SUMMARY_FILE, json.dumps(report, indent=2) + "\n")
     logger.info(
         "pretrained CLIP saved to %s: loss %.4f -> %.4f in %.1f s",
         out,

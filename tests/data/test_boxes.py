@@ -24,8 +24,10 @@ from fgclip.data.boxes import (
 )
 from fgclip.data.frames import extract_frames
 from fgclip.data.layout import ACCEPTED_SCHEMA, REJECTS_SCHEMA
+from fgclip.outputs import MARKER, OutputDirError, owner
 
 VIDEO = "Arson/Arson001_x264.mp4"
+OTHER = "Arson/Arson002_x264.mp4"  # a second train video with keyframes: a record of its own
 
 
 def _accepted(out: Path) -> list[dict]:
@@ -35,12 +37,13 @@ def _accepted(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def frames_facts(tiny_frames: Path) -> dict:
-    """An extracted frame of VIDEO, one in range but not extracted, and its decoded length."""
+    """An extracted frame of VIDEO, one in range but not extracted, its decoded length; a frame of OTHER."""
     videos = {r["video"]: r for r in pq.read_table(tiny_frames / "videos.parquet").to_pylist()}
     index = pq.read_table(tiny_frames / "index.parquet")
     extracted = set(index.filter(pc.equal(index["video"], VIDEO))["frame"].to_pylist())
     n = videos[VIDEO]["num_frames"]
-    return {"ok": min(extracted), "missing": min(set(range(n)) - extracted), "n": n}
+    other_ok = min(index.filter(pc.equal(index["video"], OTHER))["frame"].to_pylist())
+    return {"ok": min(extracted), "missing": min(set(range(n)) - extracted), "n": n, "other_ok": other_ok}
 
 
 def _record(frame: int, bbox: list, **fields) -> dict:
@@ -67,6 +70,8 @@ CASES = {
     "malformed": lambda f: _record(f["ok"], [0.1, 0.2, 0.5]),
     "path_escapes_root": lambda f: _record(f["ok"], GOOD, video="../videos/Arson/Arson001_x264.mp4"),
     "unknown_video": lambda f: _record(f["ok"], GOOD, video="Arson099.mp4"),
+    # OTHER spelt another way than the good record's "Arson002.mp4": the same video
+    "duplicate_record": lambda f: _record(f["other_ok"], GOOD, video=OTHER),
     "missing_boxes": lambda f: _record(f["ok"], GOOD, box_infos=[]),
     "empty_caption": lambda f: _record(f["ok"], GOOD, region_captions=["  "]),
     "non_finite": lambda f: _record(f["ok"], [0.1, float("nan"), 0.5, 0.6]),
@@ -78,6 +83,21 @@ CASES = {
 }
 
 
+def _every_rule(f: dict) -> list[dict]:
+    """Records on which every rule fires, each the first record of its video: the box cases as
+    regions of one record of VIDEO, the record cases on their own. The sample's records put
+    after them are later records of VIDEO and OTHER: duplicates."""
+    per_record = ("path_escapes_root", "unknown_video", "duplicate_record", "missing_boxes")
+    merged = _record(f["ok"], GOOD)
+    for reason in REASONS:
+        if reason not in per_record:
+            case = CASES[reason](f)
+            merged["region_captions"] += case["region_captions"]
+            merged["box_infos"] += case["box_infos"]
+    cases = [CASES[reason](f) for reason in ("path_escapes_root", "unknown_video")]
+    return [merged, *cases, {**CASES["missing_boxes"](f), "video": OTHER}]
+
+
 def test_every_reason_has_a_case():
     assert set(CASES) == set(REASONS)
 
@@ -86,7 +106,7 @@ def test_every_reason_has_a_case():
 def test_each_reject_reason(
     reason: str, tiny_params: Params, tiny_frames: Path, frames_facts: dict, tmp_path: Path
 ):
-    records = [_record(frames_facts["ok"], GOOD), CASES[reason](frames_facts)]
+    records = [_record(frames_facts["other_ok"], GOOD, video="Arson002.mp4"), CASES[reason](frames_facts)]
     metrics, out = _run(tiny_params, records, tiny_frames, tmp_path)
     assert (metrics["read"], metrics["accepted"], metrics["rejected"]) == (2, 1, 1)
     assert metrics["by_reason"] == {r: int(r == reason) for r in REASONS}
@@ -94,14 +114,18 @@ def test_each_reject_reason(
     assert reject["reason"] == reason and reject["record"] == 1
     assert reject["video"] == records[1]["video"]  # as written
     (row,) = _accepted(out)
-    assert (row["video"], row["frame"], row["region_caption"]) == (VIDEO, frames_facts["ok"], "flames burn")
+    assert (row["video"], row["frame"], row["region_caption"]) == (
+        OTHER,
+        frames_facts["other_ok"],
+        "flames burn",
+    )
     assert [row[c] for c in ("x1", "y1", "x2", "y2")] == pytest.approx(GOOD)
 
 
 def test_first_failing_rule_wins(tiny_params: Params, tiny_frames: Path, frames_facts: dict, tmp_path: Path):
     records = [
         _record(frames_facts["n"], [float("nan"), 0.2, 0.5, 0.6]),  # non_finite before keyframe range
-        _record(frames_facts["ok"], [0.5, 0.2, 0.1, 1.5]),  # out_of_range before inverted
+        _record(frames_facts["other_ok"], [0.5, 0.2, 0.1, 1.5], video=OTHER),  # out_of_range before inverted
         _record(frames_facts["ok"], GOOD, video="Nope.mp4", region_captions=[""]),  # unknown before empty
     ]
     _, out = _run(tiny_params, records, tiny_frames, tmp_path)
@@ -116,7 +140,7 @@ def test_rejects_keep_original_values(
         _record(frames_facts["ok"], [0.1, 0.2, 1.4, 0.6]),
         _record(frames_facts["ok"], [1, 2, 3]),
         "not a record",
-        _record(frames_facts["ok"], [float("nan"), 0.2, 0.5, 0.6]),
+        _record(frames_facts["other_ok"], [float("nan"), 0.2, 0.5, 0.6], video=OTHER),
     ]
     _, out = _run(tiny_params, records, tiny_frames, tmp_path)
     rejects = pq.read_table(out / "rejects.parquet")
@@ -236,7 +260,12 @@ def test_shards_and_stale_outputs(tiny_params: Params, tiny_frames: Path, tiny_s
         assert meta.row_group(0).column(0).compression == "ZSTD"
     # a rerun with bigger shards leaves no stale shard behind
     validate_boxes(tiny_params, tiny_sample / "annotations.json", tiny_frames, out, tmp_path / "m.json")
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-00000.parquet", "rejects.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".fgclip-stage",
+        "manifest.json",
+        "part-00000.parquet",
+        "rejects.parquet",
+    ]
 
 
 def test_accounting_error_when_a_row_is_lost(
@@ -263,8 +292,7 @@ def test_streaming_matches_whole_table(
     tiny_params: Params, tiny_sample: Path, tiny_frames: Path, frames_facts: dict, tmp_path: Path
 ):
     """Raw boxes streamed from Parquet in small dictionary-encoded batches == the stage's one-batch run."""
-    records = json.loads((tiny_sample / "annotations.json").read_text())
-    records += [CASES[reason](frames_facts) for reason in REASONS]  # every rule fires
+    records = _every_rule(frames_facts) + json.loads((tiny_sample / "annotations.json").read_text())
     ann = tmp_path / "annotations.json"
     ann.write_text(json.dumps(records))
     whole = validate_boxes(tiny_params, ann, tiny_frames, tmp_path / "whole", tmp_path / "m.json")
@@ -291,7 +319,83 @@ def test_stream_without_a_column_is_refused(
 ):
     lookup = FrameLookup.from_frames_dir(tiny_frames)
     batch = pa.record_batch({"video": ["Arson001.mp4"], "frame": [3]})
-    with pytest.raises(ValueError, match=r"raw boxes lack columns \['detail', 'global_caption'"):
+    with pytest.raises(
+        ValueError, match=r"raw boxes lack columns \['detail', 'duplicate_of', 'global_caption'"
+    ):
         validate_box_batches([batch], lookup, tiny_params.boxes, tiny_boxes)
     assert (tiny_boxes / "manifest.json").is_file()  # the previous outputs are untouched
     assert not list(tiny_boxes.parent.glob(f".{tiny_boxes.name}.tmp"))
+
+
+@pytest.mark.parametrize("spelling", ["Arson001.mp4", "Arson/Arson001_x264.mp4"])
+def test_a_second_record_of_a_video_is_rejected_not_mixed(
+    spelling: str, tiny_params: Params, tiny_sample: Path, tiny_boxes: Path, tmp_path: Path
+):
+    """The users' story: a car-crash record appended for the fire video put its caption on the
+    fire's boxes (regions are grouped by video and region index). The first record is kept."""
+    records = json.loads((tiny_sample / "annotations.json").read_text())
+    first = next(k for k, r in enumerate(records) if r["video"] == VIDEO)
+    crash = {
+        "video": spelling,
+        "global_caption": "two cars crash at a crossing",
+        "region_captions": ["a red car hits a blue car"],
+        "box_infos": [[{"frame": 3, "bbox": GOOD}, {"frame": 5, "bbox": [0.2, 0.2, 0.6, 0.7]}]],
+        "timestamps": None,
+    }
+    metrics, out = _run(tiny_params, [*records, crash], tiny_params.paths.frames, tmp_path)
+    assert metrics["by_reason"]["duplicate_record"] == 2  # one reject per box, as for every reason
+    rejects = [r for r in pq.read_table(out / "rejects.parquet").to_pylist() if r["record"] == len(records)]
+    assert [(r["reason"], r["video"], r["frame"]) for r in rejects] == [
+        ("duplicate_record", spelling, 3),
+        ("duplicate_record", spelling, 5),
+    ]
+    assert all(f"record {first}" in r["detail"] and VIDEO in r["detail"] for r in rejects)
+    assert _accepted(out) == _accepted(tiny_boxes)  # the fire's captions and boxes as without it
+
+
+def test_frames_dir_as_out_is_refused_and_kept(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
+    """`validate-boxes --frames X --out X` deleted the frames it was reading, exit 0."""
+    frames = tmp_path / "frames"
+    shutil.copytree(tiny_frames, frames)
+    before = sorted(p.relative_to(frames) for p in frames.rglob("*"))
+    with pytest.raises(OutputDirError, match=r"is, or holds, its own --frames"):
+        validate_boxes(tiny_params, tiny_sample / "annotations.json", frames, frames, tmp_path / "m.json")
+    assert sorted(p.relative_to(frames) for p in frames.rglob("*")) == before
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_foreign_directory_is_refused_and_kept(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(
+        OutputDirError, match=r"results is not empty and was not written by the validate_boxes"
+    ):
+        validate_boxes(tiny_params, tiny_sample / "annotations.json", tiny_frames, out, tmp_path / "m.json")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # the streaming entry point guards it too
+    with pytest.raises(OutputDirError):
+        validate_box_batches([], FrameLookup.from_frames_dir(tiny_frames), tiny_params.boxes, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert not list(tmp_path.glob(".results.*"))
+
+
+def test_own_output_is_replaced_and_marked(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tiny_boxes: Path, tmp_path: Path
+):
+    out = tmp_path / "boxes"
+    shutil.copytree(tiny_boxes, out)
+    assert owner(out) == "validate_boxes"
+    (out / "part-00007.parquet").write_bytes(b"stale shard of an earlier run")
+    validate_boxes(tiny_params, tiny_sample / "annotations.json", tiny_frames, out, tmp_path / "m.json")
+    assert not (out / "part-00007.parquet").exists() and owner(out) == "validate_boxes"
+    assert _accepted(out) == _accepted(tiny_boxes)
+    # an output written before markers existed is this stage's own too
+    (out / MARKER).unlink()
+    validate_boxes(tiny_params, tiny_sample / "annotations.json", tiny_frames, out, tmp_path / "m.json")
+    assert owner(out) == "validate_boxes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boxes", "m.json"]  # no .tmp / .old left

@@ -86,5 +86,5 @@ def test_skipped_when_a_pretrained_model_is_configured(
     summary = pretrain_clip(params, tmp_path, tmp_path, tmp_path / "annotations.json", out)
     assert summary == {"skipped": True, "pretrained": "openai/clip-vit-base-patch32"}
     # Only a note for DVC's output, no model: train must load the configured CLIP instead.
-    assert sorted(p.name for p in out.iterdir()) == ["pretrain.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".fgclip-stage", "pretrain.json"]
     assert json.loads((out / "pretrain.json").read_text())["skipped"] is True
