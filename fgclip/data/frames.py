@@ -10,16 +10,21 @@ Frame selection (frame numbers count decoded frames from 0):
   decoder buffers at most one snippet.
 - every annotated box keyframe of any video: ``keyframe``.
 
-Each video is decoded in a worker process. A video's outputs end with a done marker
-(``images/<id>/_done.json``, holding its index rows), written last: a rerun skips
-videos whose marker matches the current plan, so an interrupted run resumes. Bad
-videos (missing, corrupt, truncated, empty) fail alone; each problem is a row of
-``failures.parquet``. A keyframe past the video's end is recorded there too, but the
-video's other frames stay usable (its status stays ``ok``).
+Each video is decoded in a worker process, which ends with the stage process however
+that dies. A video's outputs end with a done marker (``images/<id>/_done.json``,
+holding its index rows and the size of each image), written last: a rerun skips
+videos whose marker matches the current plan and whose images are all there and
+whole, so an interrupted run resumes. Frames are turned upright as a player shows
+them when the video's display matrix says so. Bad videos (missing, corrupt,
+truncated, empty, linked from outside the data root) and bad split file lines fail
+alone; each problem is a row of ``failures.parquet``. A keyframe past the video's
+end is recorded there too, but the video's other frames stay usable (its status
+stays ``ok``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -27,6 +32,10 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
+import struct
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -54,8 +63,18 @@ from fgclip.data.layout import (
     VIDEOS_FILE,
     VIDEOS_SCHEMA,
 )
-from fgclip.data.ucf import NORMAL_LABEL, DatasetFormatError, VideoResolver, read_split, video_label
+from fgclip.data.ucf import (
+    NORMAL_LABEL,
+    PATH_ESCAPES_ROOT,
+    BadSplitLine,
+    DatasetFormatError,
+    VideoResolver,
+    parse_split,
+    resolves_outside,
+    video_label,
+)
 from fgclip.errors import FGClipError
+from fgclip.outputs import claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +120,15 @@ class VideoJob:
     window: tuple[float, float] | None
     keyframes: tuple[int, ...]
     jpeg_quality: int
+    roots: tuple[str, ...] = ()  # resolved dirs the video's real path must stay in (none: no check)
 
     @property
     def rel_dir(self) -> str:
         return f"{IMAGES_DIR}/" + self.video.removesuffix(".mp4")
 
     def plan(self) -> dict:
-        plan = {k: v for k, v in asdict(self).items() if k not in ("source", "out")}
+        plan = {k: v for k, v in asdict(self).items() if k not in ("source", "out", "roots")}
+        plan["format"] = MARKER_FORMAT
         plan["window"] = list(self.window) if self.window else None
         plan["keyframes"] = list(self.keyframes)
         try:  # a regenerated or replaced video must be decoded again
@@ -116,6 +137,10 @@ class VideoJob:
             plan["source_digest"] = None
         return plan
 
+
+# Version of the done marker's contents. 2: image sizes, upright frames (the rotation recorded);
+# a marker of another version is not trusted, its video is extracted again.
+MARKER_FORMAT = 2
 
 # Bytes hashed at each end of a video for its digest: MP4's index sits at one end
 # (the start with faststart, else the end), the first frames at the start.
@@ -140,13 +165,88 @@ def source_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _save_jpeg(frame: av.VideoFrame, rgb: VideoReformatter, path: Path, quality: int) -> None:
+# How to turn a stored picture upright: (transpose, flip rows, flip columns), in that order.
+Turn = tuple[bool, bool, bool]
+UPRIGHT: Turn = (False, False, False)
+# Clockwise degrees of the turns that are rotations; each other turn is a left-right mirror, then one of these.
+_CLOCKWISE = {UPRIGHT: 0, (True, False, True): 90, (False, True, True): 180, (True, True, False): 270}
+
+
+def clockwise_degrees(turn: Turn) -> int:
+    """The rotation ``videos.parquet`` records for a turn (a mirror first, when the turn mirrors)."""
+    transpose, flip_rows, flip_cols = turn
+    if transpose ^ flip_rows ^ flip_cols:  # mirrored: turn(A) is rotation(fliplr(A)), this rotation:
+        turn = (transpose, flip_rows ^ transpose, flip_cols ^ (not transpose))
+    return _CLOCKWISE[turn]
+
+
+class UnsupportedRotation(ValueError):
+    """The display matrix turns the picture by an angle that is not a multiple of 90 degrees."""
+
+
+def upright_turn(frame: av.VideoFrame) -> Turn:
+    """The turn a player gives ``frame``, from its display matrix.
+
+    The matrix maps a stored pixel (x, y) (y down) to (a x + c y, b x + d y) on screen;
+    at a right angle two of a, b, c, d are 0 and the signs of the others say which
+    axes flip. This is FFmpeg's own autorotation (checked against the ffmpeg 5.1 CLI
+    on all eight orientations): boxes are drawn on what a player shows.
+    """
+    matrix = next((bytes(sd) for sd in frame.side_data if sd.type.name == "DISPLAYMATRIX"), None)
+    if matrix is None:
+        return UPRIGHT
+    a, b, _, c, d, *_ = struct.unpack("<9i", matrix[:36])
+    tan_1deg = 0.0175  # FFmpeg's tolerance: within 1 degree of a right angle
+    if max(abs(b), abs(c)) <= tan_1deg * min(abs(a), abs(d)):
+        return (False, d < 0, a < 0)
+    if max(abs(a), abs(d)) <= tan_1deg * min(abs(b), abs(c)):
+        return (True, b < 0, c < 0)
+    raise UnsupportedRotation(f"the display matrix turns the picture by {-frame.rotation} degrees clockwise")
+
+
+def _save_jpeg(frame: av.VideoFrame, rgb: VideoReformatter, turn: Turn, path: Path, quality: int) -> None:
     # One reformatter reused for the whole video, single-threaded: frame.to_image() builds a
     # fresh swscale context with its own thread pool for every frame (2-3 ms a frame at
     # 320x240, against 0.13 ms reused), and videos are already decoded in parallel.
-    image = Image.fromarray(rgb.reformat(frame, format="rgb24", threads=1).to_ndarray())
+    pixels = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    if turn != UPRIGHT:
+        transpose, flip_rows, flip_cols = turn
+        pixels = pixels.transpose(1, 0, 2) if transpose else pixels
+        pixels = np.ascontiguousarray(pixels[:: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
+    image = Image.fromarray(pixels)
     with atomic_path(path) as tmp:
         image.save(tmp, format="JPEG", quality=quality)
+
+
+JPEG_EOI = b"\xff\xd9"  # the last two bytes of every complete JPEG
+
+
+def damaged_images(image_dir: Path, frames: list, sizes: object) -> str | None:
+    """Why the images a done marker vouches for are not all there and whole (``None``: they are).
+
+    The marker is written after the images, but a file can still be deleted or cut
+    afterwards (a full disk, a sync gone wrong), and training only finds out when it
+    draws that frame. The check stats each image and reads its last two bytes.
+    Names come from the frame numbers, never from the marker's text.
+    """
+    try:
+        for k in sorted(set(frames)):
+            name = f"{k:06d}.jpg"
+            size = sizes.get(name) if isinstance(sizes, dict) else None
+            if not isinstance(size, int):
+                return f"its done marker records no size for {name}"
+            with (image_dir / name).open("rb") as f:
+                actual = os.fstat(f.fileno()).st_size
+                if actual != size:
+                    return f"{name} has {actual} bytes, {size} were written"
+                f.seek(max(size - 2, 0))
+                if f.read(2) != JPEG_EOI:
+                    return f"{name} does not end as a JPEG does"
+    except FileNotFoundError:
+        return f"{name} is missing"
+    except (OSError, TypeError, ValueError) as exc:
+        return f"its images cannot be checked: {exc}"
+    return None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -159,6 +259,7 @@ def _failed(job: VideoJob, reason: str, meta: dict | None = None) -> dict:
         "fps": None,
         "width": None,
         "height": None,
+        "rotation": None,
         **(meta or {}),
         "num_frames": None,
         "status": "failed",
@@ -178,19 +279,34 @@ def _failed(job: VideoJob, reason: str, meta: dict | None = None) -> dict:
 def extract_video(job: VideoJob) -> dict:
     """Decode one video and write its selected frames; never raises for bad input.
 
-    Returns ``{"video", "frames", "timestamps", "purposes", "meta", "failures", "resumed", "decoded"}``:
-    the index rows as columns, sorted by (frame, purpose).
+    Returns ``{"video", "frames", "timestamps", "purposes", "meta", "failures", "resumed", "decoded",
+    "damage"}``: the index rows as columns, sorted by (frame, purpose); ``damage`` says why the
+    images of a matching done marker failed the check (the video was extracted again), else ``None``.
     """
     image_dir = Path(job.out) / job.rel_dir
     marker = image_dir / DONE_MARKER
+    outside = resolves_outside(Path(job.source), map(Path, job.roots)) if job.roots else None
+    if outside is not None:  # judged before the digest: a file outside the root is never read
+        reason = (
+            f"{PATH_ESCAPES_ROOT}: {job.source} leads to {outside} through a symlink, outside {job.roots[0]}"
+        )
+        return {**_failed(job, reason), "damage": None}
     plan = job.plan()
+    damage = None
     if marker.is_file():
         try:
             done = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             done = {}
         if done.get("plan") == plan:
-            return {**done["result"], "resumed": True, "decoded": 0}
+            damage = damaged_images(image_dir, done["result"]["frames"], done.get("images"))
+            if damage is None:
+                return {**done["result"], "resumed": True, "decoded": 0, "damage": None}
+    return {**_decode(job, image_dir, plan), "damage": damage}
+
+
+def _decode(job: VideoJob, image_dir: Path, plan: dict) -> dict:
+    """:func:`extract_video` once no done marker vouches for the video's images."""
     shutil.rmtree(image_dir, ignore_errors=True)
     if not Path(job.source).is_file():
         return _failed(job, f"missing: {job.source} does not exist")
@@ -198,11 +314,14 @@ def extract_video(job: VideoJob) -> dict:
     meta: dict = {}
     rows: list[tuple[int, float, str]] = []  # (frame, timestamp, purpose)
     written: set[int] = set()
+    turns: list[Turn] = []  # the first kept frame's: what videos.parquet records
     rgb = VideoReformatter()
 
     def keep(frame: av.VideoFrame, k: int, purpose: str) -> None:
         if k not in written:
-            _save_jpeg(frame, rgb, image_dir / f"{k:06d}.jpg", job.jpeg_quality)
+            turn = upright_turn(frame)  # each frame's own: side data may change mid-stream
+            turns[:] = turns or [turn]
+            _save_jpeg(frame, rgb, turn, image_dir / f"{k:06d}.jpg", job.jpeg_quality)
             written.add(k)
         # Only kept frames pay for their timestamp (frame.time on every frame: 3-10% of decoding).
         rows.append((k, float(frame.time) if frame.time is not None else k / fps, purpose))
@@ -253,6 +372,8 @@ def extract_video(job: VideoJob) -> dict:
                         snippet.clear()
             if snippet:  # the ragged tail snippet
                 keep_middle(snippet, last=k)
+    except UnsupportedRotation as exc:
+        return _failed(job, f"unsupported: {exc}", meta)
     except (av.FFmpegError, ValueError) as exc:
         return _failed(job, f"corrupt: decoding failed after {len(written)} kept frames: {exc}", meta)
 
@@ -270,21 +391,33 @@ def extract_video(job: VideoJob) -> dict:
     if job.train_frames and expected != decoded:
         logger.warning("%s: container implies %d frames, decoded %d", job.video, expected, decoded)
     frames, timestamps, purposes = (list(col) for col in zip(*sorted(rows))) if rows else ([], [], [])
+    turn = turns[0] if turns else UPRIGHT
+    if turn[0]:  # width and height describe the frames as written
+        meta["width"], meta["height"] = meta["height"], meta["width"]
     result = {
         "video": job.video,
         "frames": frames,
         "timestamps": timestamps,
         "purposes": purposes,
         "failures": failures,
-        "meta": {**meta, "num_frames": decoded, "status": "ok"},
+        "meta": {**meta, "num_frames": decoded, "status": "ok", "rotation": clockwise_degrees(turn)},
     }
-    _write_json(marker, {"plan": plan, "result": result})  # last: the video is complete
+    sizes = {f"{k:06d}.jpg": (image_dir / f"{k:06d}.jpg").stat().st_size for k in sorted(written)}
+    # last: the video is complete
+    _write_json(image_dir / DONE_MARKER, {"plan": plan, "result": result, "images": sizes})
     return {**result, "resumed": False, "decoded": decoded}
 
 
-def _plan_jobs(params: Params, data_root: Path, annotations: Path, out: Path) -> list[VideoJob]:
+def _plan_jobs(
+    params: Params, data_root: Path, annotations: Path, out: Path
+) -> tuple[list[VideoJob], list[BadSplitLine]]:
+    """The videos to extract, and the split file lines that name none."""
     dataset = params.resolve_paths(data_root=data_root)
-    splits = {"train": read_split(dataset.train_split), "test": read_split(dataset.test_split)}
+    (train, bad_train), (test, bad_test) = parse_split(dataset.train_split), parse_split(dataset.test_split)
+    splits = {"train": train, "test": test}
+    # The videos dir's own location is the dataset's configuration (it may be a link to another
+    # disk); the links below it must stay inside it or the data root.
+    roots = tuple(dict.fromkeys(os.path.realpath(p) for p in (data_root, dataset.videos)))
     both = sorted(set(splits["train"]) & set(splits["test"]))
     if both:
         raise DatasetFormatError(f"{data_root}: videos in both split files: {both[:5]}")
@@ -314,10 +447,39 @@ def _plan_jobs(params: Params, data_root: Path, annotations: Path, out: Path) ->
             window=windows.get(vid) if split == "train" else None,
             keyframes=tuple(sorted(keyframes.get(vid, ()))),
             jpeg_quality=cfg.jpeg_quality,
+            roots=roots,
         )
         for split, ids in splits.items()
         for vid in ids
-    ]
+    ], bad_train + bad_test
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def end_with_parent(parent: int) -> None:
+    """Pool initializer: the worker ends when the stage process does, however that dies.
+
+    A SIGKILLed stage (the OOM killer, a scheduler's ``kill -9``) runs no cleanup,
+    and its workers went on as orphans, writing images and done markers into the
+    directory a rerun was rewriting. Linux sends SIGKILL to the worker when the thread
+    that started it exits (the pool starts workers from the caller's thread, which
+    outlives the pool); elsewhere a thread watches for the worker being reparented.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _run(jobs: list[VideoJob], workers: int) -> list[dict]:
@@ -339,7 +501,9 @@ def _run(jobs: list[VideoJob], workers: int) -> list[dict]:
         else:
             # spawn: forking a parent that holds pyarrow/torch threads can deadlock the child
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=ctx, initializer=end_with_parent, initargs=(os.getpid(),)
+            ) as pool:
                 for future in as_completed([pool.submit(extract_video, job) for job in jobs]):
                     done(future.result())
     return [results[job.video] for job in jobs]
@@ -380,11 +544,17 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
     """Run the stage: images, ``index.parquet``, ``videos.parquet``, ``failures.parquet`` under ``out``."""
     started = time.perf_counter()
     data_root, out = Path(data_root), Path(out)
-    jobs = _plan_jobs(params, data_root, Path(annotations), out)
+    # Resumes from its own earlier output; any other non-empty directory is refused.
+    claim_output_dir(out, "extract_frames", {"--data-root": data_root, "--annotations": Path(annotations)})
+    jobs, bad_lines = _plan_jobs(params, data_root, Path(annotations), out)
     if not jobs:
-        raise ExtractionError(f"{data_root}: the split files list no videos")
+        first_bad = f" ({len(bad_lines)} bad lines; the first: {bad_lines[0].reason})" if bad_lines else ""
+        raise ExtractionError(f"{data_root}: the split files list no videos{first_bad}")
     (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     results = _run(jobs, params.frames.workers or os.cpu_count() or 1)
+    for r in results:
+        if r["damage"]:
+            logger.warning("extract_frames: %s: %s: extracted again", r["video"], r["damage"])
 
     index = _index_table(jobs, results)
     videos = pa.Table.from_pylist(
@@ -392,7 +562,8 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
         schema=VIDEOS_SCHEMA,
     ).sort_by("video")
     failures = pa.Table.from_pylist(
-        [{"video": r["video"], "reason": reason} for r in results for reason in r["failures"]],
+        [{"video": r["video"], "reason": reason} for r in results for reason in r["failures"]]
+        + [{"video": line.where, "reason": line.reason} for line in bad_lines],
         schema=FAILURES_SCHEMA,
     ).sort_by("video")
     for table, name in ((index, INDEX_FILE), (videos, VIDEOS_FILE), (failures, FAILURES_FILE)):
@@ -405,6 +576,8 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
         "ok": len(jobs) - len(failed),
         "failed": len(failed),
         "resumed": sum(r["resumed"] for r in results),
+        "reextracted": sum(bool(r["damage"]) for r in results),
+        "bad_split_lines": len(bad_lines),
         "rows": index.num_rows,
         "images": pc.count_distinct(index.column("path")).as_py(),
         "failures": failures.to_pylist(),
@@ -423,9 +596,11 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
     )
     for row in summary["failures"]:
         logger.warning("extract_frames: %s: %s", row["video"], row["reason"])
-    if jobs and len(failed) / len(jobs) > params.frames.max_failure_frac:
+    # A bad split line is a video lost as surely as a corrupt file is.
+    lost, entries = len(failed) + len(bad_lines), len(jobs) + len(bad_lines)
+    if lost / entries > params.frames.max_failure_frac:
         raise ExtractionError(
-            f"{len(failed)} of {len(jobs)} videos failed ({len(failed) / len(jobs):.1%} > "
+            f"{lost} of {entries} videos failed ({lost / entries:.1%} > "
             f"frames.max_failure_frac={params.frames.max_failure_frac}); see {out / FAILURES_FILE}: "
             + "; ".join(f"{r['video']}: {r['reason']}" for r in summary["failures"][:3])
         )

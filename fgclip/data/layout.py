@@ -60,9 +60,10 @@ VIDEOS_SCHEMA = pa.schema(
         *VIDEO_KEY,
         ("num_frames", pa.int64()),
         ("fps", pa.float64()),
-        ("width", pa.int64()),
+        ("width", pa.int64()),  # of the extracted (upright) frames
         ("height", pa.int64()),
         ("status", pa.string()),
+        ("rotation", pa.int64()),  # clockwise degrees the frames were turned to stand upright
     ]
 )
 FAILURES_SCHEMA = pa.schema([("video", pa.string()), ("reason", pa.string())])

@@ -11,6 +11,8 @@ official ``Temporal_Anomaly_Annotation_for_Testing_Videos.txt``.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +33,10 @@ VIDEO_EXT = ".mp4"
 # Reason codes for annotation video references that cannot be used.
 PATH_ESCAPES_ROOT = "path_escapes_root"
 UNKNOWN_VIDEO = "unknown_video"
+# Reason code of a split file line that names no video (unreadable text, a NUL, no class folder, a repeat).
+BAD_SPLIT_LINE = "bad_split_line"
+
+logger = logging.getLogger(__name__)
 
 # A normalised path (normalize_ref) escapes its root when it is absolute (POSIX or a Windows
 # drive) or has a ``..`` component. One pattern serves the scalar check and the Arrow one, so
@@ -101,25 +107,70 @@ def video_id(label: str, number: int, split: str) -> str:
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
-def read_split(path: Path) -> list[str]:
-    """Video ids of a split file, one per line; blank lines skipped, backslashes normalised."""
+@dataclass(frozen=True)
+class BadSplitLine:
+    """A split file line that names no usable video."""
+
+    where: str  # "<split file name>:<line number>", what the stage's failure rows call the entry
+    reason: str  # "<code>: <file>:<line>: <what is wrong>", the code PATH_ESCAPES_ROOT or BAD_SPLIT_LINE
+
+
+# Bytes that are not UTF-8, as the "surrogateescape" decoding keeps them.
+_UNDECODED_RE = re.compile("[\udc80-\udcff]")
+
+
+def parse_split(path: Path) -> tuple[list[str], list[BadSplitLine]]:
+    """Video ids of a split file, one per line, and the lines that name none, each with its reason.
+
+    Blank lines are skipped, backslashes normalised. A bad line costs only its own
+    entry: one stray byte (a NUL, a Latin-1 name) in a 1,900-line file used to stop
+    the stage with a traceback, and an escaping path stopped it too.
+    """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise DatasetFormatError(f"{path}: cannot read split file: {exc}") from exc
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     ids: dict[str, int] = {}  # id -> line number
-    for lineno, line in enumerate(lines, start=1):
+    bad: list[BadSplitLine] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
         ref = normalize_ref(line)
         if not ref:
             continue
-        if escapes_root(ref):
-            raise DatasetFormatError(f"{path}:{lineno}: video path {line.strip()!r} escapes the videos dir")
-        if "/" not in ref:
-            raise DatasetFormatError(f"{path}:{lineno}: video path {ref!r} has no class folder")
-        if ref in ids:
-            raise DatasetFormatError(f"{path}:{lineno}: {ref} is listed twice (first on line {ids[ref]})")
-        ids[ref] = lineno
-    return list(ids)
+        code = BAD_SPLIT_LINE
+        if _UNDECODED_RE.search(ref):
+            why = f"not UTF-8 text: {ref.encode('utf-8', 'surrogateescape')!r}"
+        elif "\0" in ref:
+            why = f"video path {ref!r} holds a NUL byte"
+        elif escapes_root(ref):
+            code, why = PATH_ESCAPES_ROOT, f"video path {line.strip()!r} escapes the videos dir"
+        elif "/" not in ref:
+            why = f"video path {ref!r} has no class folder"
+        elif ref in ids:
+            why = f"{ref} is listed twice (first on line {ids[ref]})"
+        else:
+            ids[ref] = lineno
+            continue
+        bad.append(BadSplitLine(f"{Path(path).name}:{lineno}", f"{code}: {path}:{lineno}: {why}"))
+    return list(ids), bad
+
+
+def read_split(path: Path) -> list[str]:
+    """The video ids of :func:`parse_split`; each bad line is skipped with a warning."""
+    ids, bad = parse_split(path)
+    for line in bad:
+        logger.warning("%s (line skipped)", line.reason)
+    return ids
+
+
+def resolves_outside(path: Path, roots: Iterable[Path]) -> Path | None:
+    """Where ``path`` really leads when a symlink on the way takes it out of every root, else ``None``.
+
+    :func:`escapes_root` judges the spelling; a link in the videos tree (the file or a
+    folder above it) can still lead anywhere. ``roots`` must be resolved already.
+    """
+    real = Path(os.path.realpath(path))
+    return None if any(real.is_relative_to(root) for root in roots) else real
 
 
 def read_temporal_annotations(path: Path) -> dict[str, TemporalAnnotation]:

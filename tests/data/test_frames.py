@@ -12,6 +12,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -22,7 +23,9 @@ from PIL import Image
 from fgclip.config import Params
 from fgclip.data.frames import (
     ExtractionError,
+    VideoJob,
     extract_frames,
+    extract_video,
     snippet_middles,
     source_digest,
     uniform_frames,
@@ -392,3 +395,286 @@ def test_long_video_in_bounded_memory(long_video: Path, tmp_path: Path):
     # and JPEG buffers). The bound is far from both.
     all_frames_kib = LONG_VIDEO_FRAMES * 320 * 240 * 1.5 / 1024
     assert result["growth_kib"] < 64 * 1024 < all_frames_kib / 5, result
+
+
+def _extract_cli(params: Params, root: Path, out: Path, tmp_path: Path) -> list[str]:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", exclude={"base_dir"})))
+    return [
+        sys.executable,
+        "-m",
+        "fgclip.cli",
+        "extract-frames",
+        "--params",
+        str(params_file),
+        "--data-root",
+        str(root),
+        "--out",
+        str(out),
+    ]
+
+
+def test_workers_end_with_a_killed_parent(
+    tiny_params: Params, sample_copy: Path, long_video: Path, tmp_path: Path
+):
+    """SIGKILL only the stage process (as the OOM killer does) while both workers decode a long video."""
+    ids = (sample_copy / "Anomaly_Train.txt").read_text().split()
+    long_dirs = []
+    for vid in ids[:2]:  # the first jobs submitted: each worker starts on one
+        shutil.copyfile(long_video, sample_copy / "videos" / vid)
+        long_dirs.append(tmp_path / "frames" / "images" / vid.removesuffix(".mp4"))
+    params = tiny_params.with_overrides(frames={"workers": 2})
+    cmd = _extract_cli(params, sample_copy, tmp_path / "frames", tmp_path)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not any(d.is_dir() and any(d.glob("*.jpg")) for d in long_dirs):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                f"no decoding began: {log.read_text()}"
+            )
+            time.sleep(0.01)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=3)
+        # Each would otherwise decode on for seconds (110 s of video), writing images and a marker.
+        assert not alive, f"orphaned workers: {[p.cmdline()[-3:] for p in alive]}"
+    finally:
+        proc.kill()
+        proc.wait()
+        for p in workers:  # the orphans of a failed run: ended by their pid
+            if p.is_running():
+                p.kill()
+    assert len(workers) >= 2
+
+
+def test_resume_checks_what_markers_vouch_for(
+    tiny_params: Params,
+    tiny_sample: Path,
+    tiny_frames: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+):
+    """A deleted, a cut and a scribbled-on JPEG of finished videos: those videos are extracted again."""
+    out = tmp_path / "frames"
+    shutil.copytree(tiny_frames, out)
+    ids = sorted(_videos(out))
+    deleted, cut, scribbled = (out / "images" / v.removesuffix(".mp4") for v in ids[:3])
+    jpgs = {d: sorted(d.glob("*.jpg")) for d in (deleted, cut, scribbled)}
+    jpgs[deleted][3].unlink()
+    jpgs[cut][0].write_bytes(jpgs[cut][0].read_bytes()[:-100])
+    data = bytearray(jpgs[scribbled][-1].read_bytes())
+    data[-2:] = b"\0\0"  # same size, no end marker
+    jpgs[scribbled][-1].write_bytes(bytes(data))
+
+    with caplog.at_level("WARNING", logger="fgclip.data.frames"):
+        summary = extract_frames(tiny_params, tiny_sample, tiny_sample / "annotations.json", out)
+    for jpg in tiny_frames.rglob("*.jpg"):
+        assert (out / jpg.relative_to(tiny_frames)).read_bytes() == jpg.read_bytes(), jpg
+    assert (summary["resumed"], summary["reextracted"]) == (len(ids) - 3, 3)
+    again = [r.getMessage() for r in caplog.records if "extracted again" in r.getMessage()]
+    assert len(again) == 3
+    for vid, what in zip(ids[:3], ("is missing", "were written", "does not end as a JPEG")):
+        assert any(m.startswith(f"extract_frames: {vid}: ") and what in m for m in again), again
+    for name in ("index.parquet", "videos.parquet", "failures.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(tiny_frames / name)), name
+    # An intact frames directory stays a no-op to resume.
+    summary = extract_frames(tiny_params, tiny_sample, tiny_sample / "annotations.json", out)
+    assert (summary["resumed"], summary["reextracted"]) == (len(ids), 0)
+
+
+def test_marker_of_an_older_format_is_not_trusted(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
+    """Frames extracted before markers recorded image sizes and rotation are extracted again, once."""
+    out = tmp_path / "frames"
+    shutil.copytree(tiny_frames, out)
+    vid = min(_videos(out))
+    marker_path = out / "images" / vid.removesuffix(".mp4") / DONE_MARKER
+    marker = json.loads(marker_path.read_text())
+    del marker["plan"]["format"], marker["images"], marker["result"]["meta"]["rotation"]
+    marker_path.write_text(json.dumps(marker))
+    summary = extract_frames(tiny_params, tiny_sample, tiny_sample / "annotations.json", out)
+    assert summary["resumed"] == len(_videos(out)) - 1
+    assert marker_path.read_bytes() == (tiny_frames / marker_path.relative_to(out)).read_bytes()
+
+
+def _quadrants(height: int, width: int) -> np.ndarray:
+    """A picture whose every turn and mirror differs: red, green, blue corners on grey."""
+    picture = np.full((height, width, 3), 128, np.uint8)
+    picture[:16, :16] = (255, 0, 0)
+    picture[:16, -16:] = (0, 255, 0)
+    picture[-16:, :16] = (0, 0, 255)
+    return picture
+
+
+def _write_video(
+    path: Path, picture: np.ndarray, frames: int, rotation: tuple[int, bool, bool] | None
+) -> None:
+    """H.264 of ``picture``; ``rotation``: PyAV's (counter-clockwise degrees, hflip, vflip) display matrix."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.height, stream.width = picture.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation[0], hflip=rotation[1], vflip=rotation[2])
+        for _ in range(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _test_job(source: Path, out: Path) -> VideoJob:
+    return VideoJob(
+        video="A/v.mp4",
+        split="test",
+        label="A",
+        source=str(source),
+        out=str(out),
+        train_frames=0,
+        snippet_len=16,
+        window=None,
+        keyframes=(),
+        jpeg_quality=95,
+    )
+
+
+def _close(image: np.ndarray, expected: np.ndarray) -> bool:
+    return image.shape == expected.shape and np.abs(image.astype(int) - expected).mean() < 8
+
+
+def test_rotated_video_is_extracted_upright(
+    tiny_params: Params, tiny_frames: Path, sample_copy: Path, tmp_path: Path
+):
+    """A phone-style video: stored landscape, with a display matrix saying "turn 90 degrees clockwise"."""
+    vid = (sample_copy / "Anomaly_Test.txt").read_text().split()[0]
+    upright = _quadrants(64, 48)  # what the camera saw and a player shows; boxes are drawn on it
+    _write_video(sample_copy / "videos" / vid, np.rot90(upright), 40, rotation=(-90, False, False))
+    out = tmp_path / "frames"
+    extract_frames(tiny_params, sample_copy, sample_copy / "annotations.json", out)
+    for k in _rows(out, vid, "eval"):
+        assert _close(np.asarray(Image.open(out / "images" / vid[:-4] / f"{k:06d}.jpg")), upright), k
+    meta = _videos(out)[vid]
+    assert (meta["status"], meta["rotation"], meta["width"], meta["height"]) == ("ok", 90, 48, 64)
+    assert {m["rotation"] for v, m in _videos(out).items() if v != vid} == {0}
+
+
+# (PyAV's counter-clockwise degrees, hflip, vflip) -> the picture the ffmpeg 5.1 CLI shows
+# (autorotation on), as np.rot90 turns then a left-right mirror, and the rotation recorded:
+# clockwise degrees, after the mirror for a mirrored matrix.
+ORIENTATIONS = [
+    ((0, False, False), (0, False), 0),
+    ((0, False, True), (2, True), 180),
+    ((0, True, False), (0, True), 0),
+    ((0, True, True), (2, False), 180),
+    ((90, False, False), (1, False), 270),
+    ((90, False, True), (3, True), 270),
+    ((90, True, False), (1, True), 90),
+    ((90, True, True), (3, False), 90),
+]
+
+
+@pytest.mark.parametrize("matrix,shown,recorded", ORIENTATIONS)
+def test_every_display_orientation_as_a_player_shows_it(
+    matrix: tuple[int, bool, bool], shown: tuple[int, bool], recorded: int, tmp_path: Path
+):
+    stored = _quadrants(48, 64)
+    source = tmp_path / "v.mp4"
+    _write_video(source, stored, 3, rotation=matrix)
+    expected = np.rot90(stored, shown[0])
+    expected = np.fliplr(expected) if shown[1] else expected
+    if shutil.which("ffmpeg"):  # the table itself, where a player is installed
+        cmd = ["ffmpeg", "-v", "error", "-i", str(source), "-frames:v", "1", "-f", "rawvideo"]
+        raw = subprocess.run([*cmd, "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+        assert _close(np.frombuffer(raw, np.uint8).reshape(expected.shape), expected)
+    result = extract_video(_test_job(source, tmp_path))
+    assert _close(np.asarray(Image.open(tmp_path / "images" / "A" / "v" / "000001.jpg")), expected)
+    assert (result["meta"]["rotation"], result["meta"]["width"]) == (recorded, expected.shape[1])
+
+
+def test_rotation_off_a_right_angle_fails_the_video(tmp_path: Path):
+    source = tmp_path / "v.mp4"
+    _write_video(source, _quadrants(48, 64), 3, rotation=(45, False, False))
+    result = extract_video(_test_job(source, tmp_path))
+    assert result["meta"]["status"] == "failed"
+    assert result["failures"] == [
+        "unsupported: the display matrix turns the picture by -45 degrees clockwise"
+    ]
+
+
+def test_symlinks_out_of_the_data_root_are_refused(
+    tiny_params: Params, tiny_frames: Path, sample_copy: Path, tmp_path: Path
+):
+    videos = sample_copy / "videos"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    linked_file, linked_dir, inside = "Arson/Arson001_x264.mp4", "RoadAccidents", "Arson/Arson002_x264.mp4"
+    shutil.move(videos / linked_file, outside / "x.mp4")
+    (videos / linked_file).symlink_to(outside / "x.mp4")
+    shutil.move(videos / linked_dir, outside / linked_dir)
+    (videos / linked_dir).symlink_to(outside / linked_dir)
+    (sample_copy / "spare").mkdir()  # a link that stays in the data root is followed
+    shutil.move(videos / inside, sample_copy / "spare" / "y.mp4")
+    (videos / inside).symlink_to(sample_copy / "spare" / "y.mp4")
+    out = tmp_path / "frames"
+    params = tiny_params.with_overrides(frames={"max_failure_frac": 0.9})
+    summary = extract_frames(params, sample_copy, sample_copy / "annotations.json", out)
+    refused = {
+        r["video"]: r["reason"] for r in summary["failures"] if r["reason"].startswith("path_escapes_root")
+    }
+    assert sorted(refused) == [linked_file, *sorted(v for v in _videos(out) if v.startswith(linked_dir))]
+    assert f"leads to {outside / 'x.mp4'} through a symlink" in refused[linked_file]
+    assert not any((out / "images" / v[:-4]).exists() for v in refused)
+    assert _videos(out)[inside]["status"] == "ok"
+    assert summary["ok"] == len(_videos(out)) - len(refused)
+
+
+def test_videos_dir_may_itself_be_a_link(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path
+):
+    """The videos on another disk, linked in: the dataset's configuration, not an escape."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for f in tiny_sample.iterdir():
+        if f.is_file():
+            shutil.copy(f, root / f.name)
+    (root / "videos").symlink_to(tiny_sample / "videos")
+    out = tmp_path / "frames"
+    extract_frames(tiny_params, root, root / "annotations.json", out)
+    assert pq.read_table(out / "index.parquet").equals(pq.read_table(tiny_frames / "index.parquet"))
+
+
+def test_bad_split_lines_fail_alone(
+    tiny_params: Params, tiny_frames: Path, sample_copy: Path, tmp_path: Path
+):
+    split = sample_copy / "Anomaly_Train.txt"
+    good = split.read_bytes()
+    bad = [
+        b"Arson/Arson0\x0009_x264.mp4",
+        b"Arson/Arson\xff\xfe9_x264.mp4",
+        b"../outside/x.mp4",
+        b"NoFolder.mp4",
+    ]
+    split.write_bytes(good + b"\n".join([*bad, good.splitlines()[0]]) + b"\n")
+    first = len(good.splitlines()) + 1
+    out = tmp_path / "frames"
+    params = tiny_params.with_overrides(frames={"max_failure_frac": 0.5})
+    summary = extract_frames(params, sample_copy, sample_copy / "annotations.json", out)
+    assert (summary["ok"], summary["failed"], summary["bad_split_lines"]) == (12, 0, 5)
+    reasons = {r["video"]: r["reason"] for r in pq.read_table(out / "failures.parquet").to_pylist()}
+    lines = {
+        f"Anomaly_Train.txt:{first + i}": reasons.get(f"Anomaly_Train.txt:{first + i}", "") for i in range(5)
+    }
+    assert [r.split(":")[0] for r in lines.values()] == ["bad_split_line"] * 2 + ["path_escapes_root"] + [
+        "bad_split_line"
+    ] * 2
+    for (where, reason), what in zip(
+        lines.items(), ("NUL byte", "not UTF-8", "escapes the videos dir", "no class folder", "listed twice")
+    ):
+        assert f"{split}:{where.split(':')[1]}: " in reason and what in reason, reason
+    assert pq.read_table(out / "index.parquet").equals(pq.read_table(tiny_frames / "index.parquet"))
+    # Lost entries count against the threshold like failed videos.
+    with pytest.raises(ExtractionError, match=r"5 of 17 videos failed"):
+        extract_frames(tiny_params, sample_copy, sample_copy / "annotations.json", tmp_path / "frames2")

@@ -1,12 +1,15 @@
 """UCF-Crime layout: names, labels, split files, temporal annotations, video-field resolution."""
 
 import itertools
+import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from fgclip.data.ucf import (
+    BAD_SPLIT_LINE,
     PATH_ESCAPES_ROOT,
     UNKNOWN_VIDEO,
     DatasetFormatError,
@@ -14,8 +17,10 @@ from fgclip.data.ucf import (
     escapes_root,
     escapes_root_array,
     format_temporal_line,
+    parse_split,
     read_split,
     read_temporal_annotations,
+    resolves_outside,
     video_id,
     video_label,
 )
@@ -44,26 +49,36 @@ def test_read_split_normalises(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    "line,match",
+    "line,code,match",
     [
-        ("../secret/x.mp4", "escapes"),
-        ("/etc/passwd", "escapes"),
-        ("C:\\videos\\a.mp4", "escapes"),
-        ("Arson001_x264.mp4", "no class folder"),
+        (b"../secret/x.mp4", PATH_ESCAPES_ROOT, "escapes"),
+        (b"/etc/passwd", PATH_ESCAPES_ROOT, "escapes"),
+        (b"C:\\videos\\a.mp4", PATH_ESCAPES_ROOT, "escapes"),
+        (b"Arson001_x264.mp4", BAD_SPLIT_LINE, "no class folder"),
+        (b"Arson/Arson0\x0002_x264.mp4", BAD_SPLIT_LINE, "NUL byte"),
+        (b"Arson/Arson\xe902_x264.mp4", BAD_SPLIT_LINE, r"not UTF-8 text: b'Arson/Arson\\xe902_x264.mp4'"),
+        (b"Arson/Arson003_x264.mp4", BAD_SPLIT_LINE, "listed twice .*line 1"),
     ],
 )
-def test_read_split_rejects_bad_lines(tmp_path: Path, line: str, match: str):
+def test_read_split_skips_bad_lines_with_their_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, line: bytes, code: str, match: str
+):
+    """One bad line costs its own entry, not the split: the lines before and after it are read."""
     f = tmp_path / "split.txt"
-    f.write_text(f"Arson/Arson001_x264.mp4\n{line}\n")
-    with pytest.raises(DatasetFormatError, match=f"split.txt:2: .*{match}"):
-        read_split(f)
+    f.write_bytes(b"Arson/Arson003_x264.mp4\n" + line + b"\nArson/Arson001_x264.mp4\n")
+    ids, bad = parse_split(f)
+    assert ids == ["Arson/Arson003_x264.mp4", "Arson/Arson001_x264.mp4"]
+    assert [b.where for b in bad] == ["split.txt:2"]
+    assert re.fullmatch(rf"{code}: {re.escape(str(f))}:2: .*{match}.*", bad[0].reason), bad[0].reason
+    with caplog.at_level("WARNING", logger="fgclip.data.ucf"):
+        assert read_split(f) == ids
+    assert [r.getMessage() for r in caplog.records] == [f"{bad[0].reason} (line skipped)"]
 
 
-def test_read_split_duplicate_and_missing(tmp_path: Path):
+def test_read_split_byte_order_mark_and_missing_file(tmp_path: Path):
     f = tmp_path / "split.txt"
-    f.write_text("A/A001_x264.mp4\nA/A001_x264.mp4\n")
-    with pytest.raises(DatasetFormatError, match="split.txt:2: .*listed twice .*line 1"):
-        read_split(f)
+    f.write_text("A/A001_x264.mp4\n", encoding="utf-8-sig")  # as Windows Notepad saves
+    assert parse_split(f) == (["A/A001_x264.mp4"], [])
     with pytest.raises(DatasetFormatError, match="nope.txt"):
         read_split(tmp_path / "nope.txt")
 
@@ -179,3 +194,20 @@ def test_escapes_root_array_judges_every_path_as_the_scalar_rule():
         None,
         True,
     ]
+
+
+def test_resolves_outside_follows_links_in_any_component(tmp_path: Path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "videos").mkdir(parents=True)
+    (elsewhere / "Arson").mkdir(parents=True)
+    (elsewhere / "Arson" / "a.mp4").touch()
+    (root / "videos" / "Arson").symlink_to(elsewhere / "Arson")  # a folder above the file
+    (root / "videos" / "b.mp4").symlink_to(root / "videos" / "Arson" / "a.mp4")  # a link to that link
+    (root / "c.mp4").touch()
+    (root / "videos" / "c.mp4").symlink_to(os.path.relpath(root / "c.mp4", root / "videos"))
+    roots, target = [root.resolve()], (elsewhere / "Arson" / "a.mp4").resolve()
+    assert resolves_outside(root / "videos" / "Arson" / "a.mp4", roots) == target
+    assert resolves_outside(root / "videos" / "b.mp4", roots) == target
+    assert resolves_outside(root / "videos" / "c.mp4", roots) is None  # a link that stays inside
+    assert resolves_outside(root / "videos" / "missing.mp4", roots) is None
+    assert resolves_outside(root / "videos" / "Arson" / "a.mp4", [*roots, elsewhere.resolve()]) is None
