@@ -1,4 +1,4 @@
-"""Atomic, fingerprinted training checkpoints.
+"""Atomic, fingerprinted, content-verified training checkpoints.
 
 Layout: ``<checkpoints>/<run_name>/checkpoint-<step:06d>/`` holding
 ``model.safetensors`` (model weights), ``state.pt`` (optimizer, scheduler,
@@ -8,7 +8,18 @@ loads with ``weights_only=True``) and ``meta.json``.
 A checkpoint is built in ``checkpoint-<step>.tmp-<pid>``, every file fsynced,
 ``meta.json`` written last, then renamed into place: a directory without
 ``meta.json`` (or a ``.tmp-*`` one) is an interrupted save and is never resumed
-from. The fingerprint covers every param that changes what the weights mean
+from. A save that fails (a full disk) removes its temporary directory.
+
+``meta.json`` records the size and sha256 of every other file, read back from
+disk after the save: a header check alone let a checkpoint with 4 KiB of
+overwritten weights be resumed and its NaNs published. Resume and cleanup
+re-hash, check each meta.json field's presence and type, require finite weights
+and load ``state.pt`` with ``weights_only=True``; a checkpoint failing any of
+that is broken, skipped for the previous good one with one warning line.
+Checkpoints from before digests were recorded are still resumed, after the same
+full read, with a warning that their bytes cannot be checked against the save.
+
+The fingerprint covers every param that changes what the weights mean
 (model, loss, batch shapes): resuming across such a change mixed a wrong
 temperature into the users' old runs, so a mismatch is an error, never a guess.
 
@@ -21,10 +32,12 @@ checkpoints.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -37,21 +50,27 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from fgclip.config import Params, fingerprint, model_source
 from fgclip.data.layout import INDEX_FILE, MANIFEST_FILE
 from fgclip.errors import FGClipError
+from fgclip.model.fgclip import WEIGHTS_NAME
 from fgclip.model.losses import REGION_NEGATIVES
 from fgclip.model.memory_bank import ID_COLUMNS
+from fgclip.train.diagnostics import first_nonfinite
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+DIGESTS_KEY = "files"  # meta.json: {file name: {"sha256": hex, "size": bytes}}
+_DIGESTED = (MODEL_FILE, STATE_FILE)
 _NAME = re.compile(r"^checkpoint-(\d{6,})$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # train.* keys that change the model or the loss: a different batch size changes
 # the number of in-batch negatives, the bank warm-up when it switches on, etc.
@@ -87,6 +106,18 @@ FINGERPRINT_PRETRAIN_KEYS = [
 
 class StaleCheckpointError(FGClipError, RuntimeError):
     """A checkpoint of this run was written with different model/loss params."""
+
+
+class CorruptCheckpointError(FGClipError):
+    """A checkpoint failed verification (digest, meta.json field, unreadable file, refused pickle)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"checkpoint {path} is broken: {reason}; run `fgclip checkpoints clean`")
+
+
+class CheckpointSaveError(FGClipError):
+    """Writing a checkpoint failed (a full disk, a read-only directory); its partial files are gone."""
 
 
 def fingerprint_params(params: Params) -> dict[str, Any]:
@@ -206,6 +237,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _file_record(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "size": size}
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -217,35 +258,77 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, then keep the newest ``keep`` plus the best (:func:`select_kept`).
 
-    ``meta`` must hold ``fingerprint`` and ``fingerprint_params``; ``step`` and
-    ``time`` are added here.
+    ``meta`` must hold ``forward_passes``, ``fingerprint`` and ``fingerprint_params``;
+    ``step``, ``time`` and the file digests are added here. Raises
+    :class:`CheckpointSaveError` when writing fails, after removing what it wrote.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save(state, tmp / STATE_FILE)
     meta = {**meta, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-    for name in (MODEL_FILE, STATE_FILE, META_FILE):
-        _fsync(tmp / name)
-    _fsync(tmp)
-    if final.exists():
-        # A fresh (non-resumed) run reaching a step an older run also saved:
-        # os.replace cannot replace a non-empty directory, so move it aside first.
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    problem = _meta_problem(meta, step)
+    if problem is not None:  # a caller's bug: never write a checkpoint resume would call broken
+        raise ValueError(f"save_checkpoint: {problem}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_files(tmp, model, state, meta)
+        _move_into_place(tmp, final)
+    except BaseException as exc:
+        # A full disk must not leave a .tmp-<pid> directory (the size of a checkpoint) behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
+        raise CheckpointSaveError(
+            f"could not save checkpoint {final}: {_describe(exc)}{_free_space(run_dir)}; its partial "
+            f"files were removed and earlier checkpoints are untouched: free space under {run_dir} "
+            "(or make it writable) and rerun to resume"
+        ) from exc
     _fsync(run_dir)
     _apply_retention(run_dir, keep)
     logger.info("Saved checkpoint %s", final)
     return final
+
+
+def _write_files(tmp: Path, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    save_model(model, str(tmp / MODEL_FILE))
+    torch.save(state, tmp / STATE_FILE)
+    for name in _DIGESTED:
+        _fsync(tmp / name)
+    # Hashed by reading the written files back: the digests describe the bytes resume will read.
+    meta[DIGESTS_KEY] = {name: _file_record(tmp / name) for name in _DIGESTED}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    _fsync(tmp / META_FILE)
+    _fsync(tmp)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # A fresh (non-resumed) run reaching a step an older run also saved:
+    # os.replace cannot replace a non-empty directory, so move it aside first.
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _free_space(run_dir: Path) -> str:
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.is_dir()), None)
+    if existing is None:
+        return ""
+    return f" ({shutil.disk_usage(existing).free / 2**20:.0f} MiB free there)"
 
 
 @dataclass(frozen=True)
@@ -259,7 +342,12 @@ class CheckpointEntry:
 
 
 def scan_run(run_dir: Path) -> list[CheckpointEntry]:
-    """Every ``checkpoint-*`` directory of ``run_dir`` in name order, each checked for completeness."""
+    """Every ``checkpoint-*`` directory of ``run_dir`` in name order, each checked for completeness.
+
+    Complete: meta.json names its step and configuration and the headers read,
+    enough to tell a stale checkpoint. Whether it is intact is
+    :func:`verify_checkpoint`'s full read.
+    """
     entries: list[CheckpointEntry] = []
     if not run_dir.is_dir():
         return entries
@@ -275,6 +363,15 @@ def scan_run(run_dir: Path) -> list[CheckpointEntry]:
     return entries
 
 
+def verify_checkpoint(path: Path, meta: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``(why it is broken, None)`` or ``(None, its caveat or None)``, after reading it whole."""
+    try:
+        _verify_content(path, meta)
+    except CorruptCheckpointError as exc:
+        return exc.reason, None
+    return None, _undigested_note(meta)
+
+
 def _complete_checkpoints(run_dir: Path, *, warn: bool = True) -> list[tuple[int, Path, dict[str, Any]]]:
     """``(step, path, meta)`` of every readable checkpoint, oldest first; others warned about."""
     found = []
@@ -288,8 +385,61 @@ def _complete_checkpoints(run_dir: Path, *, warn: bool = True) -> list[tuple[int
     return sorted(found, key=lambda item: item[0])
 
 
+# meta.json fields every checkpoint needs, and their JSON types: resume reads them
+# all, and a missing or mistyped one used to be a KeyError/AttributeError traceback.
+# The first three tell the checkpoint's configuration: checked first, so that a stale
+# checkpoint is told as stale even when something else about it is wrong.
+_CONFIG_FIELDS: dict[str, type] = {"step": int, "fingerprint": str, "fingerprint_params": dict}
+_META_FIELDS: dict[str, type] = {**_CONFIG_FIELDS, "forward_passes": int}
+
+
+def _fields_problem(meta: dict[str, Any], fields: dict[str, type]) -> str | None:
+    for key, kind in fields.items():
+        if key not in meta:
+            return f"{META_FILE} lacks {key}"
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"{META_FILE} field {key} is {_short(value)} ({type(value).__name__}), not {kind.__name__}"
+    return None
+
+
+def _meta_problem(meta: dict[str, Any], step: int) -> str | None:
+    """Why ``meta`` cannot describe checkpoint ``step``, or None."""
+    problem = _fields_problem(meta, _META_FIELDS)
+    if problem is not None:
+        return problem
+    if meta["step"] != step:
+        return f"{META_FILE} says step {meta['step']}, its directory name step {step}"
+    if meta["forward_passes"] < 0:
+        return f"{META_FILE} field forward_passes is negative ({meta['forward_passes']})"
+    if meta.get("run_id") is not None and not isinstance(meta["run_id"], str):
+        return f"{META_FILE} field run_id is {_short(meta['run_id'])}, not a string"
+    loss = meta.get("loss")
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        return f"{META_FILE} field loss is {_short(loss)}, not a number"
+    if DIGESTS_KEY not in meta:
+        return None  # saved before digests were recorded: see _undigested_note
+    files = meta[DIGESTS_KEY]
+    for name in _DIGESTED:
+        record = files.get(name) if isinstance(files, dict) else None
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("sha256"), str)
+            and _SHA256.match(record["sha256"])
+            and isinstance(record.get("size"), int)
+            and not isinstance(record["size"], bool)
+        ):
+            return f"{META_FILE} field {DIGESTS_KEY} holds no valid sha256 and size for {name}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _inspect(path: Path) -> tuple[str | None, dict[str, Any] | None]:
-    """``(why path is not a usable checkpoint, None)`` or ``(None, its meta)``."""
+    """``(why path is not a complete checkpoint, None)`` or ``(None, its meta)``."""
     if not (path / META_FILE).is_file():
         return f"no {META_FILE} (incomplete save)", None
     try:
@@ -298,9 +448,9 @@ def _inspect(path: Path) -> tuple[str | None, dict[str, Any] | None]:
         return f"{META_FILE} unreadable ({exc})", None
     if not isinstance(meta, dict):
         return f"{META_FILE} is not a JSON object", None
-    missing = {"step", "fingerprint", "fingerprint_params"} - set(meta)
-    if missing:
-        return f"{META_FILE} lacks {sorted(missing)}", None
+    problem = _fields_problem(meta, _CONFIG_FIELDS)
+    if problem is not None:
+        return problem, None
     try:
         with safe_open(str(path / MODEL_FILE), framework="pt"):
             pass
@@ -314,6 +464,67 @@ def _inspect(path: Path) -> tuple[str | None, dict[str, Any] | None]:
     if bad is not None:
         return f"{STATE_FILE} is corrupt (member {bad})", None
     return None, meta
+
+
+def _verify_content(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's state, after checking every byte: raises :class:`CorruptCheckpointError`.
+
+    Every meta.json field first; then each file is read once: hashed against
+    meta.json, then parsed from the same bytes. The weights must be finite (an
+    undigested checkpoint has no other defence against overwritten bytes), the
+    state must load with ``weights_only``.
+    """
+    problem = _meta_problem(meta, int(_NAME.match(path.name).group(1)))
+    if problem is not None:
+        raise CorruptCheckpointError(path, problem)
+    data: dict[str, bytes] = {}
+    for name in _DIGESTED:
+        try:
+            data[name] = (path / name).read_bytes()
+        except OSError as exc:
+            raise CorruptCheckpointError(path, f"{name} unreadable ({_describe(exc)})") from exc
+    digests = meta.get(DIGESTS_KEY, {})  # none in a checkpoint saved before they were recorded
+    for name, record in digests.items():
+        if name not in data:
+            continue
+        if len(data[name]) != record["size"]:
+            saved = record["size"]
+            raise CorruptCheckpointError(path, f"{name} is {len(data[name])} bytes, {saved} were saved")
+        if hashlib.sha256(data[name]).hexdigest() != record["sha256"]:
+            raise CorruptCheckpointError(
+                path, f"{name} does not match the sha256 in {META_FILE}: its content changed after the save"
+            )
+    try:
+        weights = load_safetensors(data[MODEL_FILE])
+    except Exception as exc:  # safetensors raises several types for a bad file
+        raise CorruptCheckpointError(path, f"{MODEL_FILE} unreadable ({_describe(exc)})") from exc
+    bad = first_nonfinite(weights.items())
+    if bad is not None:
+        raise CorruptCheckpointError(
+            path, f"{MODEL_FILE} holds {bad.count} NaN/Inf weights (first in {bad.name}, {bad.value})"
+        )
+    try:
+        state = torch.load(io.BytesIO(data[STATE_FILE]), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f": {refused.group(1)}" if refused else ""
+        raise CorruptCheckpointError(
+            path, f"{STATE_FILE} refused by torch.load(weights_only=True) (a pickled object{what})"
+        ) from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for a bad file
+        raise CorruptCheckpointError(path, f"{STATE_FILE} unreadable ({_describe(exc)})") from exc
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(path, f"{STATE_FILE} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _undigested_note(meta: dict[str, Any]) -> str | None:
+    if DIGESTS_KEY in meta:
+        return None
+    return (
+        f"it records no content digests (saved before {META_FILE} had them): it was read whole, its "
+        "weights are finite and its state loads, but its bytes cannot be checked against the save"
+    )
 
 
 def checkpoint_score(meta: dict[str, Any]) -> float | None:
@@ -379,8 +590,8 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def latest_resumable(run_dir: Path, fingerprint_: str, fingerprint_params_: dict[str, Any]) -> Path | None:
-    """Newest complete checkpoint of this configuration, or None when there is none.
+def _candidates(run_dir: Path, fingerprint_: str, fingerprint_params_: dict[str, Any]) -> list[Checkpoint]:
+    """Complete checkpoints (meta.json and headers) of this configuration, newest first.
 
     Raises :class:`StaleCheckpointError` when a complete checkpoint in ``run_dir``
     was written with another fingerprint, naming each differing param.
@@ -401,7 +612,55 @@ def latest_resumable(run_dir: Path, fingerprint_: str, fingerprint_params_: dict
                 f"It will not be resumed from: run `{clean}` (or delete {run_dir}), "
                 "or set train.run_name to a new name to start a separate run."
             )
-    return complete[-1][1] if complete else None
+    return complete[::-1]
+
+
+def latest_resumable(run_dir: Path, fingerprint_: str, fingerprint_params_: dict[str, Any]) -> Path | None:
+    """Newest checkpoint of this configuration that passes verification, or None when there is none.
+
+    A broken one is skipped for the previous with one warning line; raises
+    :class:`StaleCheckpointError` as :func:`_candidates` does.
+    """
+    for _, path, meta in _candidates(run_dir, fingerprint_, fingerprint_params_):
+        try:
+            _verify_content(path, meta)
+        except CorruptCheckpointError as exc:
+            logger.warning("Skipping checkpoint %s: %s", path, exc.reason)
+            continue
+        _warn_undigested(path, meta)
+        return path
+    return None
+
+
+def resume_latest(
+    run_dir: Path,
+    fingerprint_: str,
+    fingerprint_params_: dict[str, Any],
+    model: nn.Module,
+    device: torch.device | str = "cpu",
+) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """Load the newest verified checkpoint of this configuration into ``model``: ``(path, state, meta)``.
+
+    Like :func:`latest_resumable`, with each file read and checked once; None
+    when no checkpoint passes, and ``model`` is then untouched (a fresh start).
+    """
+    candidates = _candidates(run_dir, fingerprint_, fingerprint_params_)
+    for _, path, _ in candidates:
+        try:
+            state, meta = load_checkpoint(path, model, device)
+        except CorruptCheckpointError as exc:
+            logger.warning("Skipping checkpoint %s: %s", path, exc.reason)
+            continue
+        return path, state, meta
+    if candidates or any(run_dir.glob("checkpoint-*")):
+        logger.warning("No usable checkpoint in %s: training starts from step 0", run_dir)
+    return None
+
+
+def _warn_undigested(path: Path, meta: dict[str, Any]) -> None:
+    note = _undigested_note(meta)
+    if note is not None:
+        logger.warning("Resuming from checkpoint %s although %s", path, note)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -409,7 +668,54 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, model: nn.Module, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """Load weights into ``model`` (strict) and return ``(state, meta)``."""
+    """Verify ``path`` whole, then load its weights into ``model`` (strict) and return ``(state, meta)``.
+
+    Raises :class:`CorruptCheckpointError`, with ``model`` untouched, when a check fails.
+    """
+    if _NAME.match(path.name) is None:
+        raise CorruptCheckpointError(path, "not a checkpoint-<step> directory")
+    problem, meta = _inspect(path)
+    if problem is not None:
+        raise CorruptCheckpointError(path, problem)
+    state = _verify_content(path, meta)
+    _warn_undigested(path, meta)
     load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    return state, read_meta(path)
+    return state, meta
+
+
+class ExportError(FGClipError):
+    """The model written to ``train.out`` does not read back as the weights just trained."""
+
+
+def verify_export(model_dir: Path, model: nn.Module) -> None:
+    """Re-read the weights written to ``model_dir``: finite and bit-equal to ``model``'s, or :class:`ExportError`.
+
+    A file that fails is removed: evaluation must not pick up weights that are not the trained ones.
+    """
+    weights_file = Path(model_dir) / WEIGHTS_NAME
+    problem = _export_problem(weights_file, model)
+    if problem is not None:
+        weights_file.unlink(missing_ok=True)
+        raise ExportError(
+            f"{weights_file} {problem}: the model was not published; check the disk under it and rerun "
+            "`fgclip train` (it resumes from the last checkpoint)"
+        )
+
+
+def _export_problem(weights_file: Path, model: nn.Module) -> str | None:
+    try:
+        written = load_file(str(weights_file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+        return f"does not read back ({_describe(exc)})"
+    bad = first_nonfinite(written.items())
+    if bad is not None:
+        return f"holds {bad.count} NaN/Inf weights (first in {bad.name})"
+    expected = model.state_dict()
+    differ = sorted(
+        k
+        for k in expected.keys() | written.keys()
+        if k not in written or k not in expected or not torch.equal(written[k], expected[k].detach().cpu())
+    )
+    if differ:
+        return f"differs from the trained weights in {len(differ)} tensor(s) (first {differ[0]})"
+    return None

@@ -7,8 +7,13 @@ beside the fixed one, to compare them): the current params say nothing about the
 What goes, each with its reason:
 
 - ``broken``: an interrupted save (``checkpoint-*.tmp-<pid>`` / ``.old-<pid>``),
-  no ``meta.json``, an unreadable one, a missing or truncated ``model.safetensors``
-  or ``state.pt``. Training never resumes from these.
+  no ``meta.json``, an unreadable one or one missing a field or holding a
+  wrongly typed one, a missing or truncated ``model.safetensors`` or ``state.pt``,
+  a file whose content no longer matches the sha256 recorded in ``meta.json``,
+  non-finite weights, a state ``torch.load(weights_only=True)`` refuses. Every
+  checkpoint of the current configuration is read whole to tell; training never
+  resumes from these. One saved before digests were recorded is kept when the
+  rest holds, with a warning.
 - ``stale``: written with another configuration, named param by param (the
   users' stale-temperature checkpoints, which they deleted by hand). With
   ``inputs`` (:func:`current_inputs`) the whole fingerprint is compared, as
@@ -45,6 +50,7 @@ from fgclip.train.checkpoints import (
     run_fingerprint,
     scan_run,
     select_kept,
+    verify_checkpoint,
 )
 from fgclip.train.runlock import RunLock, RunLockedError, describe_holder, holder_state, read_lock
 
@@ -125,6 +131,7 @@ def plan_cleanup(params: Params, run_dir: Path, inputs: dict[str, str] | None = 
     current = json.loads(json.dumps(fp_params, default=str))
     removals: list[Removal] = []
     matching: list[tuple[int, Path, dict[str, Any]]] = []
+    notes: dict[Path, str] = {}  # usable, yet unverifiable: said once, if it is kept
     for entry in scan_run(run_dir):
         if entry.problem is not None:
             removals.append(Removal(entry.path, f"broken: {entry.problem}", _size(entry.path)))
@@ -135,6 +142,13 @@ def plan_cleanup(params: Params, run_dir: Path, inputs: dict[str, str] | None = 
                 Removal(entry.path, f"stale: written with other params ({stale})", _size(entry.path))
             )
             continue
+        # Only this configuration's checkpoints are read whole: the others go anyway.
+        problem, note = verify_checkpoint(entry.path, entry.meta)
+        if problem is not None:
+            removals.append(Removal(entry.path, f"broken: {problem}", _size(entry.path)))
+            continue
+        if note is not None:
+            notes[entry.path] = note
         matching.append((entry.step, entry.path, entry.meta))
 
     matching.sort(key=lambda c: c[0])
@@ -150,6 +164,8 @@ def plan_cleanup(params: Params, run_dir: Path, inputs: dict[str, str] | None = 
             own = f"loss {score:.4g}" if score is not None else "no loss recorded"
             reason = f"surplus: older than the newest {keep} (train.keep_checkpoints), {own}; {best_note}"
             removals.append(Removal(path, reason, _size(path)))
+        elif path in notes:
+            logger.warning("Keeping %s although %s", path, notes[path])
     return removals
 
 

@@ -13,10 +13,12 @@ import logging
 import math
 import os
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from fgclip.atomic import write_text_atomic
 from fgclip.config import HealthConfig, Params
@@ -84,6 +86,30 @@ def log_diag(step: int, figures: dict[str, float]) -> None:
     log.info("[DIAG] img_norms: zero_frac=%.4f", figures["diag/img_norms_zero_frac"])
 
 
+class NonFinite(NamedTuple):
+    """The NaN/Inf values found among named tensors."""
+
+    name: str  # the first tensor holding one
+    value: float  # its first non-finite value
+    count: int  # non-finite values over all the tensors
+
+
+def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> NonFinite | None:
+    """The NaN/Inf among named floating-point tensors (weights), or None when all are finite."""
+    first: tuple[str, float] | None = None
+    count = 0
+    for name, tensor in tensors:
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor.detach())
+        found = int(bad.sum())
+        if found:
+            count += found
+            if first is None:
+                first = (name, float(tensor.detach()[bad].flatten()[0]))
+    return NonFinite(first[0], first[1], count) if first is not None else None
+
+
 def _check(value: Any, threshold: Any, passed: bool, **extra: Any) -> dict[str, Any]:
     return {"value": value, "threshold": threshold, "passed": bool(passed), **extra}
 
@@ -101,7 +127,10 @@ class HealthMonitor:
     - ``memory_bank_enabled_at``: the bank switched on at the configured forward
       pass (passes when the bank is disabled with size 0; fails with a note when
       the run was too short to reach the warm-up).
-    - ``finite``: no NaN/Inf in a loss or the gradient norm.
+    - ``finite``: no NaN/Inf in a loss or the gradient norm of any step, nor in
+      the weights at each checkpoint and at the end (:meth:`check_weights`): a
+      NaN in a weight the loss never reads (4 KiB of a corrupt checkpoint) would
+      otherwise be published with this check passing.
     - ``zero_norm_frac``: the largest fraction of zero-norm region features seen.
     - ``region_loss``: mean region loss of the last ``region_loss_window`` steps
       at step ``region_loss_by_step`` (or the last step, if sooner) under the limit.
@@ -122,6 +151,7 @@ class HealthMonitor:
         self.region_window: deque[float] = deque(maxlen=cfg.region_loss_window)
         self.region_at: dict[str, float] | None = None
         self.last_step = 0
+        self.weights_checked_at: int | None = None
 
     def record_init(self, scale_global: float, scale_region: float, note: str = "") -> None:
         """The scales training starts from (a fresh run; a resumed run restores them)."""
@@ -140,6 +170,18 @@ class HealthMonitor:
 
     def record_nonfinite(self, step: int, what: str, value: float) -> None:
         self.nonfinite = {"step": step, "what": what, "value": value}
+
+    def check_weights(self, step: int, model: nn.Module) -> tuple[str, float] | None:
+        """``(what, value)`` of the first NaN/Inf in ``model``'s weights after ``step``, or None.
+
+        The caller stops the run on a finding (recording it with
+        :meth:`record_nonfinite`), as for a non-finite loss: nothing is saved.
+        """
+        self.weights_checked_at = step
+        bad = first_nonfinite(model.state_dict().items())
+        if bad is None:
+            return None
+        return f"weight {bad.name} ({bad.count} NaN/Inf values in the model)", bad.value
 
     def state_dict(self) -> dict[str, Any]:
         """Plain numbers and strings: saved in checkpoints, so a resumed run is judged as a whole."""
@@ -223,7 +265,16 @@ class HealthMonitor:
 
     def _finite_check(self) -> dict[str, Any]:
         if self.nonfinite is None:
-            return _check(0, 0, True, step=self.last_step)
+            checked = self.weights_checked_at
+            weights = "not checked" if checked is None else f"checked after optimizer step {checked}"
+            return _check(
+                0,
+                0,
+                True,
+                step=self.last_step,
+                weights_checked_at=checked,
+                note=f"losses and gradient norms finite at every step; weights {weights}",
+            )
         nf = self.nonfinite
         return _check(
             1, 0, False, step=nf["step"], note=f"{nf['what']} = {nf['value']} at optimizer step {nf['step']}"

@@ -8,8 +8,9 @@ run resumes from the newest checkpoint of the same configuration (see
 ``checkpoints.py``) exactly where it stopped: same data order, same random
 draws, same memory bank, so on CPU a resumed run equals an uninterrupted one.
 
-A non-finite loss or gradient stops the run with :class:`NonFiniteLossError`
-before anything is written for that step. ``FGCLIP_FAULT_NAN_AT_STEP=N`` injects
+A non-finite loss or gradient, or a NaN/Inf weight at a checkpoint step or at
+the end, stops the run with :class:`NonFiniteLossError` before anything is
+written for that step. ``FGCLIP_FAULT_NAN_AT_STEP=N`` injects
 a NaN into the loss of optimizer step N, to exercise that path in tests and
 fault drills.
 
@@ -42,7 +43,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fgclip.atomic import write_text_atomic
-from fgclip.config import Params
+from fgclip.config import Params, model_source
 from fgclip.data.batch import Batch, collate
 from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset
 from fgclip.device import on_cuda, resolve_device
@@ -50,15 +51,16 @@ from fgclip.errors import FGClipError
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.memory_bank import RegionMemoryBank
 from fgclip.model.tokenizer import load_tokenizer
+from fgclip.outputs import check_output_dir, replacing_output_dir
 from fgclip.train.checkpoints import (
     RUN_FILE,
     capture_rng_state,
     input_fingerprint,
-    latest_resumable,
-    load_checkpoint,
     restore_rng_state,
+    resume_latest,
     run_fingerprint,
     save_checkpoint,
+    verify_export,
 )
 from fgclip.train.diagnostics import HealthMonitor, diag_figures, log_diag, runtime_diag_enabled
 from fgclip.train.runlock import RunLock
@@ -195,6 +197,7 @@ def train(
         metrics=Path(metrics_path) if metrics_path else params.paths.train_metrics,
         loss_csv=Path(loss_csv) if loss_csv else params.paths.loss_curve,
     )
+    check_output_dir(paths.out, _STAGE, _kept_paths(paths))  # before training, not after it
     ctx = _init_distributed(params.train.device)
     device = resolve_device(params.train.device, ctx.local_rank)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -292,9 +295,11 @@ def _train(
     )
     run_dir = paths.checkpoints / cfg.run_name
     run_id = None
-    last_checkpoint = latest_resumable(run_dir, fingerprint, fp_params) if resume else None
-    if last_checkpoint is not None:
-        state, meta = load_checkpoint(last_checkpoint, run.model, device)
+    # Verified whole (digests, meta.json fields, finite weights) before the model is touched.
+    resumed = resume_latest(run_dir, fingerprint, fp_params, run.model, device) if resume else None
+    last_checkpoint = resumed[0] if resumed is not None else None
+    if resumed is not None:
+        _, state, meta = resumed
         run.restore(state, meta)
         run_id = meta.get("run_id")
         logger.info("Resuming from %s (optimizer step %d, %d forward passes)",
@@ -370,6 +375,11 @@ def _train(
                 log_diag(step, figures)
                 tracker.log_metrics(figures, step=step)
             if step % cfg.checkpoint_every == 0 or step == stop_step:
+                # Every rank checks (the weights are the same on all): a NaN weight the loss never
+                # reads is stopped on here, before it reaches a checkpoint.
+                bad_weight = run.monitor.check_weights(step, run.model)
+                if bad_weight is not None:
+                    _stop(run, paths, ctx, step, NonFiniteValue(*bad_weight), last_checkpoint)
                 if ctx.is_main:
                     # Metrics up to this step go to MLflow before the checkpoint exists: a run
                     # killed after the save resumes past them and would never log them again.
@@ -391,6 +401,10 @@ def _train(
                 if ctx.enabled:
                     dist.barrier()
         bar.close()
+        # Also when nothing was trained (a finished run resumed): nothing non-finite is published.
+        bad_weight = run.monitor.check_weights(run.step, run.model)
+        if bad_weight is not None:
+            _stop(run, paths, ctx, run.step, NonFiniteValue(*bad_weight), last_checkpoint)
 
         steps_run, seconds = run.step - start_step, time.perf_counter() - started
         summary = _summary(
@@ -443,6 +457,19 @@ def _summary(
     }
 
 
+_STAGE = "train"
+
+
+def _kept_paths(paths: TrainPaths) -> dict[str, Path | str]:
+    """What replacing ``paths.out`` must never delete: the inputs, and the checkpoints."""
+    return {
+        "--model": model_source(paths.model),
+        "--frames": paths.frames,
+        "--boxes": paths.boxes,
+        "--checkpoints": paths.checkpoints,
+    }
+
+
 def _write_outputs(
     run: _Run,
     tokenizer: PreTrainedTokenizerBase,
@@ -450,15 +477,21 @@ def _write_outputs(
     paths: TrainPaths,
     summary: dict[str, Any],
 ) -> None:
-    """Model + tokenizer + run.json, health.json, train.json and the loss curve (rank 0)."""
-    run.model.save_pretrained(paths.out)
-    tokenizer.save_pretrained(paths.out)
+    """Model + tokenizer + run.json, health.json, train.json and the loss curve (rank 0).
+
+    The model directory is replaced as a whole (``fgclip.outputs``): never a mix of two
+    runs' files, and never a directory this stage did not write.
+    """
     run_info = {
         "run_id": tracker.run_id,
         "experiment_id": tracker.experiment_id,
         "tracking_uri": tracker.tracking_uri,
     }
-    write_text_atomic(paths.out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
+    with replacing_output_dir(paths.out, _STAGE, _kept_paths(paths)) as tmp:
+        run.model.save_pretrained(tmp)
+        verify_export(tmp, run.model)
+        tokenizer.save_pretrained(tmp)
+        write_text_atomic(tmp / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
 
     checks = run.monitor.write(paths.health, run.bank.state())
     tracker.log_metrics({f"health/{name}": float(c["passed"]) for name, c in checks.items()}, step=run.step)

@@ -1,22 +1,29 @@
-"""Atomic, fingerprinted checkpoints: round trip, skipped partial saves, stale refusal, retention.
+"""Atomic, fingerprinted checkpoints: round trip, skipped partial saves, stale refusal, retention,
+content digests, meta.json field checks, refused pickles, checkpoints from before digests, failed saves.
 
-Also the fault drill of a truncated newest checkpoint, through the real training loop.
+Also the fault drills of a truncated and an overwritten newest checkpoint, through the real training loop.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import random
+import subprocess
+import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fgclip.config import Params
+from fgclip.errors import FGClipError
 from fgclip.model.memory_bank import RegionMemoryBank
 from fgclip.train.checkpoints import (
     StaleCheckpointError,
@@ -26,17 +33,19 @@ from fgclip.train.checkpoints import (
     latest_resumable,
     load_checkpoint,
     restore_rng_state,
+    resume_latest,
     run_fingerprint,
     save_checkpoint,
     select_kept,
+    verify_export,
 )
 from fgclip.train.loop import train
 from fgclip.train.optim import build_optimizer, cosine_with_warmup
 
 
-def _parts(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, object, RegionMemoryBank]:
+def _parts(seed: int, width: int = 6) -> tuple[nn.Module, torch.optim.Optimizer, object, RegionMemoryBank]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6))
+    model = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width))
     opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
     sched = cosine_with_warmup(opt, warmup_steps=2, total_steps=10)
     bank = RegionMemoryBank(size=8, dim=6, warmup_steps=1)
@@ -233,6 +242,14 @@ def test_select_kept_breaks_ties_towards_the_newer_and_ignores_non_finite() -> N
     assert select_kept(ckpts, 1, "b") == ({Path("c5")}, None)
 
 
+def _train_into(root: Path, params, frames: Path, boxes: Path, clip: Path) -> dict:
+    """`fgclip train` with every output under ``root``."""
+    return train(
+        params, frames, boxes, str(clip), root / "out", root / "checkpoints", root / "health.json",
+        metrics_path=root / "train.json", loss_csv=root / "loss.csv",
+    )  # fmt: skip
+
+
 def _loss_rows(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(f))
@@ -250,10 +267,7 @@ def test_truncated_newest_checkpoint_is_skipped_when_training_resumes(
     params = train_params(train={"max_steps": 3})  # checkpoints at step 2 and at the last one, 3
 
     def run(root: Path) -> dict:
-        return train(
-            params, tiny_frames, tiny_boxes, str(tiny_clip[0]), root / "out", root / "checkpoints",
-            root / "health.json", metrics_path=root / "train.json", loss_csv=root / "loss.csv",
-        )  # fmt: skip
+        return _train_into(root, params, tiny_frames, tiny_boxes, tiny_clip[0])
 
     first = run(tmp_path)
     assert first["steps"] == 3
@@ -280,3 +294,241 @@ def test_truncated_newest_checkpoint_is_skipped_when_training_resumes(
     resumable = latest_resumable(run_dir, meta["fingerprint"], meta["fingerprint_params"])
     assert resumable == run_dir / "checkpoint-000003"
     assert not (run_dir / "train.lock").exists()
+
+
+def _overwrite_4k(path: Path) -> None:
+    """Overwrite 4 KiB of tensor data mid-file with 0xFF (1,024 float32 NaNs); the size stays the same."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    start = header + (len(data) - header - 4096) // 8 * 4
+    assert start >= header, "the file holds less than 4 KiB of tensor data"
+    data[start : start + 4096] = b"\xff" * 4096
+    path.write_bytes(bytes(data))
+
+
+def _edit_meta(path: Path, edit) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    edit(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_overwritten_weights_fail_their_digest_and_the_previous_is_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = Params()
+    fp, fp_params = run_fingerprint(params)
+    parts = _parts(0, width=48)
+    good = _save(tmp_path, 2, parts, params)
+    newest = _save(tmp_path, 3, parts, params)
+    meta = json.loads((newest / "meta.json").read_text())
+    digests = {
+        name: hashlib.sha256((newest / name).read_bytes()).hexdigest() for name in meta.get("files", {})
+    }
+    size = (newest / "model.safetensors").stat().st_size
+    _overwrite_4k(newest / "model.safetensors")
+    assert (newest / "model.safetensors").stat().st_size == size
+
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        assert latest_resumable(tmp_path, fp, fp_params) == good
+    (warning,) = _warnings(caplog)
+    assert warning.startswith(f"Skipping checkpoint {newest}: model.safetensors does not match the sha256")
+    # Loading it directly is a one-line error, and the model is left as it was.
+    model = _parts(1, width=48)[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FGClipError, match="model.safetensors does not match the sha256") as err:
+        load_checkpoint(newest, model)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # What meta.json recorded is what the save wrote: hashed by reading the files back.
+    assert {name: record["sha256"] for name, record in meta["files"].items()} == digests
+    assert meta["files"]["model.safetensors"]["size"] == size and set(digests) == {
+        "model.safetensors",
+        "state.pt",
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda m: m.pop("forward_passes"), "meta.json lacks forward_passes"),
+        (lambda m: m.update(forward_passes="12"), "meta.json field forward_passes is '12' (str), not int"),
+        (
+            lambda m: m.update(fingerprint_params=[1, 2]),
+            "field fingerprint_params is [1, 2] (list), not dict",
+        ),
+        (lambda m: m.update(step=7), "meta.json says step 7, its directory name step 3"),
+        (lambda m: m["files"].pop("state.pt"), "field files holds no valid sha256 and size for state.pt"),
+    ],
+    ids=["missing", "mistyped", "fingerprint_params-list", "wrong-step", "digest-missing"],
+)
+def test_missing_or_mistyped_meta_field_is_a_broken_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, edit, reason: str
+) -> None:
+    params = Params()
+    fp, fp_params = run_fingerprint(params)
+    parts = _parts(0)
+    good = _save(tmp_path, 2, parts, params)
+    bad = _save(tmp_path, 3, parts, params)
+    _edit_meta(bad, edit)
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        assert latest_resumable(tmp_path, fp, fp_params) == good
+    (warning,) = _warnings(caplog)
+    assert warning.startswith(f"Skipping checkpoint {bad}: ") and reason in warning
+    # With no good one left, resuming is a fresh start with the model untouched, not a traceback.
+    _edit_meta(good, edit)
+    model = _parts(1)[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert resume_latest(tmp_path, fp, fp_params, model) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_state_refused_by_weights_only_is_a_broken_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = Params()
+    fp, fp_params = run_fingerprint(params)
+    parts = _parts(0)
+    good = _save(tmp_path, 2, parts, params)
+    bad = _save(tmp_path, 3, parts, params)
+    torch.save({"optimizer": Fraction(1, 2)}, bad / "state.pt")  # a global weights_only refuses
+    data = (bad / "state.pt").read_bytes()
+    # Recorded as if saved so: the refusal, not the digest, is what rejects it.
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    _edit_meta(bad, lambda m: m.setdefault("files", {}).update({"state.pt": record}))
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        assert latest_resumable(tmp_path, fp, fp_params) == good
+    (warning,) = _warnings(caplog)
+    assert "state.pt refused by torch.load(weights_only=True)" in warning and "fractions.Fraction" in warning
+    with pytest.raises(FGClipError, match="refused by torch.load"):
+        load_checkpoint(bad, _parts(1)[0])
+
+
+def test_checkpoint_from_before_digests_is_resumed_with_a_warning_unless_its_weights_are_not_finite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The previous code wrote no ``files`` in meta.json: still resumable, never silently trusted."""
+    params = Params()
+    fp, fp_params = run_fingerprint(params)
+    parts = _parts(0, width=48)
+    old_good = _save(tmp_path, 2, parts, params)
+    old_newest = _save(tmp_path, 3, parts, params)
+    for path in (old_good, old_newest):
+        _edit_meta(path, lambda m: m.pop("files", None))
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        assert latest_resumable(tmp_path, fp, fp_params) == old_newest
+    (warning,) = _warnings(caplog)
+    assert warning.startswith(f"Resuming from checkpoint {old_newest} although it records no content digests")
+
+    caplog.clear()
+    _overwrite_4k(old_newest / "model.safetensors")  # nothing to compare with: the NaNs give it away
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        assert latest_resumable(tmp_path, fp, fp_params) == old_good
+    warnings = _warnings(caplog)
+    assert len(warnings) == 2, warnings  # the broken one, then the caveat of the one resumed
+    assert warnings[0] == (
+        f"Skipping checkpoint {old_newest}: model.safetensors holds 1024 NaN/Inf weights "
+        "(first in 0.weight, nan)"
+    )
+
+
+_FULL_DISK_CHILD = """
+import json, resource, signal, sys
+from pathlib import Path
+import torch
+from torch import nn
+from fgclip.config import Params
+from fgclip.train.checkpoints import run_fingerprint, save_checkpoint
+
+run_dir = Path(sys.argv[1])
+fp, fp_params = run_fingerprint(Params())
+meta = {"fingerprint": fp, "fingerprint_params": fp_params, "forward_passes": 1}
+model = nn.Linear(6, 6)
+save_checkpoint(run_dir, 1, model=model, state={"x": torch.ones(3)}, meta=meta, keep=5)
+# A real write limit: a write past 16 KiB fails (EFBIG), as on a full disk (ENOSPC).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+errors = []
+for step, big_model, state in ((2, nn.Linear(128, 128), {"x": torch.ones(3)}),
+                               (3, model, {"x": torch.ones(100_000)})):
+    try:
+        save_checkpoint(run_dir, step, model=big_model, state=state, meta=meta, keep=5)
+    except Exception as exc:
+        errors.append([type(exc).__name__, str(exc), isinstance(exc.__cause__, Exception)])
+print(json.dumps(errors))
+"""
+
+
+def test_failed_save_on_a_full_disk_removes_its_temporary_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(run_dir)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    errors = json.loads(child.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2  # the weights failed to write, then the state
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-000001"]  # no .tmp-<pid> left
+    for (kind, message, chained), step in zip(errors, (2, 3)):
+        assert kind == "CheckpointSaveError" and chained
+        assert message.startswith(f"could not save checkpoint {checkpoint_dir(run_dir, step)}: ")
+        assert "partial files were removed" in message and "\n" not in message
+    fp, fp_params = run_fingerprint(Params())
+    assert latest_resumable(run_dir, fp, fp_params) == checkpoint_dir(run_dir, 1)
+
+
+def test_export_is_read_back_and_a_corrupt_one_is_removed(tmp_path: Path) -> None:
+    model = _parts(0, width=48)[0]
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    verify_export(tmp_path, model)
+    _overwrite_4k(weights)
+    with pytest.raises(FGClipError, match=r"holds 1024 NaN/Inf weights .*the model was not published"):
+        verify_export(tmp_path, model)
+    assert not weights.exists()
+    save_file({k: v.contiguous() + 1 for k, v in model.state_dict().items()}, str(weights))
+    with pytest.raises(FGClipError, match=r"differs from the trained weights in 4 tensor"):
+        verify_export(tmp_path, model)
+
+
+def test_overwritten_newest_checkpoint_is_neither_resumed_nor_published(
+    train_params,
+    tiny_clip,
+    tiny_frames: Path,
+    tiny_boxes: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fault drill of the issue: 4 KiB of the finished run's last checkpoint overwritten, then a rerun."""
+    params = train_params(train={"max_steps": 3})  # checkpoints at step 2 and at the last one, 3
+
+    def run(root: Path) -> dict:
+        return _train_into(root, params, tiny_frames, tiny_boxes, tiny_clip[0])
+
+    run(tmp_path)
+    reference = load_file(tmp_path / "out" / "model.safetensors")
+    losses = _loss_rows(tmp_path / "loss.csv")
+    newest = tmp_path / "checkpoints" / params.train.run_name / "checkpoint-000003"
+    _overwrite_4k(newest / "model.safetensors")
+
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        second = run(tmp_path)
+    expected = (
+        f"Skipping checkpoint {newest}: model.safetensors does not match the sha256 in meta.json: "
+        "its content changed after the save"
+    )
+    assert [w for w in _warnings(caplog) if "checkpoint-" in w] == [expected]
+    # Resumed from step 2, step 3 trained again: the same losses and the same, finite, weights.
+    assert second["start_step"] == 2 and second["steps"] == 3
+    assert _loss_rows(tmp_path / "loss.csv") == losses
+    published = load_file(tmp_path / "out" / "model.safetensors")
+    assert published.keys() == reference.keys()
+    assert all(torch.isfinite(v).all() and torch.equal(v, reference[k]) for k, v in published.items())
+    finite = json.loads((tmp_path / "health.json").read_text())["checks"]["finite"]
+    assert finite["passed"] is True and finite["weights_checked_at"] == 3

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,54 @@ def test_each_reason_and_newest_k_plus_best(
     # The lock cleanup held while deleting is gone again; a second pass finds nothing.
     assert not (run_dir / LOCK_FILE).exists()
     assert clean_checkpoints(params, root=messy_run) == []
+
+
+def test_content_and_field_faults_are_broken_and_an_undigested_one_is_kept_with_a_warning(
+    tmp_path: Path, params: Params, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "current"
+    fp, fp_params = run_fingerprint(params)
+
+    def save(step: int) -> Path:
+        meta = {"fingerprint": fp, "fingerprint_params": fp_params, "forward_passes": step, "loss": 0.5}
+        model = nn.Linear(48, 48)  # 9 KiB of weights
+        return save_checkpoint(run_dir, step, model=model, state={"x": torch.ones(3)}, meta=meta, keep=100)
+
+    def edit_meta(path: Path, edit) -> None:
+        meta = json.loads((path / "meta.json").read_text())
+        edit(meta)
+        (path / "meta.json").write_text(json.dumps(meta))
+
+    overwritten = save(1) / "model.safetensors"
+    data = bytearray(overwritten.read_bytes())
+    data[-4096:] = b"\xff" * 4096  # same size, 1,024 NaN weights: the header still reads
+    overwritten.write_bytes(bytes(data))
+    edit_meta(save(2), lambda m: m.pop("forward_passes"))
+    pickled = save(3)
+    torch.save({"x": Fraction(1, 2)}, pickled / "state.pt")
+    state = (pickled / "state.pt").read_bytes()
+    record = {"sha256": hashlib.sha256(state).hexdigest(), "size": len(state)}
+    edit_meta(pickled, lambda m: m.setdefault("files", {}).update({"state.pt": record}))
+    undigested = save(4)  # as the code before digests wrote it
+    edit_meta(undigested, lambda m: m.pop("files", None))
+    save(5)
+    stale = _save(run_dir, 6, params.with_overrides(model=OLD_TEMPERATURE), 0.05)
+    edit_meta(stale, lambda m: m.pop("forward_passes"))  # what it was trained with still says "stale"
+
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.cleanup"):
+        removals = clean_checkpoints(params, root=tmp_path, dry_run=True)
+    reasons = {r.path.name: r.reason for r in removals}
+    assert reasons == {
+        "checkpoint-000001": "broken: model.safetensors does not match the sha256 in meta.json: "
+        "its content changed after the save",
+        "checkpoint-000002": "broken: meta.json lacks forward_passes",
+        "checkpoint-000003": "broken: state.pt refused by torch.load(weights_only=True) "
+        "(a pickled object: fractions.Fraction)",
+        "checkpoint-000006": EXPECTED["checkpoint-000001"],
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    (warning,) = warnings
+    assert warning.startswith(f"Keeping {undigested} although it records no content digests")
 
 
 def test_dry_run_deletes_nothing_and_lists_the_same(messy_run: Path, params: Params) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from fgclip.config import Params
 from fgclip.train.diagnostics import (
@@ -81,6 +82,28 @@ def test_logit_scale_gate_and_state_round_trip() -> None:
     # The non-finite record belongs to the failed invocation, not the checkpointed state.
     assert restored.checks(_bank(50))["finite"]["passed"] is True
     assert monitor.checks(_bank(50))["finite"]["note"] == "loss_region = inf at optimizer step 7"
+
+
+def test_finite_gate_covers_the_weights() -> None:
+    """A NaN in a weight the loss never reads used to pass the gate and be published."""
+    monitor = _monitor()
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    assert monitor.check_weights(2, model) is None
+    check = monitor.checks(_bank(50))["finite"]
+    assert check["passed"] is True and check["weights_checked_at"] == 2
+    assert (
+        check["note"]
+        == "losses and gradient norms finite at every step; weights checked after optimizer step 2"
+    )
+    with torch.no_grad():
+        model[1].bias[1:3] = float("nan")
+        model[0].weight[0, 0] = float("inf")
+    what, value = monitor.check_weights(4, model)
+    assert what == "weight 0.weight (3 NaN/Inf values in the model)" and value == float("inf")
+    monitor.record_nonfinite(4, what, value)  # what the training loop does before it stops
+    check = monitor.checks(_bank(50))["finite"]
+    assert check["passed"] is False and check["step"] == 4
+    assert check["note"] == "weight 0.weight (3 NaN/Inf values in the model) = inf at optimizer step 4"
 
 
 def test_runtime_diag_switch(monkeypatch: pytest.MonkeyPatch) -> None:

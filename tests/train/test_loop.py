@@ -155,6 +155,34 @@ def test_nan_stops_cleanly_and_keeps_the_last_checkpoint(
     assert MlflowClient(tracking_uri).get_run(meta["run_id"]).info.status == "FAILED"
 
 
+def test_checkpoint_missing_a_meta_field_is_skipped_not_a_traceback(
+    train_params,
+    tiny_clip,
+    tiny_frames: Path,
+    tiny_boxes: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    params = train_params(train={"max_steps": 2})
+    _run(params, tiny_frames, tiny_boxes, tiny_clip[0], tmp_path)
+    reference = _losses(tmp_path)
+    checkpoint = tmp_path / "checkpoints" / params.train.run_name / "checkpoint-000002"
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    passes = meta.pop("forward_passes")  # was a KeyError in the resume, blocking every rerun
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+    with caplog.at_level(logging.WARNING, logger="fgclip.train.checkpoints"):
+        summary = _run(params, tiny_frames, tiny_boxes, tiny_clip[0], tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fgclip.train.checkpoints"]
+    assert warnings == [
+        f"Skipping checkpoint {checkpoint}: meta.json lacks forward_passes",
+        f"No usable checkpoint in {checkpoint.parent}: training starts from step 0",
+    ]
+    # A fresh start, as deterministic as the first run; the broken checkpoint is saved whole again.
+    assert summary["start_step"] == 0 and summary["steps"] == 2 and _losses(tmp_path) == reference
+    assert json.loads((checkpoint / "meta.json").read_text())["forward_passes"] == passes
+
+
 def test_diagnostics_and_health_gates(
     train_params,
     tiny_clip,
@@ -199,6 +227,7 @@ def test_diagnostics_and_health_gates(
     }
     assert checks["logit_scale_init"]["passed"] is True
     assert checks["finite"]["passed"] is True
+    assert checks["finite"]["weights_checked_at"] == 2  # the weights too, not only the losses
     assert checks["zero_norm_frac"]["passed"] is True
     assert checks["region_loss"]["step"] == 2 and checks["region_loss"]["action"] == "warn"
     assert summary["health"] == checks
