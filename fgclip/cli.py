@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fgclip.config import Params, Paths, load_params, model_source
+from fgclip.config import Params, Paths, check_model_source, load_params
 from fgclip.errors import FGClipError
 
 log = logging.getLogger("fgclip")
@@ -70,14 +70,25 @@ def cmd_pretrain(params: Params, args: argparse.Namespace) -> dict:
     return pretrain_clip(params, args.frames, args.boxes, args.annotations, args.out)
 
 
+def _check_tracking(tracking_uri: str, origin: str) -> None:
+    # Imported here: MLflow takes a second or two to import, --help must stay instant.
+    from fgclip.train.tracking import check_tracking
+
+    check_tracking(tracking_uri, origin)
+
+
 def cmd_train(params: Params, args: argparse.Namespace) -> dict:
+    # Checked before torch, the model or the data load: either fails in seconds, not minutes in.
+    source = params.pretrained_source(args.model)
+    check_model_source(source)
+    _check_tracking(params.tracking_uri, "tracking.uri (or MLFLOW_TRACKING_URI)")
     from fgclip.train.loop import train
 
     return train(
         params,
         args.frames,
         args.boxes,
-        params.pretrained_source(args.model),
+        source,
         args.out,
         args.checkpoints,
         args.health,
@@ -89,13 +100,16 @@ def cmd_train(params: Params, args: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
-    from fgclip.eval.evaluate import evaluate
+    pretrained = check_model_source(params.pretrained_source(args.pretrained))
+    from fgclip.eval.evaluate import evaluate, training_run
 
+    if (args.model / "run.json").is_file():  # the metrics go to the run that trained the model
+        _check_tracking(training_run(args.model)[0], f"the tracking_uri of {args.model / 'run.json'}")
     return evaluate(
         params,
         args.frames,
         args.model,
-        model_source(params.pretrained_source(args.pretrained)),
+        pretrained,
         args.data_root,
         args.out,
         args.scores,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -21,12 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fgclip.errors import FGClipError
 
+# A name that stays one directory: no separator, not `.` or `..`, no leading dot or dash.
+_PLAIN_NAME = re.compile(r"\w[\w.-]*")
 LN_100 = math.log(100.0)  # 4.6052: the fine-tuning temperature cap (exp = 100)
 CLIP_SCRATCH_LOGIT_SCALE = math.log(1 / 0.07)  # 2.6592: CLIP's from-scratch init
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No knob means anything as NaN or infinity (`lr: .nan` would train to NaN minutes later).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -104,19 +108,19 @@ class BoxesConfig(_Section):
 
 class ModelConfig(_Section):
     pretrained: str | None = None
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 96
-    vision_layers: int = 3
-    vision_heads: int = 4
-    text_hidden: int = 96
-    text_layers: int = 3
-    text_heads: int = 4
-    projection_dim: int = 64
+    image_size: int = Field(64, ge=1)
+    patch_size: int = Field(8, ge=1)
+    vision_hidden: int = Field(96, ge=1)
+    vision_layers: int = Field(3, ge=1)
+    vision_heads: int = Field(4, ge=1)
+    text_hidden: int = Field(96, ge=1)
+    text_layers: int = Field(3, ge=1)
+    text_heads: int = Field(4, ge=1)
+    projection_dim: int = Field(64, ge=1)
     max_text_len: int = Field(32, ge=4)
     long_text: bool = False
     temporal_layers: int = Field(2, ge=0)
-    temporal_heads: int = 4
+    temporal_heads: int = Field(4, ge=1)
     # Rows of the learnable temporal position table: the most frames one video embedding sees.
     max_frames: int = Field(32, ge=1)
     pooling: Literal["attention", "mean"] = "attention"
@@ -133,7 +137,13 @@ class ModelConfig(_Section):
                 + ("" if self.long_text else " (set model.long_text: true for up to 248)")
             )
         if self.image_size % self.patch_size:
-            raise ValueError("model.image_size must be a multiple of model.patch_size")
+            raise ValueError(
+                f"model.image_size={self.image_size} must be a multiple of model.patch_size={self.patch_size}"
+            )
+        for tower in ("vision", "text"):
+            hidden, heads = getattr(self, f"{tower}_hidden"), getattr(self, f"{tower}_heads")
+            if hidden % heads:
+                raise ValueError(f"model.{tower}_heads={heads} must divide model.{tower}_hidden={hidden}")
         return self
 
 
@@ -141,9 +151,9 @@ class PretrainConfig(_Section):
     out: str = "models/clip-pretrained"
     steps: int = Field(300, ge=1)
     batch_size: int = Field(64, ge=2)
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0.0)
     warmup_steps: int = Field(30, ge=0)
-    weight_decay: float = 0.1
+    weight_decay: float = Field(0.1, ge=0.0)
     logit_scale_init_value: float = CLIP_SCRATCH_LOGIT_SCALE
     augment: bool = True
     seed: int = 0
@@ -173,11 +183,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     max_steps: int = Field(250, ge=1)
-    lr: float = 3e-4
-    weight_decay: float = 0.05
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
     warmup_steps: int = Field(20, ge=0)
-    max_grad_norm: float = 1.0
-    region_loss_weight: float = 0.5
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    region_loss_weight: float = Field(0.5, ge=0.0)
     memory_bank_size: int = Field(128, ge=0)
     memory_bank_warmup_steps: int = Field(50, ge=0)
     num_workers: int = Field(1, ge=0)
@@ -187,6 +197,16 @@ class TrainConfig(_Section):
     diag_every: int = Field(25, ge=1)
     runtime_diag: bool = False
     health: HealthConfig = HealthConfig()
+
+    @model_validator(mode="after")
+    def _plain_run_name(self) -> TrainConfig:
+        # The run name is a directory under train.checkpoints: `../../x` would write elsewhere.
+        if not _PLAIN_NAME.fullmatch(self.run_name):
+            raise ValueError(
+                f"train.run_name {self.run_name!r} must be a plain directory name "
+                "(letters, digits, '_', '-', '.'; no path separators), e.g. 'fgclip-sample'"
+            )
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -219,6 +239,29 @@ class TrackingConfig(_Section):
     experiment: str = "fgclip-vad"
 
 
+# Cron fields in order, with the values each accepts (day-of-week 7 is Sunday, as 0).
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12),
+                ("day-of-week", 0, 7))  # fmt: skip
+
+
+def _cron_item_ok(item: str, lo: int, hi: int) -> bool:
+    """One comma-separated cron item: ``*``, ``n``, ``a-b``, each optionally ``/step``.
+
+    The scheduler (Prefect's croniter) rejects out-of-range values only when the flow
+    is served; this is the same grammar, checked when the params are loaded.
+    """
+    base, _, step = item.partition("/")
+    if step and not (step.isdigit() and int(step) >= 1):
+        return False
+    if base == "*":
+        return True
+    first, _, last = base.partition("-")
+    if not first.isdigit() or (last and not last.isdigit()) or ("-" in base and not last):
+        return False
+    # a > b is accepted: croniter reads it as a range that wraps around.
+    return all(lo <= int(n) <= hi for n in (first, last or first))
+
+
 class OrchestrationConfig(_Section):
     """The Prefect flow (``pipeline/flow.py``), ``fgclip serve`` and ``prefect.yaml``.
 
@@ -241,6 +284,12 @@ class OrchestrationConfig(_Section):
                 f"orchestration.cron {self.cron!r} is not a 5-field numeric cron "
                 "(minute hour day-of-month month day-of-week, e.g. '0 2 * * *')"
             )
+        for text, (name, lo, hi) in zip(fields, _CRON_FIELDS):
+            if not all(_cron_item_ok(item, lo, hi) for item in text.split(",")):
+                raise ValueError(
+                    f"orchestration.cron {self.cron!r}: {name} field {text!r} is not valid "
+                    f"(numbers {lo}-{hi}, '*', ranges a-b, steps /n with n >= 1)"
+                )
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -287,17 +336,101 @@ class Paths:
         return next(f.metadata["key"] for f in fields(Paths) if f.name == name)
 
 
+# What the Hugging Face hub accepts as a model id: ``name`` or ``namespace/name``.
+_HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
 def model_source(source: str | os.PathLike) -> Path | str:
     """Where a CLIP is loaded from, decided once: a local path (a ``Path``) or a hub id (a ``str``).
 
-    A path object, or a string naming something that exists on disk, is local: a
-    model directory is expected there (loaders say so when it is not one). Any
-    other string is a hub id such as ``openai/clip-vit-base-patch32``, returned
-    as given for transformers to fetch.
+    A path object, or a string naming something on disk, is local: a model directory
+    is expected there (loaders say so when it is not one). So is a string that cannot
+    be a hub id (``/abs``, ``./x``, ``a/b/c``, ``..``) or that continues an existing
+    directory (``models/clip-pretrainde``): a missing directory is then reported as
+    one, not as a malformed or unknown hub id. Any other string is a hub id such as
+    ``openai/clip-vit-base-patch32``, returned as given for transformers to fetch.
     """
     if isinstance(source, os.PathLike):
         return Path(source)
-    return Path(source) if Path(source).exists() else source
+    path = Path(source)
+    if path.exists() or not _HUB_ID.fullmatch(source) or ".." in source or "--" in source:
+        return path
+    return path if path.parent != Path(".") and path.parent.is_dir() else source
+
+
+class ModelSourceError(FGClipError, ValueError):
+    """A pretrained CLIP that cannot be loaded: no such directory, or a hub id out of reach."""
+
+
+def check_model_source(source: str | os.PathLike, timeout: float = HUB_PROBE_TIMEOUT_S) -> Path | str:
+    """:func:`model_source`, made sure to be loadable in seconds, before any model or data is loaded.
+
+    A local source must be a model directory. A hub id must be in the Hugging Face
+    cache when ``HF_HUB_OFFLINE`` is set; otherwise the hub must answer within
+    ``timeout`` seconds: without a network the Hugging Face client retries for
+    most of a minute per file and then prints a traceback.
+    """
+    found = model_source(source)
+    if isinstance(found, Path):
+        if not found.is_dir():
+            raise ModelSourceError(
+                f"{source}: pretrained CLIP directory not found"
+                + (" (it is a file)" if found.exists() else "")
+                + ": give a model directory or a hub id (model.pretrained / --model), "
+                "or run the pretrain stage for the stand-in"
+            )
+        if not (found / "config.json").is_file():
+            raise ModelSourceError(f"{source}: not a Hugging Face model directory (no config.json)")
+        return found
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        if not isinstance(try_to_load_from_cache(found, "config.json"), str):
+            raise ModelSourceError(
+                f"{found}: hub id not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                "HF_HUB_OFFLINE is set: download it once with network access, or give a local model directory"
+            )
+        return found
+    status, why = http_status(f"{constants.ENDPOINT}/api/models/{found}", timeout)
+    if why is not None:
+        raise ModelSourceError(
+            f"{found}: the Hugging Face hub {constants.ENDPOINT} is not reachable ({why}): "
+            "set HF_HUB_OFFLINE=1 to use a cached copy, or give a local model directory"
+        )
+    if status == 404:
+        raise ModelSourceError(f"{found}: neither a local directory nor a model on {constants.ENDPOINT}")
+    return found
+
+
+def http_status(url: str, timeout: float) -> tuple[int | None, str | None]:
+    """``(status, None)`` when an HTTP server answers ``url`` within ``timeout`` s, else ``(None, why)``.
+
+    Any status is an answer (a 404 too). The request runs in a thread so that a
+    hanging name lookup, which socket timeouts do not cover, is bounded as well.
+    """
+    import http.client
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answer: list[tuple[int | None, str | None]] = []
+
+    def ask() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                answer.append((response.status, None))
+        except urllib.error.HTTPError as exc:
+            answer.append((exc.code, None))
+        except urllib.error.URLError as exc:
+            answer.append((None, str(exc.reason)))
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            answer.append((None, str(exc) or type(exc).__name__))
+
+    thread = threading.Thread(target=ask, name="fgclip-http-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return answer[0] if answer else (None, f"no answer within {timeout:g} s")
 
 
 class Params(_Section):
@@ -313,6 +446,22 @@ class Params(_Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     # Directory of the params file: relative paths above are resolved against it.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @model_validator(mode="after")
+    def _clip_lengths(self) -> Params:
+        # The temporal position table has model.max_frames rows: a longer clip fails in the
+        # first forward pass, after the model and the data have been loaded.
+        top = self.model.max_frames
+        clips = {"train.num_frames": self.train.num_frames}
+        if self.evaluate.window_snippets is not None:
+            clips["evaluate.window_snippets"] = self.evaluate.window_snippets
+        for key, frames in clips.items():
+            if frames > top:
+                raise ValueError(
+                    f"{key}={frames} exceeds model.max_frames={top} (the temporal position table): "
+                    f"lower {key} or raise model.max_frames"
+                )
+        return self
 
     def path(self, p: str | os.PathLike) -> Path:
         """Resolve a path from the params against the params file's directory."""
@@ -381,10 +530,27 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     try:
         return Params.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as exc:
-        raise ParamsError(f"{path}: invalid params:\n{exc}") from exc
+        raise ParamsError(f"{path}: invalid params: {describe_errors(exc)}") from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Every error on one line, each naming its key: ``train.lr: Input should be greater than 0 (got -1.0)``.
+
+    pydantic's own text spreads one error over three lines and a URL; the CLI prints one line.
+    """
+    parts = []
+    for err in exc.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error":  # raised by a validator here: its message names the key
+            parts.append(message)
+            continue
+        got = repr(err.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        parts.append(f"{'.'.join(str(part) for part in err['loc'])}: {message} (got {got})")
+    return "; ".join(parts)

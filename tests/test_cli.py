@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fgclip.cli import build_parser, main
-from fgclip.config import LN_100, load_params, model_source
+from fgclip.config import LN_100, load_params
 
 REPO = Path(__file__).resolve().parents[1]
+HUB_ID = "openai/clip-vit-base-patch32"
 STAGE_COMMANDS = ["sample", "extract-frames", "validate-boxes", "pretrain", "train", "evaluate"]
 
 
@@ -54,7 +60,9 @@ def test_missing_params_file_is_a_clear_error(tmp_path, capsys):
 # --- every path a stage reads or writes: an option, defaulting to params.paths ----------------
 
 
-def _run(monkeypatch, module: str, func: str, argv: list[str], **extra) -> tuple[tuple, dict]:
+def _run(
+    monkeypatch, module: str, func: str, argv: list[str], params_file: Path = REPO / "params.yaml", **extra
+) -> tuple[tuple, dict]:
     """``fgclip <argv>`` with the stage function replaced: the arguments the stage was called with."""
     calls: list[tuple[tuple, dict]] = []
     fake = types.ModuleType(module)  # what the subcommand imports, instead of the real module
@@ -62,7 +70,7 @@ def _run(monkeypatch, module: str, func: str, argv: list[str], **extra) -> tuple
     for name, value in extra.items():
         setattr(fake, name, value)
     monkeypatch.setitem(sys.modules, module, fake)
-    assert main([*argv, "--params", str(REPO / "params.yaml")]) == 0
+    assert main([*argv, "--params", str(params_file)]) == 0
     assert len(calls) == 1
     return calls[0]
 
@@ -70,6 +78,20 @@ def _run(monkeypatch, module: str, func: str, argv: list[str], **extra) -> tuple
 @pytest.fixture(scope="module")
 def paths():
     return load_params(REPO / "params.yaml").paths
+
+
+@pytest.fixture
+def local_params(tmp_path: Path) -> Path:
+    """The project's params.yaml in a scratch directory, whose stand-in CLIP directory exists.
+
+    `fgclip train` and `evaluate` check the pretrained CLIP before they start.
+    """
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text((REPO / "params.yaml").read_text())
+    stand_in = load_params(params_file).paths.stand_in
+    stand_in.mkdir(parents=True)
+    (stand_in / "config.json").write_text("{}")
+    return params_file
 
 
 def test_sample_paths(monkeypatch, paths):
@@ -107,19 +129,40 @@ def test_pretrain_paths(monkeypatch, paths):
     assert args[1:] == (Path("f"), Path("b"), Path("a"), Path("o"))
 
 
-def test_train_paths(monkeypatch, paths):
-    args, kwargs = _run(monkeypatch, "fgclip.train.loop", "train", ["train"])
+def test_train_paths(monkeypatch, local_params, tmp_path):
+    paths = load_params(local_params).paths
+    run = functools.partial(_run, monkeypatch, "fgclip.train.loop", "train", params_file=local_params)
+    args, kwargs = run(["train"])
     stand_in = str(paths.stand_in)  # model.pretrained is null
     assert args[1:] == (paths.frames, paths.boxes, stand_in, paths.model, paths.checkpoints, paths.health)
     assert (kwargs["metrics_path"], kwargs["loss_csv"]) == (paths.train_metrics, paths.loss_curve)
-    argv = ["train", "--frames", "f", "--boxes", "b", "--model", "openai/clip-vit-base-patch32", "--out", "o"]
+    argv = ["train", "--frames", "f", "--boxes", "b", "--model", stand_in, "--out", "o"]
     argv += ["--checkpoints", "c", "--health", "h", "--metrics", "m", "--loss-curve", "l"]
-    args, kwargs = _run(monkeypatch, "fgclip.train.loop", "train", argv)
-    assert args[1:] == (Path("f"), Path("b"), "openai/clip-vit-base-patch32", Path("o"), Path("c"), Path("h"))
+    args, kwargs = run(argv)
+    assert args[1:] == (Path("f"), Path("b"), stand_in, Path("o"), Path("c"), Path("h"))
     assert (kwargs["metrics_path"], kwargs["loss_csv"]) == (Path("m"), Path("l"))
     # An empty value (an unset shell variable) is the default, never the working directory.
-    args, _ = _run(monkeypatch, "fgclip.train.loop", "train", ["train", "--out", "", "--health", ""])
+    args, _ = run(["train", "--out", "", "--health", ""])
     assert (args[4], args[6]) == (paths.model, paths.health)
+    # A hub id is passed on as given, once the (offline) cache holds it.
+    _cached_hub_model(monkeypatch, tmp_path / "hf-cache", HUB_ID)
+    args, _ = run(["train", "--model", HUB_ID])
+    assert args[3] == HUB_ID
+
+
+def _cached_hub_model(monkeypatch, cache: Path, repo_id: str) -> None:
+    """A Hugging Face cache holding ``repo_id``'s config.json, laid out as the hub client writes it, offline."""
+    from huggingface_hub import constants
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    # The client reads both from the environment when it is imported: too late for a setenv here.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 def test_a_renamed_params_key_says_its_new_name(tmp_path, capsys):
@@ -129,21 +172,34 @@ def test_a_renamed_params_key_says_its_new_name(tmp_path, capsys):
     assert "sample.max_frames is now sample.max_video_frames" in capsys.readouterr().err
 
 
-def test_evaluate_paths(monkeypatch, paths, tmp_path):
-    args, kwargs = _run(monkeypatch, "fgclip.eval.evaluate", "evaluate", ["evaluate"])
-    pretrained = model_source(str(paths.stand_in))  # a Path once the pretrain stage has run
-    expected = (paths.frames, paths.model, pretrained, paths.data_root, paths.eval_metrics, paths.scores)
-    assert args[1:] == expected
+def test_evaluate_paths(monkeypatch, local_params, tmp_path):
+    paths = load_params(local_params).paths
+    run = functools.partial(
+        _run, monkeypatch, "fgclip.eval.evaluate", "evaluate", params_file=local_params, training_run=None
+    )
+    args, kwargs = run(["evaluate"])
+    expected = (paths.frames, paths.model, paths.stand_in, paths.data_root, paths.eval_metrics, paths.scores)
+    assert args[1:] == expected  # the stand-in directory, as a Path
     assert kwargs == {"roc_path": paths.roc, "boxes_dir": paths.boxes}
-    argv = ["evaluate", "--frames", "f", "--model", "m", "--pretrained", str(tmp_path), "--data-root", "r"]
+    argv = [
+        "evaluate",
+        "--frames",
+        "f",
+        "--model",
+        "m",
+        "--pretrained",
+        str(paths.stand_in),
+        "--data-root",
+        "r",
+    ]
     argv += ["--out", "o", "--scores", "s", "--roc", "c", "--boxes", "b"]
-    args, kwargs = _run(monkeypatch, "fgclip.eval.evaluate", "evaluate", argv)
-    assert args[1:] == (Path("f"), Path("m"), tmp_path, Path("r"), Path("o"), Path("s"))
+    args, kwargs = run(argv)
+    assert args[1:] == (Path("f"), Path("m"), paths.stand_in, Path("r"), Path("o"), Path("s"))
     assert kwargs == {"roc_path": Path("c"), "boxes_dir": Path("b")}
     # A name that is nothing on disk is a hub id, passed on as a string.
-    argv = ["evaluate", "--pretrained", "openai/clip-vit-base-patch32"]
-    args, _ = _run(monkeypatch, "fgclip.eval.evaluate", "evaluate", argv)
-    assert args[3] == "openai/clip-vit-base-patch32"
+    _cached_hub_model(monkeypatch, tmp_path / "hf-cache", HUB_ID)
+    args, _ = run(["evaluate", "--pretrained", HUB_ID])
+    assert args[3] == HUB_ID
 
 
 def test_region_loss_paths(monkeypatch, paths):
@@ -155,3 +211,83 @@ def test_region_loss_paths(monkeypatch, paths):
         format_breakdown=lambda result, top: "",
     )
     assert args[1:] == (paths.model, paths.frames, paths.boxes)
+
+
+# --- every user mistake: one line on stderr, rc 1, in seconds, before anything heavy -----------
+
+NAN = float("nan")
+MISTAKES = {
+    "patch_size 0": (["train"], {"model": {"patch_size": 0}}, "model.patch_size: Input should be greater"),
+    "negative image_size": (["train"], {"model": {"image_size": -64}}, "model.image_size: Input should be"),
+    "NaN lr": (["train"], {"train": {"lr": NAN}}, "train.lr: Input should be a finite number"),
+    "negative lr": (["train"], {"train": {"lr": -1e-4}}, "train.lr: Input should be greater than 0"),
+    "invalid cron": (["serve"], {"orchestration": {"cron": "0 25 * * *"}}, "hour field '25' is not valid"),
+    "num_frames > max_frames": (["train"], {"train": {"num_frames": 40}}, "exceeds model.max_frames=32"),
+    "run_name escapes": (["train"], {"train": {"run_name": "../../x"}}, "must be a plain directory name"),
+    "tracking server down": (
+        ["train"], {"tracking": {"uri": "http://127.0.0.1:9/"}},
+        "MLflow tracking server http://127.0.0.1:9/ is not reachable",
+    ),
+    "sqlite under a file": (
+        ["train"], {"tracking": {"uri": "sqlite:///{tmp}/params.yaml/mlflow.db"}}, "params.yaml is not a directory"
+    ),
+    "missing directory": (
+        ["train"], {"model": {"pretrained": "{tmp}/nope/clip"}}, "nope/clip: pretrained CLIP directory not found"
+    ),
+    "typo of a directory": (
+        ["train"], {"model": {"pretrained": "models/clip-pretrainde"}}, "clip-pretrainde: pretrained CLIP directory"
+    ),
+    "hub id, offline, not cached": (
+        ["train"], {"model": {"pretrained": HUB_ID}}, "not in the Hugging Face cache",
+    ),
+    "hub unreachable": (
+        ["evaluate"], {"model": {"pretrained": HUB_ID}}, "the Hugging Face hub http://127.0.0.1:9 is not reachable"
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_a_user_mistake_is_one_line(mistake, local_params, tmp_path):
+    argv, sections, message = MISTAKES[mistake]
+    raw = yaml.safe_load(local_params.read_text())
+    for section, values in sections.items():
+        raw[section].update(
+            {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in values.items()}
+        )
+    local_params.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "TRANSFORMERS_"))}
+    env["HF_HUB_CACHE"] = str(tmp_path / "hf-cache")  # empty: nothing of the hub is cached
+    # Only loopback is contacted: the hub is either off or a port where nothing listens.
+    env["HF_HUB_OFFLINE" if mistake == "hub id, offline, not cached" else "HF_ENDPOINT"] = (
+        "1" if mistake == "hub id, offline, not cached" else "http://127.0.0.1:9"
+    )
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fgclip.cli", *argv, "--params", str(local_params)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"fgclip {argv[0]}: error: "), proc.stderr[-3000:]
+    assert message in lines[0]
+    assert elapsed < 60  # seconds (imports on a loaded machine), not the minutes of retries
+
+
+def test_evaluate_checks_the_training_runs_server_first(local_params, capsys):
+    """The metrics go to the run in run.json: a server that is down fails at once, not after scoring."""
+    model_dir = load_params(local_params).paths.model
+    model_dir.mkdir(parents=True)
+    (model_dir / "run.json").write_text(json.dumps({"run_id": "r", "tracking_uri": "http://127.0.0.1:9"}))
+    # Imported before the clock starts: torch alone takes seconds on a loaded machine.
+    import fgclip.eval.evaluate
+    import fgclip.train.tracking  # noqa: F401
+
+    start = time.monotonic()
+    assert main(["evaluate", "--params", str(local_params)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "fgclip evaluate: error: MLflow tracking server http://127.0.0.1:9 is not reachable"
+    )
+    assert f"set the tracking_uri of {model_dir / 'run.json'}" in line
+    assert time.monotonic() - start < 10

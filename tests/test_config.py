@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fgclip.config import Params, Paths, load_params, model_source
 
@@ -93,10 +94,101 @@ def test_model_source_local_path_or_hub_id(tmp_path):
     model_dir.mkdir()
     model_file.write_bytes(b"x")
     assert model_source(HUB_ID) == HUB_ID and isinstance(model_source(HUB_ID), str)
-    assert model_source(str(tmp_path / "missing")) == str(tmp_path / "missing")  # a name nothing on disk has
+    assert model_source("clip-vit-base") == "clip-vit-base"  # a hub id without a namespace
     assert model_source(str(model_dir)) == model_dir  # a string naming a directory
     assert model_source(str(model_file)) == model_file  # local, though not a model directory
     assert model_source(tmp_path / "missing") == tmp_path / "missing"  # a Path is always local
+
+
+def test_a_missing_path_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    """Reported as a missing directory, not as a malformed or unknown hub id (81 lines of traceback)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for missing in (
+        str(tmp_path / "missing"),
+        "./clip",
+        "../clip",
+        "~/clip",
+        "a/b/c",
+        "models/clip-pretrainde",
+    ):
+        assert model_source(missing) == Path(missing), missing
+    assert model_source("modelz/clip") == "modelz/clip"  # `modelz` is nothing here: a hub id
+
+
+def test_check_model_source_local_directory(tmp_path):
+    from fgclip.config import ModelSourceError, check_model_source
+
+    model_dir = tmp_path / "clip"
+    model_dir.mkdir()
+    with pytest.raises(ModelSourceError, match="not a Hugging Face model directory \\(no config.json\\)"):
+        check_model_source(model_dir)
+    (model_dir / "config.json").write_text("{}")
+    assert check_model_source(str(model_dir)) == model_dir
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelSourceError, match="pretrained CLIP directory not found \\(it is a file\\)"):
+        check_model_source(str(tmp_path / "weights.bin"))
+    with pytest.raises(ModelSourceError, match="missing: pretrained CLIP directory not found: give"):
+        check_model_source(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("model", "patch_size", 0, "model.patch_size: Input should be greater than or equal to 1 (got 0)"),
+        (
+            "model",
+            "image_size",
+            -64,
+            "model.image_size: Input should be greater than or equal to 1 (got -64)",
+        ),
+        ("model", "image_size", 60, "model.image_size=60 must be a multiple of model.patch_size=8"),
+        ("model", "text_heads", 5, "model.text_heads=5 must divide model.text_hidden=96"),
+        ("train", "lr", float("nan"), "train.lr: Input should be a finite number (got nan)"),
+        ("train", "lr", -0.001, "train.lr: Input should be greater than 0 (got -0.001)"),
+        ("train", "lr", 0, "train.lr: Input should be greater than 0 (got 0)"),
+        ("pretrain", "lr", float("inf"), "pretrain.lr: Input should be a finite number (got inf)"),
+        ("train", "num_frames", 40, "train.num_frames=40 exceeds model.max_frames=32"),
+        ("evaluate", "window_snippets", 33, "evaluate.window_snippets=33 exceeds model.max_frames=32"),
+        ("train", "run_name", "../../x", "train.run_name '../../x' must be a plain directory name"),
+        ("train", "run_name", "runs/a", "train.run_name 'runs/a' must be a plain directory name"),
+        ("train", "run_name", "..", "train.run_name '..' must be a plain directory name"),
+        (
+            "orchestration",
+            "cron",
+            "61 2 * * *",
+            "orchestration.cron '61 2 * * *': minute field '61' is not valid",
+        ),
+        ("orchestration", "cron", "0 2 * * 9", "orchestration.cron '0 2 * * 9': day-of-week field '9'"),
+        ("orchestration", "cron", "*/0 * * * *", "minute field '*/0' is not valid"),
+    ],
+)
+def test_a_bad_value_is_one_line_at_load(tmp_path, section, key, value, message):
+    """Each of these used to load, then fail minutes later with a traceback (or, run_name, write elsewhere)."""
+    from fgclip.config import ParamsError
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw[section][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cron_check_agrees_with_the_scheduler():
+    """The same verdict as Prefect's croniter, which reads the schedule only when the flow is served."""
+    croniter = pytest.importorskip("prefect._vendor.croniter").croniter
+    from fgclip.config import OrchestrationConfig
+
+    crons = ["0 2 * * *", "*/15 1-5 * * 1,3", "5/15 * * * *", "1-5/2 * * * *", "0 0 * * 7", "5-1 * * * *",
+             "0 24 * * *", "0 0 0 * *", "0 0 * 13 *", "0 0 * * 8", "1- * * * *", "*/0 * * * *", "1,,2 * * * *"]  # fmt: skip
+    for cron in crons:
+        try:
+            OrchestrationConfig(cron=cron)
+            ours = True
+        except ValueError:
+            ours = False
+        assert ours == croniter.is_valid(cron), cron
 
 
 def test_every_caller_applies_the_model_source_rule(tmp_path):

@@ -150,6 +150,27 @@ def _tokenize_captions(tokenizer: PreTrainedTokenizerBase, texts: list[str], max
     return _Captions(ids, mask, torch.from_numpy(caption_ids(texts)), texts)
 
 
+def _warn_short_videos(frame_counts: np.ndarray, params: Params, split: str) -> None:
+    """Say so when videos have fewer extracted frames than a clip takes: their clips repeat frames.
+
+    A warning, not an error: a few short videos (or a short ``timestamps`` window of a
+    normal video) are normal in a real dataset, and a repeated frame is still that video.
+    """
+    short = frame_counts < params.train.num_frames
+    if short.any():
+        logger.warning(
+            "train.num_frames=%d but %d of %d %s videos have fewer extracted frames (fewest %d; "
+            "frames.train_frames_per_video=%d): their clips repeat frames. Raise "
+            "frames.train_frames_per_video and re-run extract_frames, or lower train.num_frames",
+            params.train.num_frames,
+            int(short.sum()),
+            len(frame_counts),
+            split,
+            int(frame_counts.min()),
+            params.frames.train_frames_per_video,
+        )
+
+
 class VideoClipDataset(Dataset):
     """One item per video of ``split``: frames, global caption, regions on keyframes.
 
@@ -187,6 +208,7 @@ class VideoClipDataset(Dataset):
         frame_videos = frames["video"].to_numpy(zero_copy_only=False)
         self.frame_start, self.frame_count = _group_starts(frame_videos)
         self.videos: list[str] = frame_videos[self.frame_start].tolist()
+        _warn_short_videos(self.frame_count, params, split)
         self.frame_paths = frames["path"].to_numpy(zero_copy_only=False)
 
         box_videos = boxes["video"].to_numpy(zero_copy_only=False)

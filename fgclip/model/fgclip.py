@@ -119,9 +119,18 @@ def clip_config(
     )
 
 
+class CLIPLoadError(FGClipError, OSError):
+    """A pretrained CLIP that transformers could not load (an OSError, as transformers raises)."""
+
+
 def load_clip(name_or_path: str | os.PathLike) -> CLIPModel:
     """A pretrained ``CLIPModel``: a local directory or a hub id (safetensors weights only)."""
-    return CLIPModel.from_pretrained(str(name_or_path), use_safetensors=True)
+    try:
+        return CLIPModel.from_pretrained(str(name_or_path), use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        # transformers' own text runs to several lines; its first one says what is missing.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIPLoadError(f"{name_or_path}: cannot load a CLIP model: {first}") from exc
 
 
 def stretch_position_embeddings(

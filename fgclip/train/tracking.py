@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-from fgclip.config import Params
+from fgclip.config import Params, http_status
 from fgclip.errors import FGClipError
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,48 @@ def _client(tracking_uri: str) -> MlflowClient:
         # The db's directory must exist before SQLAlchemy can create the file.
         db.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+class TrackingUnavailable(FGClipError):
+    """The tracking store cannot be used: a server that does not answer, a directory not writable."""
+
+
+# Seconds to wait for a tracking server's answer: MLflow itself retries for about four minutes.
+PROBE_TIMEOUT_S = 3.0
+
+
+def check_tracking(tracking_uri: str, origin: str = "tracking.uri or MLFLOW_TRACKING_URI") -> None:
+    """Fail in seconds, before any model or data is loaded, when ``tracking_uri`` cannot be written to.
+
+    An http(s) server must answer (any HTTP status); a sqlite or file store needs its
+    directory, or the nearest existing parent of it, to be a writable directory. Other
+    stores (databricks, a database server) are left to MLflow. ``origin`` says where
+    the URI came from, for the message.
+    """
+    scheme = urlsplit(tracking_uri).scheme.lower()
+    fix = f"set {origin} to a store this process can reach and write"
+    if scheme in ("http", "https"):
+        _, why = http_status(tracking_uri.rstrip("/") + "/health", PROBE_TIMEOUT_S)
+        if why is not None:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {tracking_uri} is not reachable ({why}): start it, or {fix}"
+            )
+        return
+    db = _sqlite_db(tracking_uri)
+    if db is not None:
+        store = db.parent
+    elif scheme == "file":
+        store = Path(urlsplit(tracking_uri).path)
+    elif not scheme or len(scheme) == 1:  # a plain path (or a Windows drive) is a file store
+        store = Path(tracking_uri)
+    else:
+        return
+    existing = next(p for p in (store, *store.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not existing.is_dir() else "is not writable"
+        raise TrackingUnavailable(f"tracking URI {tracking_uri}: {existing} {what}: {fix}")
+    if db is not None and db.exists() and (not db.is_file() or not os.access(db, os.W_OK)):
+        raise TrackingUnavailable(f"tracking URI {tracking_uri}: {db} is not a writable file: {fix}")
 
 
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:

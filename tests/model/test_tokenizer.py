@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from fgclip.model.tokenizer import build_tokenizer, load_tokenizer, tokenize
+from fgclip.model.tokenizer import build_tokenizer, character_inventory, load_tokenizer, tokenize
 
 
 def test_special_ids_and_eos_is_not_two(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -27,9 +27,10 @@ def test_special_ids_and_eos_is_not_two(tokenizer: PreTrainedTokenizerFast) -> N
 def test_vocab_ordered_by_frequency_then_alphabet() -> None:
     tok = build_tokenizer(["b a c", "c b", "c", "Zed"])
     vocab = tok.get_vocab()
-    # c x3, b x2, then a and zed (x1) alphabetically; "Zed" is lowercased.
+    # c x3, b x2, then a and zed (x1) alphabetically; "Zed" is lowercased. The CJK characters follow.
     assert [vocab[w] for w in ("c", "b", "a", "zed")] == [4, 5, 6, 7]
-    assert len(tok) == 8
+    assert len(tok) == 8 + len(character_inventory())
+    assert vocab["一"] > 7
     assert build_tokenizer(["Zed", "c", "c b", "b a c"]).get_vocab() == vocab
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +121,76 @@ def test_resuming_an_unknown_run_starts_a_new_one(store, caplog: pytest.LogCaptu
     assert run_id != "0123456789abcdef0123456789abcdef"
     assert "starting a new run" in caplog.text
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [3]
+
+
+# --- the store is checked before training starts: seconds, not MLflow's four minutes of retries ----
+
+
+@pytest.fixture
+def http_server():
+    """A real HTTP server on a loopback port that answers every GET with ``status``."""
+    servers = []
+
+    def start(status: int) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_answers_passes(http_server) -> None:
+    tracking.check_tracking(http_server(200))
+    tracking.check_tracking(http_server(404) + "/")  # an answer, even a 404, is a server
+
+
+def test_a_server_that_is_down_fails_at_once() -> None:
+    with socket.socket() as s:  # a port nothing listens on once this socket closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable) as err:
+        tracking.check_tracking(f"http://127.0.0.1:{port}", origin="tracking.uri")
+    assert time.monotonic() - start < 2
+    assert str(err.value) == (
+        f"MLflow tracking server http://127.0.0.1:{port} is not reachable ([Errno 111] Connection refused): "
+        "start it, or set tracking.uri to a store this process can reach and write"
+    )
+
+
+def test_a_server_that_never_answers_fails_within_the_timeout(monkeypatch) -> None:
+    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 0.5)
+    with socket.socket() as listener:  # accepts connections (the backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        start = time.monotonic()
+        with pytest.raises(tracking.TrackingUnavailable, match="is not reachable \\(timed out\\)"):
+            tracking.check_tracking(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert time.monotonic() - start < 2
+
+
+def test_a_local_store_needs_a_writable_directory(tmp_path: Path) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for uri in (f"sqlite:///{a_file}/mlflow.db", f"file://{a_file}/mlruns", f"{a_file}/mlruns"):
+        with pytest.raises(tracking.TrackingUnavailable, match=f"{a_file} is not a directory"):
+            tracking.check_tracking(uri)
+    (tmp_path / "mlflow.db").mkdir()
+    with pytest.raises(tracking.TrackingUnavailable, match="mlflow.db is not a writable file"):
+        tracking.check_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # Directories still to be created are fine: MLflow (and _client) create them.
+    for uri in (f"sqlite:///{tmp_path / 'new' / 'deeper' / 'mlflow.db'}", str(tmp_path / "mlruns")):
+        tracking.check_tracking(uri)
+    tracking.check_tracking("postgresql://user@db.invalid/mlflow")  # other stores: left to MLflow
