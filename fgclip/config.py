@@ -383,23 +383,32 @@ def check_model_source(source: str | os.PathLike, timeout: float = HUB_PROBE_TIM
         if not (found / "config.json").is_file():
             raise ModelSourceError(f"{source}: not a Hugging Face model directory (no config.json)")
         return found
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants, get_token, try_to_load_from_cache
 
+    cached = isinstance(try_to_load_from_cache(found, "config.json"), str)
     if constants.HF_HUB_OFFLINE:
-        if not isinstance(try_to_load_from_cache(found, "config.json"), str):
+        if not cached:
             raise ModelSourceError(
                 f"{found}: hub id not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                 "HF_HUB_OFFLINE is set: download it once with network access, or give a local model directory"
             )
         return found
     status, why = http_status(f"{constants.ENDPOINT}/api/models/{found}", timeout)
+    if why is not None and cached:
+        # The Hugging Face client falls back to its cache when the hub is out of reach.
+        return found
     if why is not None:
         raise ModelSourceError(
             f"{found}: the Hugging Face hub {constants.ENDPOINT} is not reachable ({why}): "
             "set HF_HUB_OFFLINE=1 to use a cached copy, or give a local model directory"
         )
-    if status == 404:
-        raise ModelSourceError(f"{found}: neither a local directory nor a model on {constants.ENDPOINT}")
+    # The hub answers an unauthenticated request for a repository it does not have (or a
+    # private one) with 401; with a token the probe cannot tell, and loading will.
+    if not cached and (status == 404 or (status == 401 and get_token() is None)):
+        raise ModelSourceError(
+            f"{found}: neither a local directory nor a model on {constants.ENDPOINT} "
+            "(a private model needs `huggingface-cli login` or HF_TOKEN)"
+        )
     return found
 
 

@@ -221,3 +221,45 @@ def test_dataset_files_must_be_relative_to_the_data_root():
     """dvc.yaml joins ${data.root}/${data.annotations}: an absolute name would be another file there."""
     with pytest.raises(ValueError, match=r"data\.annotations must be relative to data\.root"):
         load_params(REPO / "params.yaml").with_overrides(data={"annotations": "/elsewhere/ann.json"})
+
+
+def test_hub_probe_answers_401_as_unknown_and_a_cached_model_survives_an_unreachable_hub(
+    tmp_path, monkeypatch
+):
+    """A loopback 'hub' that answers 401 (the hub's answer for an unknown repo without a token)."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from fgclip.config import ModelSourceError, check_model_source
+
+    class Unauthorized(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(ModelSourceError, match="neither a local directory nor a model on"):
+            check_model_source("someone/no-such-clip", timeout=2)
+    finally:
+        server.shutdown()
+    # The same id in the cache, the hub out of reach: the client would load the cached copy.
+    repo = tmp_path / "cache" / "models--someone--no-such-clip"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert check_model_source("someone/no-such-clip", timeout=2) == "someone/no-such-clip"

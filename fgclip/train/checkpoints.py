@@ -286,7 +286,7 @@ def save_checkpoint(
             "(or make it writable) and rerun to resume"
         ) from exc
     _fsync(run_dir)
-    _apply_retention(run_dir, keep)
+    _apply_retention(run_dir, keep, step)
     logger.info("Saved checkpoint %s", final)
     return final
 
@@ -567,8 +567,15 @@ def select_kept(
     return kept, best
 
 
-def _apply_retention(run_dir: Path, keep: int) -> None:
-    complete = _complete_checkpoints(run_dir, warn=False)
+def _apply_retention(run_dir: Path, keep: int, saved_step: int) -> None:
+    """Retention after saving ``saved_step``, among the checkpoints up to that step.
+
+    Later steps are not this run's history: a resume that skipped broken checkpoints
+    (or ignored them, resume=False) left them behind. Counted, they would take the
+    newest-K and best slots and delete the checkpoint just saved; they are left alone,
+    and the run overwrites them when it reaches their step.
+    """
+    complete = [c for c in _complete_checkpoints(run_dir, warn=False) if c[0] <= saved_step]
     if not complete:
         return
     kept, best = select_kept(complete, keep, complete[-1][2]["fingerprint"])

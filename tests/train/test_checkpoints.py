@@ -228,6 +228,17 @@ def test_retention_also_keeps_the_lowest_loss_of_this_configuration(tmp_path: Pa
     assert _names(other) == ["checkpoint-000002", "checkpoint-000003"]
 
 
+def test_a_save_behind_later_checkpoints_is_never_deleted_by_them(tmp_path: Path) -> None:
+    """A run resumed past broken later checkpoints: those must not push out what it saves."""
+    params, parts = Params(), _parts(0)
+    for step in (4, 5):
+        _save(tmp_path, step, parts, params, keep=2, loss=0.01)  # say both later turned out broken
+    _save(tmp_path, 1, parts, params, keep=1, loss=0.9)
+    _save(tmp_path, 2, parts, params, keep=1, loss=0.8)
+    # The newest and best up to step 2 is step 2; 4 and 5 are left for the run to overwrite.
+    assert _names(tmp_path) == ["checkpoint-000002", "checkpoint-000004", "checkpoint-000005"]
+
+
 def test_select_kept_breaks_ties_towards_the_newer_and_ignores_non_finite() -> None:
     ckpts = [
         (1, Path("c1"), {"fingerprint": "a", "loss": 0.3}),
