@@ -287,25 +287,9 @@ def _done_markers(out: Path) -> list[Path]:
 
 def test_resume_after_kill(tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tmp_path: Path):
     """SIGKILL the real CLI once some videos are done; a rerun completes them, identical to a clean run."""
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(tiny_params.model_dump(mode="json", exclude={"base_dir"})))
     out = tmp_path / "frames"
     # niced: on a busy machine the poll below still gets to kill it halfway
-    cmd = [
-        "nice",
-        "-n",
-        "10",
-        sys.executable,
-        "-m",
-        "fgclip.cli",
-        "extract-frames",
-        "--params",
-        str(params_file),
-        "--data-root",
-        str(tiny_sample),
-        "--out",
-        str(out),
-    ]
+    cmd = ["nice", "-n", "10", *_extract_cli(tiny_params, tiny_sample, out, tmp_path)]
     log = tmp_path / "stderr.log"
     # Its own session: the kill takes the whole process group, as a scheduler or OOM killer would.
     with log.open("w") as stderr:
@@ -398,6 +382,7 @@ def test_long_video_in_bounded_memory(long_video: Path, tmp_path: Path):
 
 
 def _extract_cli(params: Params, root: Path, out: Path, tmp_path: Path) -> list[str]:
+    """The real `fgclip extract-frames` command line, with ``params`` written to a params file."""
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", exclude={"base_dir"})))
     return [
