@@ -1,4 +1,4 @@
-"""Contrastive losses of the video FG-CLIP: global (video-caption) and region.
+"""Losses of the video FG-CLIP: global (video-caption), region, and hard negatives.
 
 Both are symmetric InfoNCE over L2-normalised features with logits
 ``exp(logit_scale) * cosine``. Two details matter on this data:
@@ -17,6 +17,10 @@ Both are symmetric InfoNCE over L2-normalised features with logits
   known to carry the anchor's caption. (Masking only columns that share an id
   with the anchor misses half of it: the frame with a red and a blue walker was
   pushed away from "a person in blue walks" queued from another video.)
+- The hard-negative loss (FG-CLIP v1) is a per-region classification, not a
+  contrastive one: each region against its own positive caption and its hard
+  negatives (captions with one attribute swapped), cross-entropy with the
+  positive as class 0. It needs no other row, so no gather.
 - Under DDP each rank scores its own rows against every rank's columns. The last
   batch of an epoch can be smaller on some ranks (FG-CLIP's gather crashes on
   that), so sizes are exchanged first and the padded gather is trimmed.
@@ -53,6 +57,7 @@ class LossResult(NamedTuple):
     loss: torch.Tensor
     loss_global: torch.Tensor
     loss_region: torch.Tensor
+    loss_hardneg: torch.Tensor
     logits_i2t: torch.Tensor  # region logits; the global ones when the batch has no region
     region_row_losses: torch.Tensor  # [M] detached, one per region (see ContrastiveResult)
     # Every rank's regions of this batch (detached, gathered under DDP): what the bank queues.
@@ -192,9 +197,10 @@ def _symmetric_info_nce(
     """Local rows ``image``/``text`` against columns ``*_cols``, whose rows ``offset…`` are the positives."""
     n = image.shape[0]
     if n == 0:
-        # No pair on this rank: a zero that still reaches every input, so backward
-        # (and DDP's gradient bookkeeping) behaves as on any other step.
-        zero = image.sum() * 0 + text.sum() * 0 + logit_scale * 0
+        # No pair on this rank: a zero that still reaches every input, the gathered
+        # columns included. Their backward is a collective (the all_gather's
+        # reduce-scatter): a rank that skipped it would leave the others waiting.
+        zero = (image.sum() + text.sum() + image_cols.sum() + text_cols.sum() + logit_scale) * 0
         empty = image.new_zeros((0, image_cols.shape[0]))
         return ContrastiveResult(zero, empty, empty, image.new_zeros(0, dtype=torch.float32))
     scale = logit_scale.exp()
@@ -276,6 +282,40 @@ def _gathered_loss(
     return result, image_all, text_all, ids_all
 
 
+def hard_negative_loss(
+    image: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    present: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FG-CLIP's hard-negative loss: ``1 + N``-way cross-entropy per region, the positive at 0.
+
+    Args:
+        image: ``[M, D]`` region features; positive: ``[M, D]`` their captions.
+        negatives: ``[M, N, D]`` hard-negative captions; present: ``[M, N]`` which exist
+            (regions carry different numbers; absent ones are masked out of the softmax).
+        logit_scale: log temperature (clamped); logits = ``exp(logit_scale) * cosine``.
+
+    Returns the mean over regions with at least one negative (a zero that still
+    reaches every input when there is none: DDP expects the scale's gradient on
+    every rank), and ``[M]`` detached "the positive outranks every negative".
+    """
+    scale = logit_scale.exp()
+    has = present.any(dim=1)
+    pos = (image * positive).sum(dim=-1, keepdim=True)  # [M, 1]
+    neg = torch.einsum("md,mnd->mn", image, negatives.to(image.dtype))
+    logits = scale * torch.cat([pos, neg], dim=1)
+    columns = torch.cat([torch.ones_like(has)[:, None], present], dim=1)  # the positive always counts
+    masked = logits.masked_fill(~columns, float("-inf"))
+    wins = (pos.detach() > neg.detach().masked_fill(~present, float("-inf"))).all(dim=1) & has
+    if not has.any():
+        zero = (image.sum() + positive.sum() + negatives.sum() + logit_scale) * 0
+        return zero, wins
+    targets = torch.zeros(int(has.sum()), dtype=torch.long, device=image.device)
+    return F.cross_entropy(masked[has], targets), wins
+
+
 def global_loss(
     video: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor | None = None
 ) -> ContrastiveResult:
@@ -288,7 +328,9 @@ def global_loss(
 
 
 class FGCLIPLoss(nn.Module):
-    """Global loss + ``region_weight`` × region loss, with the memory bank's negatives when given.
+    """Global + ``region_weight`` × region + ``hardneg_weight`` × hard-negative loss.
+
+    The region loss takes the memory bank's negatives when given.
 
     A pure function of the model output and the negatives: it neither reads nor
     advances the bank. The training step (``fgclip.train.step``) fetches the
@@ -296,9 +338,10 @@ class FGCLIPLoss(nn.Module):
     batch is never its own negative.
     """
 
-    def __init__(self, region_weight: float) -> None:
+    def __init__(self, region_weight: float, hardneg_weight: float = 0.0) -> None:
         super().__init__()
         self.region_weight = region_weight
+        self.hardneg_weight = hardneg_weight
 
     def forward(self, out: FGCLIPOutput, negatives: RegionFeatures | None = None) -> LossResult:
         glob = global_loss(out.video_embeds, out.text_embeds, out.logit_scale_global, out.caption_ids)
@@ -317,10 +360,19 @@ class FGCLIPLoss(nn.Module):
             extra_ids=None if negatives is None else negatives.ids,
         )
         has_regions = out.region_image_embeds.shape[0] > 0
+        m, dim = out.region_image_embeds.shape
+        negatives, present = out.hardneg_text_embeds, out.hardneg_mask
+        if negatives is None:
+            negatives = out.region_image_embeds.new_zeros((m, 0, dim))
+            present = torch.zeros((m, 0), dtype=torch.bool, device=out.region_image_embeds.device)
+        hardneg, _ = hard_negative_loss(
+            out.region_image_embeds, out.region_text_embeds, negatives, present, out.logit_scale_hardneg
+        )
         return LossResult(
-            loss=glob.loss + self.region_weight * region.loss,
+            loss=glob.loss + self.region_weight * region.loss + self.hardneg_weight * hardneg,
             loss_global=glob.loss,
             loss_region=region.loss,
+            loss_hardneg=hardneg,
             logits_i2t=region.logits_i2t if has_regions else glob.logits_i2t,
             region_row_losses=region.row_losses,
             regions=RegionFeatures(image_all.detach(), text_all.detach(), ids_all),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import queue as queue_module
+import time
 
 import pytest
 import torch
@@ -16,7 +18,11 @@ from model_ddp_worker import (
     JOINED_SIZES,
     REGION_SIZES,
     ddp_worker,
+    flat_grads,
     free_port,
+    project,
+    region_inputs,
+    region_projection,
     unit,
 )
 
@@ -121,6 +127,7 @@ def _output(n_regions: int, seed: int, scale: float = LN_100, region_ids=None) -
         zero_norm_frac=0.0,
         logit_scale_global=s_global,
         logit_scale_region=s_region,
+        logit_scale_hardneg=torch.tensor(scale, requires_grad=True),
     )
 
 
@@ -314,7 +321,16 @@ def _sum_of_rank_losses_grad(video: torch.Tensor, text: torch.Tensor, ids: torch
     return video.grad
 
 
-def test_global_loss_across_uneven_ranks_matches_single_process() -> None:
+DDP_DEADLINE_S = 60.0  # both workers report and exit within this, or the run has hung
+
+
+@pytest.fixture(scope="module")
+def ddp_results() -> dict[int, dict]:
+    """Run ``ddp_worker`` on 2 gloo ranks once (spawning is the slow part): ``{rank: report}``.
+
+    Fails clearly, never hangs: a worker that raised reports its traceback, one that
+    died is named with its exit code, and one still running at the deadline is killed.
+    """
     # spawn, not fork: forking a process whose torch thread pools already ran deadlocks.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -322,13 +338,37 @@ def test_global_loss_across_uneven_ranks_matches_single_process() -> None:
     workers = [ctx.Process(target=ddp_worker, args=(rank, 2, port, queue)) for rank in range(2)]
     for w in workers:
         w.start()
+    deadline = time.monotonic() + DDP_DEADLINE_S
+    results: dict[int, dict] = {}
     try:
-        results = dict(queue.get(timeout=120) for _ in workers)
+        while len(results) < len(workers):
+            try:
+                rank, report = queue.get(timeout=0.5)
+                results[rank] = report
+                continue
+            except queue_module.Empty:
+                pass
+            died = [r for r, w in enumerate(workers) if r not in results and w.exitcode not in (None, 0)]
+            if died:
+                pytest.fail(f"DDP rank(s) {died} died: exit codes {[w.exitcode for w in workers]}")
+            if time.monotonic() > deadline:
+                silent = sorted(set(range(len(workers))) - set(results))
+                pytest.fail(f"DDP ranks hung: no report from rank(s) {silent} in {DDP_DEADLINE_S} s")
+        for w in workers:
+            w.join(timeout=max(1.0, deadline - time.monotonic()))
+        assert [w.exitcode for w in workers] == [0, 0], "a DDP worker did not exit cleanly"
     finally:
         for w in workers:
-            w.join(timeout=30)
-    assert [w.exitcode for w in workers] == [0, 0]
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+    errors = {r: report["error"] for r, report in results.items() if "error" in report}
+    assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
+    return results
 
+
+def test_global_loss_across_uneven_ranks_matches_single_process(ddp_results: dict[int, dict]) -> None:
+    results = ddp_results
     n = sum(GLOBAL_SIZES)
     video, text, ids = unit(n, seed=0), unit(n, seed=1), torch.tensor(GLOBAL_IDS)
     full = contrastive_loss(video, text, torch.tensor(LN_100), ids=ids)
@@ -356,3 +396,52 @@ def test_global_loss_across_uneven_ranks_matches_single_process() -> None:
     assert weighted == pytest.approx(joined.loss.item(), rel=1e-5)
     unjoined = contrastive_loss(unit(k, seed=4), unit(k, seed=5), torch.tensor(LN_100), ids=joined_ids[:, 0])
     assert joined.loss.item() != pytest.approx(unjoined.loss.item(), rel=1e-3)
+
+
+def _region_reference() -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One process, every rank's regions concatenated (rank 1 adds none): loss and its gradients."""
+    proj = region_projection()
+    scale = torch.tensor(LN_100, requires_grad=True)
+    image, text, ids = region_inputs()
+    loss = contrastive_loss(project(proj, image), project(proj, text), scale, ids=ids).loss
+    loss.backward()
+    return loss.item(), image.grad, text.grad, flat_grads([*proj.parameters(), scale])
+
+
+def test_rank_without_regions_joins_the_backward_collectives(ddp_results: dict[int, dict]) -> None:
+    # Both ranks ran forward + backward with region features that require grad (rank 1
+    # with none), then an all-reduce of the gradients and a barrier, in step: a rank
+    # out of step fails the worker (see ``ddp_results``), it never gets here.
+    rank0, rank1 = ddp_results[0]["region_grad"], ddp_results[1]["region_grad"]
+    loss, image_grad, text_grad, param_grad = _region_reference()
+    assert rank0["region"] == pytest.approx(loss, rel=1e-5)
+    assert rank1["region"] == 0.0
+    assert rank1["image_grad"] == rank1["text_grad"] == []  # [0, 8] gradients: connected, and empty
+    # Scaling. Rank r's loss L_r is the mean over its own rows, against every rank's
+    # columns; the all_gather's backward hands each rank the gradient of the SUM of all
+    # ranks' losses w.r.t. its rows (its own L_r plus the others', through the gathered
+    # columns). Here L_1 is a constant zero, so rank 0's raw region gradients are those
+    # of L_0, which is exactly the one-process loss of all rows (all are rank 0's): a
+    # factor 1, no division by the world size.
+    for name, reference in (("image_grad", image_grad), ("text_grad", text_grad)):
+        grad = torch.tensor(rank0[name])
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
+    # The parameters (projection and region scale): rank 1's own gradient is zero, so
+    # the all-reduced SUM is again the one-process gradient of L_0 + L_1 = L_0, on both
+    # ranks. (DDP divides that sum by the world size: it trains on (L_0 + L_1) / 2.)
+    torch.testing.assert_close(torch.tensor(rank1["local_param_grad"]), torch.zeros_like(param_grad))
+    for rank in (rank0, rank1):
+        torch.testing.assert_close(torch.tensor(rank["summed_param_grad"]), param_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_old_zero_rule_fails_as_a_collective_mismatch(ddp_results: dict[int, dict]) -> None:
+    # The same step under the rule before the fix (a zero that ignores the gathered
+    # columns): rank 1 skips the region all_gathers' backward and meets rank 0's next
+    # backward collective with its own next one. The DETAIL check catches it on both
+    # ranks at once (without it gloo aborts rank 1: "Is there a distributed collective
+    # mismatch in your code?").
+    for rank in (0, 1):
+        error = ddp_results[rank]["old_rule_error"]
+        assert error is not None, f"rank {rank}: the old zero rule went unnoticed"
+        assert "Detected mismatch between collectives" in error
