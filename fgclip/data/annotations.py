@@ -4,13 +4,21 @@ One JSON list entry per video::
 
     {"video": "Abuse001.mp4", "global_caption": "...", "region_captions": ["...", ...],
      "box_infos": [[{"frame": 192, "bbox": [x1, y1, x2, y2]}, ...], ...],  # one list per region
-     "timestamps": null}                                                   # or [start_s, end_s]
+     "timestamps": null,                                                   # or [start_s, end_s]
+     "region_negatives": [["...", ...], ...]}  # optional: negative captions, one list per region
+
+``region_negatives`` (optional) gives each region its own hard-negative captions (FG-CLIP
+carries 10 per box); a region whose entry is ``null`` or ``[]`` has none given, and box
+validation generates them (``hard_negatives.py``).
 
 Parsing is structural only: a ``NaN`` coordinate (Python's json accepts the token,
 and users' files contain it) is a well-formed number here and is rejected later by
 box validation with its own reason. Entries of the wrong shape become ``Malformed``
 rejects, at the finest level that keeps the rest usable: a bad keyframe entry drops
-that keyframe only; a bad record (missing keys, wrong types) drops the record.
+that keyframe only; a bad record (missing keys, wrong types) drops the record. Negatives
+are optional data: a ``region_negatives`` of the wrong shape never drops the record, only
+the negatives it gives (all of them, or one region's entry), as a ``Malformed`` whose
+``key`` names it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 from fgclip.errors import FGClipError
 
 REQUIRED_KEYS = ("video", "global_caption", "region_captions", "box_infos")
+NEGATIVES_KEY = "region_negatives"
 _NUMBER_TYPES = (int, float)
 
 
@@ -49,13 +58,18 @@ class AnnotationRecord:
     region_captions: tuple[str, ...]
     box_infos: tuple[tuple[Keyframe, ...], ...]  # empty, or one tuple of keyframes per region
     timestamps: tuple[float, float] | None
+    # One tuple of given negative captions per region (empty: none given for that region);
+    # None when the record gives no usable region_negatives at all.
+    region_negatives: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
 class Malformed:
     """An entry that cannot be used as written; ``raw`` is its JSON text.
 
-    ``region`` and ``keyframe`` are ``None`` when the whole record is malformed.
+    ``region`` and ``keyframe`` are ``None`` when the whole record is malformed. ``key`` names
+    an optional key whose value is malformed in a record that is kept (``region_negatives``;
+    ``region`` set when only that region's entry is bad): no box is lost with it.
     """
 
     index: int
@@ -64,6 +78,7 @@ class Malformed:
     keyframe: int | None
     raw: str
     detail: str
+    key: str | None = None
 
 
 def _is_number(v: Any) -> bool:
@@ -129,6 +144,29 @@ def _parse_keyframe(kf: Any) -> Keyframe | str:
     return Keyframe(frame, (float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])))
 
 
+def _parse_negatives(index: int, entry: dict) -> tuple[tuple[tuple[str, ...], ...] | None, list[Malformed]]:
+    """The record's given negatives (None: none usable) and the malformed parts of them."""
+    value = entry.get(NEGATIVES_KEY)
+    if value is None:
+        return None, []
+    n = len(entry["region_captions"])
+    if not isinstance(value, list) or len(value) != n:
+        what = f"{len(value)} entries" if isinstance(value, list) else f"a {type(value).__name__}"
+        detail = f"'{NEGATIVES_KEY}' must be a list of {n} lists (one per region_caption), got {what}"
+        return None, [Malformed(index, entry["video"], None, None, _raw(value), detail, NEGATIVES_KEY)]
+    bad, regions = [], []
+    for r, negatives in enumerate(value):
+        if negatives is None:
+            regions.append(())
+        elif isinstance(negatives, list) and all(isinstance(c, str) for c in negatives):
+            regions.append(tuple(negatives))
+        else:
+            regions.append(())
+            detail = f"'{NEGATIVES_KEY}'[{r}] must be a list of strings"
+            bad.append(Malformed(index, entry["video"], r, None, _raw(negatives), detail, NEGATIVES_KEY))
+    return (tuple(regions) if any(regions) else None), bad
+
+
 def parse_entry(index: int, entry: Any) -> tuple[AnnotationRecord | None, list[Malformed]]:
     """Parse one list entry into a record (None if unusable) and its malformed parts."""
     problem = _record_problem(entry)
@@ -148,6 +186,8 @@ def parse_entry(index: int, entry: Any) -> tuple[AnnotationRecord | None, list[M
             else:
                 bad.append(Malformed(index, entry["video"], r, k, _raw(kf), parsed))
         regions.append(tuple(good))
+    negatives, bad_negatives = _parse_negatives(index, entry)
+    bad.extend(bad_negatives)
     ts = entry.get("timestamps")
     record = AnnotationRecord(
         index=index,
@@ -156,6 +196,7 @@ def parse_entry(index: int, entry: Any) -> tuple[AnnotationRecord | None, list[M
         region_captions=tuple(entry["region_captions"]),
         box_infos=tuple(regions),
         timestamps=None if ts is None else (float(ts[0]), float(ts[1])),
+        region_negatives=negatives,
     )
     return record, bad
 

@@ -20,6 +20,12 @@ Two layers, so that the expensive part scales to tens of millions of boxes:
    same video (under any spelling) carry the first one's number in ``duplicate_of`` and
    are rejected, since mixing two records mixes their captions and boxes.
 
+   Every row of a region carries the region's hard-negative captions
+   (``region_negatives``: given in the file and validated, else generated;
+   ``hard_negatives.py``); they are data, not a rule: no box is accepted or rejected for
+   them. A dropped given negative is a reject row of its own (``NEGATIVE_REASONS``),
+   counted apart from the box rows.
+
 2. ``validate_batch`` is the rule engine: one Arrow record batch of raw boxes plus a
    ``FrameLookup`` (decoded frame counts, extracted frames) in, accepted rows and
    rejects out. Every rule is a vectorized mask, applied in a fixed order so that each
@@ -51,6 +57,14 @@ from tqdm import tqdm
 from fgclip.atomic import write_text_atomic
 from fgclip.config import BoxesConfig, Params
 from fgclip.data.annotations import AnnotationRecord, Malformed, load_annotations
+from fgclip.data.hard_negatives import (
+    GIVEN,
+    NEGATIVES_TYPE,
+    RegionNegatives,
+    empty_lists,
+    region_key,
+    region_negatives,
+)
 from fgclip.data.layout import (
     ACCEPTED_SCHEMA,
     BOX_COORDS,
@@ -104,10 +118,19 @@ RAW_BOX_SCHEMA = pa.schema(
         ("duplicate_of", pa.int64()),  # the first record of the same video, when this one is a later one
     ]
 )
+# Columns a raw batch may lack: it then carries no negatives (so raw-box files written
+# before hard negatives stay valid). ``raw_boxes`` writes them after RAW_BOX_SCHEMA's.
+RAW_OPTIONAL_SCHEMA = pa.schema(
+    [
+        ("region_negatives", NEGATIVES_TYPE),  # the region's negative captions, on each of its rows
+    ]
+)
+RAW_BOX_FULL_SCHEMA = pa.schema([*RAW_BOX_SCHEMA, *RAW_OPTIONAL_SCHEMA])
 
 
 class BoxAccountingError(RuntimeError):
-    """Rows read != accepted + rejected: a row was lost or counted twice (a bug, never bad input)."""
+    """Rows read != accepted + rejected, or given negatives != kept + dropped: a row or a
+    negative was lost or counted twice (a bug, never bad input)."""
 
 
 # --------------------------------------------------------------------------- lookups
@@ -317,15 +340,27 @@ def _malformed_rows(malformed: list[Malformed], first: int) -> dict[str, np.ndar
 
 
 def raw_boxes(
-    records: list[AnnotationRecord], malformed: list[Malformed], videos: pa.Table, index: pa.Table
+    records: list[AnnotationRecord],
+    malformed: list[Malformed],
+    videos: pa.Table,
+    index: pa.Table,
+    negatives: pa.ListArray | None = None,
 ) -> pa.Table:
-    """Flatten the annotation records into raw boxes (``RAW_BOX_SCHEMA``), sorted by (record, region, frame).
+    """Flatten the annotation records into raw boxes (``RAW_BOX_FULL_SCHEMA``), sorted by (record, region, frame).
 
     ``videos`` and ``index`` are ``extract_frames``' tables: they decide which records get
     virtual boxes, and on which frames. Nothing is judged here but the records' shape.
     Rows are built and sorted as NumPy columns of numbers; strings are gathered once, in
-    the final order, from per-record arrays.
+    the final order, from per-record arrays. ``negatives`` holds one list of negative
+    captions per region of ``records`` in order (``RegionNegatives.lists``); None: none.
+    Malformed ``region_negatives`` parts are no box rows (``region_negatives()`` rejects them).
     """
+    malformed = [m for m in malformed if m.key is None]
+    n_regions = sum(len(r.region_captions) for r in records)
+    if negatives is None:
+        negatives = empty_lists(n_regions)
+    elif len(negatives) != n_regions:
+        raise ValueError(f"raw_boxes: {len(negatives)} negative lists for {n_regions} regions")
     recs = _records_table(records, videos)
     n_rec = len(records)
     resolved = recs["video"].to_pylist()
@@ -356,6 +391,8 @@ def raw_boxes(
     offsets = np.concatenate([[0], np.cumsum(recs["n_regions"].to_numpy())])
     caption_row[is_record] = offsets[rec[is_record]] + region[is_record]
     entries = pa.array(rec)
+    # One more list, empty, for the malformed rows (the null caption's): one Arrow gather, no per-row Python.
+    negative_lists = pa.concat_arrays([negatives.cast(NEGATIVES_TYPE), pa.array([[]], NEGATIVES_TYPE)])
 
     def per_entry(from_records: list, from_malformed: list) -> pa.Array:
         return pa.array(from_records + from_malformed, pa.string()).take(entries)
@@ -373,8 +410,9 @@ def raw_boxes(
             "raw": per_entry([None] * n_rec, [m.raw for m in malformed]),
             "detail": per_entry(why, [m.detail for m in malformed]),
             "duplicate_of": pa.array(duplicate_of + [None] * len(malformed), pa.int64()).take(entries),
+            "region_negatives": negative_lists.take(pa.array(caption_row)),
         },
-        schema=RAW_BOX_SCHEMA,
+        schema=RAW_BOX_FULL_SCHEMA,
     )
 
 
@@ -454,6 +492,14 @@ def _rule_codes(
     return code, (x1, y1, x2, y2), clipped & (code == 0), video, path_row
 
 
+def _negatives(batch: pa.RecordBatch) -> pa.Array:
+    """The batch's ``region_negatives`` as list<string>; empty lists when it has no such column."""
+    if "region_negatives" not in batch.schema.names:
+        return empty_lists(batch.num_rows)
+    column = batch["region_negatives"]
+    return column if column.type == NEGATIVES_TYPE else column.cast(NEGATIVES_TYPE)
+
+
 def _accepted(
     batch: pa.RecordBatch,
     keep: np.ndarray,
@@ -476,6 +522,7 @@ def _accepted(
             **{c: pa.array(x[keep].astype(np.float32)) for c, x in zip(BOX_COORDS, xyxy)},
             "frame_path": lookup.paths.take(pa.array(path_row[keep])),
             "virtual": batch["virtual"].take(rows),
+            "region_negatives": _negatives(batch).take(rows),
         },
         schema=ACCEPTED_SCHEMA,
     )
@@ -566,11 +613,33 @@ class _ShardWriter:
         return self.shards
 
 
+def _check_negatives(negatives: RegionNegatives, written: int) -> None:
+    """Given negatives read == kept + dropped, and one reject row written per drop."""
+    lengths = np.diff(negatives.lists.offsets.to_numpy())
+    kept = int(lengths[negatives.source == GIVEN].sum())
+    dropped = sum(n for reason, n in negatives.dropped.items() if reason != "negatives_malformed")
+    if negatives.given != kept + dropped or written != sum(negatives.dropped.values()):
+        raise BoxAccountingError(
+            f"validate_boxes: read {negatives.given} given negatives but kept {kept} + dropped {dropped}, "
+            f"and wrote {written} negative rejects (dropped by reason {negatives.dropped})"
+        )
+
+
 def _validate_into(
-    batches: Iterable[pa.RecordBatch], lookup: FrameLookup, cfg: BoxesConfig, directory: Path
-) -> dict:
-    """The streaming loop: validate each batch, append its rows to the open writers, count."""
+    batches: Iterable[pa.RecordBatch],
+    lookup: FrameLookup,
+    cfg: BoxesConfig,
+    directory: Path,
+    negatives: RegionNegatives | None = None,
+) -> tuple[dict, np.ndarray]:
+    """The streaming loop: validate each batch, append its rows to the open writers, count.
+
+    With ``negatives``, their rejects are written after the boxes' and checked, and the
+    second value is the ``region_key`` of every region with an accepted row (else empty).
+    """
     shards = _ShardWriter(directory, cfg)
+    regions: list[np.ndarray] = []
+    negative_rejects = 0
     read = rejected = accepted = virtual = clipped = 0
     codes = np.zeros(len(REASONS) + 1, np.int64)
     seen = np.zeros(len(lookup.video_ids) + 1, bool)  # videos with an accepted row (+ "no video")
@@ -593,7 +662,14 @@ def _validate_into(
                 virtual += pc.sum(result.accepted["virtual"].cast(pa.int64())).as_py() or 0
                 clipped += int(result.clipped.sum())
                 seen[result.video[result.code == 0]] = True
+                if negatives is not None:
+                    ok = result.code == 0
+                    key = region_key(_numbers(batch["record"], -1)[ok], _numbers(batch["region"], -1)[ok])
+                    regions.append(np.unique(key))
                 bar.update(batch.num_rows)
+            if negatives is not None:
+                rejects.write_table(negatives.rejects)
+                negative_rejects = negatives.rejects.num_rows
         finally:
             manifest = {"shards": shards.close(), "rows": accepted}
     by_reason = {reason: int(codes[_CODE[reason]]) for reason in REASONS}
@@ -607,8 +683,10 @@ def _validate_into(
             f"validate_boxes: read {read} rows but accepted {accepted} + rejected {rejected} "
             f"(by reason {by_reason})"
         )
+    if negatives is not None:
+        _check_negatives(negatives, negative_rejects)
     write_manifest(directory, manifest["shards"], manifest["rows"])
-    return {
+    counts = {
         "read": read,
         "accepted": accepted,
         "rejected": rejected,
@@ -618,6 +696,7 @@ def _validate_into(
         "videos": int(seen[:-1].sum()),
         "shards": len(manifest["shards"]),
     }
+    return counts, np.unique(np.concatenate(regions)) if regions else np.zeros(0, np.int64)
 
 
 def validate_box_batches(
@@ -626,8 +705,11 @@ def validate_box_batches(
     """Validate raw boxes batch by batch, writing shards, manifest and rejects under ``out``.
 
     ``batches`` is any iterable of ``RAW_BOX_SCHEMA`` record batches, e.g.
-    ``pq.ParquetFile(path).iter_batches()``. Memory is one batch plus one row group per
-    open Parquet writer, whatever the number of batches. Output goes into a fresh
+    ``pq.ParquetFile(path).iter_batches()``, with or without ``RAW_OPTIONAL_SCHEMA``'s
+    columns (without: accepted rows get empty ``region_negatives``). Memory is one batch
+    plus one row group per open Parquet writer, whatever the number of batches. Given
+    negatives' rejects and counts are the stage's (``validate_boxes``), not this stream's.
+    Output goes into a fresh
     directory that replaces ``out`` only when the stream ended and the counts add up;
     on any error ``out`` is left as it was. ``out`` must be absent, empty, or an earlier
     output of this stage (``fgclip.outputs``): nothing else is ever replaced. Returns
@@ -635,7 +717,7 @@ def validate_box_batches(
     "shards"}``, accepted and rejected being the rows actually written.
     """
     with replacing_output_dir(Path(out), STAGE) as tmp:
-        return _validate_into(batches, lookup, cfg, tmp)
+        return _validate_into(batches, lookup, cfg, tmp)[0]
 
 
 # --------------------------------------------------------------------------- stage
@@ -652,9 +734,17 @@ def validate_boxes(
     videos = read_videos(frames_dir)
     index = read_frame_index(frames_dir, ["video", "frame", "timestamp", "path", "purpose"])
     lookup = FrameLookup(videos, index)
-    raw = raw_boxes(records, malformed, videos, index)
-    counts = validate_box_batches(raw.combine_chunks().to_batches(), lookup, cfg, out)
-    metrics = {**counts, "records": len(records) + len({m.index for m in malformed if m.region is None})}
+    negatives = region_negatives(records, malformed, cfg.hard_negatives)
+    raw = raw_boxes(records, malformed, videos, index, negatives.lists)
+    with replacing_output_dir(out, STAGE) as tmp:
+        counts, accepted = _validate_into(raw.combine_chunks().to_batches(), lookup, cfg, tmp, negatives)
+    whole_records = {m.index for m in malformed if m.region is None and m.key is None}
+    metrics = {
+        **counts,
+        "records": len(records) + len(whole_records),
+        # over the regions that reach the shards; "dropped" over every given negative
+        "negatives": negatives.counts(np.isin(negatives.keys, accepted)),
+    }
     metrics = {
         k: metrics[k]
         for k in (
@@ -667,12 +757,25 @@ def validate_boxes(
             "records",
             "videos",
             "shards",
+            "negatives",
         )
     }
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(metrics_path, json.dumps(metrics, indent=1) + "\n")
 
     reasons = ", ".join(f"{r}={n}" for r, n in metrics["by_reason"].items() if n)
+    neg = metrics["negatives"]
+    logger.info(
+        "validate_boxes: negatives of %d regions: %d given, %d generated (up to %d), %d short, %d none; "
+        "%d given ones dropped",
+        neg["regions"],
+        neg["given"],
+        neg["generated"],
+        neg["per_region"],
+        neg["short"],
+        neg["none"],
+        sum(neg["dropped"].values()),
+    )
     logger.info(
         "validate_boxes: read %d, accepted %d (%d virtual, %d clipped), rejected %d (%s) -> %s in %.1fs",
         metrics["read"],

@@ -87,6 +87,8 @@ ACCEPTED_SCHEMA = pa.schema(
         *[(c, pa.float32()) for c in BOX_COORDS],
         ("frame_path", pa.string()),
         ("virtual", pa.bool_()),
+        # the region's hard-negative captions, the same list on each of its rows (may be empty)
+        ("region_negatives", pa.list_(pa.string())),
     ]
 )
 REJECTS_SCHEMA = pa.schema(
@@ -97,7 +99,7 @@ REJECTS_SCHEMA = pa.schema(
         ("frame", pa.int64()),
         *[(c, pa.float64()) for c in BOX_COORDS],
         ("virtual", pa.bool_()),
-        ("raw", pa.string()),  # JSON text of a malformed entry
+        ("raw", pa.string()),  # JSON text of a malformed entry, or of a dropped negative caption
         ("reason", pa.string()),
         ("detail", pa.string()),
     ]

@@ -60,8 +60,10 @@ GLOBAL_CAPTIONS: dict[str, list[str]] = {
         "a quiet street with people walking",
         "people walk on the sidewalk",
     ],
-    "Normal1": [  # a normal video with a single walker"a person walks along the street", "a person in {a} walks along the street",
-        "a quiet street with a person walking"
+    "Normal1": [  # a normal video with a single walker
+        "a person walks along the street",
+        "a person in {a} walks along the street",
+        "a quiet street with a person walking",
     ],
     "Arson": [
         "a fire spreads and burns",

@@ -45,6 +45,8 @@ def vocabulary_texts(params: Params, annotations: Path) -> list[str]:
     records, _ = load_annotations(annotations)
     texts = [r.global_caption for r in records]
     texts += [caption for r in records for caption in r.region_captions]
+    # Given hard negatives may use words no caption does: without them those would be <|unk|>.
+    texts += [n for r in records for row in (r.region_negatives or ()) for n in row]
     texts += [
         template.format(prompt)
         for template in params.evaluate.templates

@@ -114,3 +114,41 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path, content, match: str):
 def test_missing_file_names_it(tmp_path: Path):
     with pytest.raises(AnnotationFileError, match="missing.json"):
         load_annotations(tmp_path / "missing.json")
+
+
+def test_given_negatives_are_parsed(tmp_path: Path):
+    given = [["a man pulls the woman's blue bag", "a woman pulls the man's red bag"], None]
+    records, bad = load_annotations(_write(tmp_path, [{**GOOD, "region_negatives": given}, NORMAL]))
+    assert bad == []
+    abuse, normal = records
+    assert abuse.region_negatives == (tuple(given[0]), ())
+    assert normal.region_negatives is None  # the key is optional
+    # a list of empty or null entries gives nothing: as if the key were absent
+    records, bad = load_annotations(_write(tmp_path, [{**GOOD, "region_negatives": [[], None]}]))
+    assert bad == [] and records[0].region_negatives is None
+
+
+@pytest.mark.parametrize(
+    "negatives,region,detail,kept",
+    [
+        ("not a list", None, "must be a list of 2 lists (one per region_caption), got a str", None),
+        ([["x"]], None, "got 1 entries", None),
+        ([["a woman hits her"], "a man hits her"], 1, "'region_negatives'[1] must be a list of strings", 0),
+        ([["a woman hits her", 3], ["ok"]], 0, "'region_negatives'[0] must be a list of strings", 1),
+    ],
+)
+def test_malformed_negatives_keep_the_record(tmp_path: Path, negatives, region, detail: str, kept):
+    records, bad = load_annotations(_write(tmp_path, [{**GOOD, "region_negatives": negatives}]))
+    (record,) = records  # the record, its captions and boxes survive
+    assert record.region_captions == tuple(GOOD["region_captions"])
+    assert [len(r) for r in record.box_infos] == [1, 1]
+    (m,) = bad
+    assert (m.index, m.video, m.region, m.keyframe) == (0, "Abuse001.mp4", region, None)
+    assert m.key == "region_negatives"
+    assert detail in m.detail
+    assert json.loads(m.raw) == (negatives if region is None else negatives[region])
+    if kept is None:
+        assert record.region_negatives is None
+    else:  # only the bad region's entry is dropped
+        assert record.region_negatives[region] == ()
+        assert record.region_negatives[kept] == tuple(negatives[kept])

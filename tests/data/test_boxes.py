@@ -14,6 +14,7 @@ import fgclip.data.boxes as boxes_mod
 from fgclip.config import Params
 from fgclip.data.annotations import load_annotations
 from fgclip.data.boxes import (
+    RAW_BOX_FULL_SCHEMA,
     RAW_BOX_SCHEMA,
     REASONS,
     BoxAccountingError,
@@ -23,6 +24,7 @@ from fgclip.data.boxes import (
     validate_boxes,
 )
 from fgclip.data.frames import extract_frames
+from fgclip.data.hard_negatives import region_negatives
 from fgclip.data.layout import ACCEPTED_SCHEMA, REJECTS_SCHEMA
 from fgclip.outputs import MARKER, OutputDirError, owner
 
@@ -44,6 +46,10 @@ def frames_facts(tiny_frames: Path) -> dict:
     n = videos[VIDEO]["num_frames"]
     other_ok = min(index.filter(pc.equal(index["video"], OTHER))["frame"].to_pylist())
     return {"ok": min(extracted), "missing": min(set(range(n)) - extracted), "n": n, "other_ok": other_ok}
+
+
+def _without_negatives(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "region_negatives"} for row in rows]
 
 
 def _record(frame: int, bbox: list, **fields) -> dict:
@@ -299,8 +305,10 @@ def test_streaming_matches_whole_table(
 
     videos = pq.read_table(tiny_frames / "videos.parquet")
     index = pq.read_table(tiny_frames / "index.parquet")
-    raw = raw_boxes(*load_annotations(ann), videos, index)
-    assert raw.schema == RAW_BOX_SCHEMA
+    records, malformed = load_annotations(ann)
+    negatives = region_negatives(records, malformed, tiny_params.boxes.hard_negatives)
+    raw = raw_boxes(records, malformed, videos, index, negatives.lists)
+    assert raw.schema == RAW_BOX_FULL_SCHEMA
     pq.write_table(raw, tmp_path / "raw.parquet", row_group_size=7)
     source = pq.ParquetFile(tmp_path / "raw.parquet", read_dictionary=["video", "region_caption", "raw"])
     streamed = validate_box_batches(
@@ -312,6 +320,21 @@ def test_streaming_matches_whole_table(
     assert _accepted(tmp_path / "stream") == _accepted(tmp_path / "whole")
     rejects = [pq.read_table(tmp_path / d / "rejects.parquet").to_pylist() for d in ("stream", "whole")]
     assert str(rejects[0]) == str(rejects[1])  # str(): NaN coordinates compare equal
+
+
+def test_raw_boxes_without_negatives_still_validate(
+    tiny_params: Params, tiny_sample: Path, tiny_frames: Path, tiny_boxes: Path, tmp_path: Path
+):
+    """Raw-box files written before hard negatives (RAW_BOX_SCHEMA only) stream as before:
+    the same boxes, each with no negatives."""
+    videos = pq.read_table(tiny_frames / "videos.parquet")
+    index = pq.read_table(tiny_frames / "index.parquet")
+    raw = raw_boxes(*load_annotations(tiny_sample / "annotations.json"), videos, index)
+    old = raw.select(RAW_BOX_SCHEMA.names).to_batches()
+    counts = validate_box_batches(old, FrameLookup(videos, index), tiny_params.boxes, tmp_path / "old")
+    rows = _accepted(tmp_path / "old")
+    assert len(rows) == counts["accepted"] > 0 and all(r["region_negatives"] == [] for r in rows)
+    assert _without_negatives(rows) == _without_negatives(_accepted(tiny_boxes))
 
 
 def test_stream_without_a_column_is_refused(
@@ -350,7 +373,8 @@ def test_a_second_record_of_a_video_is_rejected_not_mixed(
         ("duplicate_record", spelling, 5),
     ]
     assert all(f"record {first}" in r["detail"] and VIDEO in r["detail"] for r in rejects)
-    assert _accepted(out) == _accepted(tiny_boxes)  # the fire's captions and boxes as without it
+    # the fire's captions and boxes as without it (its negatives draw on the crash's words too)
+    assert _without_negatives(_accepted(out)) == _without_negatives(_accepted(tiny_boxes))
 
 
 def test_frames_dir_as_out_is_refused_and_kept(
