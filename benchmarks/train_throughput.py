@@ -6,7 +6,10 @@ full optimizer steps on synthetic batches: the training loop's own step
 FGCLIPLoss with the memory bank's negatives, backward, gradient clipping, AdamW,
 the schedule, the logit-scale clamp), and the same number of images and captions
 through a plain CLIP image-text step with the same optimizer, so the ratio shows
-what the video head and the region path cost. The bank is on from the first
+what the video head and the region path cost. The same step with hard negatives
+off (``train.hardneg_loss_weight: 0``, no negative captions in the batch) runs
+in the same process too: the ratio is what FG-CLIP's hard-negative loss costs
+(``--negatives`` captions per region, FG-CLIP's 10). The bank is on from the first
 step (warm-up 0), as in the steady state of a run. On CUDA both steps run under
 bf16 autocast, as training does. FLOPs per step are counted by torch's
 FlopCounterMode; MFU is achieved FLOP/s over the GPU's dense bf16 peak.
@@ -78,7 +81,9 @@ def openai_vocab_config(cfg: ModelConfig, vocab: int = 49408) -> CLIPConfig:
     return clip_config(cfg, vocab_size=vocab, pad_token_id=0, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
 
 
-def synthetic_batch(cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int, device) -> Batch:
+def synthetic_batch(
+    cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int, device, negatives: int = 10
+) -> Batch:
     g = torch.Generator().manual_seed(0)
     s, L = cfg.image_size, cfg.max_text_len
 
@@ -104,6 +109,10 @@ def synthetic_batch(cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int
         region_caption_ids=region_caption_ids,
         region_image_ids=region_caption_ids.clone(),  # every region shows pixels of its own
         region_mask=torch.ones(b, r, dtype=torch.bool),
+        # FG-CLIP's 10 hard negatives per box (none when hard negatives are off).
+        region_negative_token_ids=ids(b, r, negatives),
+        region_negative_text_mask=torch.ones(b, r, negatives, L, dtype=torch.long),
+        region_negative_mask=torch.ones(b, r, negatives, dtype=torch.bool),
     )
     return batch.to(device)
 
@@ -178,6 +187,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--keyframes", type=int, default=4)
     ap.add_argument("--regions", type=int, default=4)
+    ap.add_argument("--negatives", type=int, default=10, help="hard-negative captions per region")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", type=Path, help="append the result as one JSON line")
@@ -189,7 +199,13 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg, train_cfg = configs(args.config, args.batch)
     ccfg = openai_vocab_config(cfg)
-    batch = synthetic_batch(cfg, args.batch, args.frames, args.keyframes, args.regions, 49408, device)
+    batch = synthetic_batch(
+        cfg, args.batch, args.frames, args.keyframes, args.regions, 49408, device, args.negatives
+    )
+    plain_batch = synthetic_batch(
+        cfg, args.batch, args.frames, args.keyframes, args.regions, 49408, device, 0
+    )
+    plain_cfg = train_cfg.model_copy(update={"hardneg_loss_weight": 0.0})
     images = args.batch * (args.frames + args.keyframes)
 
     result = {
@@ -200,6 +216,7 @@ def main() -> None:
         "frames": args.frames,
         "keyframes": args.keyframes,
         "regions": args.regions,
+        "negatives": args.negatives,
         "images_per_step": images,
         "torch": torch.__version__,
         "host": platform.node(),
@@ -207,8 +224,13 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    for name, build in (("fgclip", fgclip_step_fn), ("clip", clip_step_fn)):
-        step = build(cfg, train_cfg, ccfg, batch, device)
+    runs = (
+        ("fgclip", fgclip_step_fn, train_cfg, batch),
+        ("fgclip_no_hardneg", fgclip_step_fn, plain_cfg, plain_batch),
+        ("clip", clip_step_fn, train_cfg, batch),
+    )
+    for name, build, step_cfg, step_batch in runs:
+        step = build(cfg, step_cfg, ccfg, step_batch, device)
         flops = count_flops(step)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -235,6 +257,7 @@ def main() -> None:
     result["fgclip_vs_clip_images_per_s"] = round(
         result["fgclip"]["images_per_s"] / result["clip"]["images_per_s"], 3
     )
+    result["hardneg_step_cost"] = round(result["fgclip"]["step_s"] / result["fgclip_no_hardneg"]["step_s"], 3)
     line = json.dumps(result)
     print(line)
     if args.json:

@@ -104,6 +104,9 @@ class BoxesConfig(_Section):
     clip_overshoot: bool = True
     shard_rows: int = Field(100_000, ge=1)
     row_group_rows: int = Field(16_384, ge=1)
+    # Hard-negative captions generated per region when annotations.json gives none
+    # (FG-CLIP v1 carries 10 per box); 0 = generate none.
+    hard_negatives: int = Field(10, ge=0)
 
 
 class ModelConfig(_Section):
@@ -117,8 +120,14 @@ class ModelConfig(_Section):
     text_layers: int = Field(3, ge=1)
     text_heads: int = Field(4, ge=1)
     projection_dim: int = Field(64, ge=1)
+    # Tokens per short text: region captions, hard negatives, prompts (CLIP's 77 positions).
     max_text_len: int = Field(32, ge=4)
     long_text: bool = False
+    # Tokens per global caption; null = 248 with long_text (FG-CLIP's long path), else max_text_len.
+    max_caption_len: int | None = Field(None, ge=4)
+    # Bilinear samples per side of the RoIAlign bin: -1 = adaptive, ceil(box size in
+    # cells) per side (FG-CLIP's torchvision call); n >= 1 = n per side.
+    roi_sampling_ratio: int = Field(-1, ge=-1)
     temporal_layers: int = Field(2, ge=0)
     temporal_heads: int = Field(4, ge=1)
     # Rows of the learnable temporal position table: the most frames one video embedding sees.
@@ -128,14 +137,28 @@ class ModelConfig(_Section):
     logit_scale_max: float = LN_100
     loaded_logit_scale: Literal["error", "keep", "reinit"] = "error"
 
+    @property
+    def caption_len(self) -> int:
+        """Tokens per global caption (``max_caption_len`` resolved)."""
+        if self.max_caption_len is not None:
+            return self.max_caption_len
+        return 248 if self.long_text else self.max_text_len
+
     @model_validator(mode="after")
     def _text_len(self) -> ModelConfig:
-        limit = 248 if self.long_text else 77
-        if self.max_text_len > limit:
+        if self.max_text_len > 77:
             raise ValueError(
-                f"model.max_text_len={self.max_text_len} exceeds {limit} positions"
+                f"model.max_text_len={self.max_text_len} exceeds the 77 positions of short texts "
+                "(global captions: model.max_caption_len, up to 248 with model.long_text)"
+            )
+        limit = 248 if self.long_text else 77
+        if self.caption_len > limit:
+            raise ValueError(
+                f"model.max_caption_len={self.caption_len} exceeds {limit} positions"
                 + ("" if self.long_text else " (set model.long_text: true for up to 248)")
             )
+        if self.roi_sampling_ratio == 0:
+            raise ValueError("model.roi_sampling_ratio must be -1 (adaptive, FG-CLIP's) or >= 1, not 0")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"model.image_size={self.image_size} must be a multiple of model.patch_size={self.patch_size}"
@@ -188,6 +211,10 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(20, ge=0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     region_loss_weight: float = Field(0.5, ge=0.0)
+    # FG-CLIP's hard-negative loss: each region against its positive and up to
+    # max_hard_negatives negative captions; weight 0 = off (no negatives encoded).
+    hardneg_loss_weight: float = Field(0.5, ge=0.0)
+    max_hard_negatives: int = Field(10, ge=1)
     memory_bank_size: int = Field(128, ge=0)
     memory_bank_warmup_steps: int = Field(50, ge=0)
     num_workers: int = Field(1, ge=0)

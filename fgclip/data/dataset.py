@@ -198,6 +198,8 @@ class VideoClipDataset(Dataset):
         self.num_frames = params.train.num_frames
         self.max_regions = params.train.max_regions
         self.max_keyframes = params.train.max_keyframes
+        # Off with a zero weight: nothing is tokenized, loaded or encoded for them.
+        self.max_negatives = params.train.max_hard_negatives if params.train.hardneg_loss_weight > 0 else 0
         self.seed = params.train.seed
         self.train = train
 
@@ -229,12 +231,28 @@ class VideoClipDataset(Dataset):
         self.video_region_start, self.video_region_count = _group_starts(region_video)
 
         # Both tables hold the same videos, sorted the same way: group i is video i.
-        global_texts = boxes["global_caption"].to_numpy(zero_copy_only=False)[video_row_start].tolist()
+        global_texts = boxes["global_caption"].to_numpy(zero_copy_only=False)[video_row_start]
+        distinct_global, self.video_caption = np.unique(global_texts.astype(object), return_inverse=True)
+        # Global captions have their own length (and, with model.long_text, their own path).
+        self.global_captions = _tokenize_captions(
+            tokenizer, distinct_global.tolist(), params.model.caption_len
+        )
+        # Short texts: region captions and their hard negatives, one table.
         region_texts = boxes["region_caption"].to_numpy(zero_copy_only=False)[self.region_row_start].tolist()
-        texts, inverse = np.unique(np.array(global_texts + region_texts, dtype=object), return_inverse=True)
+        negatives = boxes["region_negatives"].take(pa.array(self.region_row_start))
+        lengths = np.minimum(
+            pc.list_value_length(negatives).to_numpy(zero_copy_only=False), self.max_negatives
+        )
+        per_region = [row[:n] for row, n in zip(negatives.to_pylist(), lengths)]
+        negative_texts = [t for row in per_region for t in row]
+        texts, inverse = np.unique(np.array(region_texts + negative_texts, dtype=object), return_inverse=True)
         self.captions = _tokenize_captions(tokenizer, texts.tolist(), params.model.max_text_len)
-        self.video_caption = inverse[: len(global_texts)]
-        self.region_caption = inverse[len(global_texts) :]
+        self.region_caption = inverse[: len(region_texts)]
+        # [regions, N] rows of self.captions, -1 where a region has fewer negatives.
+        self.region_negatives = np.full((len(region_texts), self.max_negatives), -1, dtype=np.int64)
+        owner = np.repeat(np.arange(len(region_texts)), lengths)
+        slot = np.arange(len(negative_texts)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self.region_negatives[owner, slot] = inverse[len(region_texts) :]
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -255,12 +273,15 @@ class VideoClipDataset(Dataset):
 
         caption = self.video_caption[index]
         region_captions = self.region_caption[regions]
+        negatives = self.region_negatives[regions]  # [R, N]
+        present = negatives >= 0
+        rows = torch.from_numpy(np.where(present, negatives, 0))
         return VideoItem(
             video=self.videos[index],
             frames=normalize(torch.stack(frames)),
-            text_token_ids=self.captions.ids[caption],
-            text_mask=self.captions.mask[caption],
-            caption_id=self.captions.hashes[caption],
+            text_token_ids=self.global_captions.ids[caption],
+            text_mask=self.global_captions.mask[caption],
+            caption_id=self.global_captions.hashes[caption],
             keyframes=normalize(torch.stack(keyframe_pixels)),
             boxes=torch.from_numpy(boxes),
             box_mask=torch.from_numpy(box_mask),
@@ -268,6 +289,9 @@ class VideoClipDataset(Dataset):
             region_text_mask=self.captions.mask[region_captions],
             region_caption_ids=self.captions.hashes[region_captions],
             region_image_ids=torch.from_numpy(self.region_image_id[regions]),
+            region_negative_token_ids=self.captions.ids[rows],
+            region_negative_text_mask=self.captions.mask[rows] * torch.from_numpy(present)[..., None],
+            region_negative_mask=torch.from_numpy(present),
         )
 
     def _pick_regions(self, count: int, rng: np.random.Generator | None) -> np.ndarray:

@@ -73,8 +73,22 @@ log = logging.getLogger(__name__)
 
 FINETUNED, PRETRAINED, UNTRAINED = "finetuned", "pretrained", "untrained"
 ROC_PNG = "roc.png"
+
+
 # Per-model metrics logged to MLflow as eval/<model>/<metric> (besides auc_<Class>).
-HEADLINE_METRICS = ("frame_auc", "frame_ap", "anomalous_auc", "region_top1", "retrieval_r1", "retrieval_r5")
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+HEADLINE_METRICS = (
+    "frame_auc",
+    "frame_ap",
+    "anomalous_auc",
+    "region_top1",
+    "hardneg_accuracy",
+    "retrieval_r1",
+    "retrieval_r5",
+)
 
 
 @dataclass
@@ -392,7 +406,7 @@ def evaluate(
     if isinstance(held_out, str):
         held_out_summary: dict = {"skipped": held_out}
         for m in results.values():
-            m.update(region_top1=None, retrieval_r1=None, retrieval_r5=None)
+            m.update(region_top1=None, hardneg_accuracy=None, retrieval_r1=None, retrieval_r5=None)
     else:
         region, held_out_summary = held_out_metrics(
             {s.name: (s.model, s.tokenizer) for s in scorers},
@@ -435,13 +449,15 @@ def evaluate(
     )
     if not isinstance(held_out, str):
         log.info(
-            "held-out regions (%d, %d distinct captions) top-1 / caption-to-video R@1, R@5 (%d queries): %s",
+            "held-out regions (%d, %d distinct captions; %d with hard negatives) top-1 / hard-negative "
+            "accuracy / caption-to-video R@1, R@5 (%d queries): %s",
             held_out_summary["regions"],
             held_out_summary["region_captions"],
+            held_out_summary["hardneg_regions"],
             held_out_summary["retrieval_queries"],
             "; ".join(
-                f"{name} {results[name]['region_top1']:.4f} / {results[name]['retrieval_r1']:.4f}, "
-                f"{results[name]['retrieval_r5']:.4f}"
+                f"{name} {results[name]['region_top1']:.4f} / {_shown(results[name]['hardneg_accuracy'])} / "
+                f"{results[name]['retrieval_r1']:.4f}, {results[name]['retrieval_r5']:.4f}"
                 for name in scored
             ),
         )

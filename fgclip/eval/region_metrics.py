@@ -10,6 +10,10 @@ training. They give two checks of what the frame AUC cannot show:
   It is correct when its own caption text ranks first. Identical caption strings
   are one class (compared verbatim), so two regions both captioned "flames burn"
   are not each other's negatives. Chance is ``1 / num_region_captions``.
+- **hard-negative accuracy** (FG-CLIP's hard-negative task): the share of
+  regions with hard negatives (``validate_boxes`` keeps them in the shards) whose
+  own caption is more similar to the region feature than every one of its
+  negatives. Chance is ``1 / (1 + negatives per region)``.
 - **caption-to-video R@1 / R@5**: each annotated test video's global caption
   ranks every scored test video (normal ones included, as distractors) by the
   similarity of its video embedding. A query is a hit at k when any of the top k
@@ -57,6 +61,7 @@ class HeldOutVideo:
     boxes: Tensor  # [R, K, 4] normalised xyxy (zero where absent)
     box_mask: Tensor  # [R, K] bool: region r has a validated box on keyframe k
     region_captions: list[str]  # [R]
+    region_negatives: list[list[str]]  # [R] hard-negative captions of each region (may be empty)
 
 
 def load_held_out(boxes_dir: Path, frames_dir: Path, test_videos: Sequence[str]) -> list[HeldOutVideo]:
@@ -89,12 +94,13 @@ def load_held_out(boxes_dir: Path, frames_dir: Path, test_videos: Sequence[str])
         regions = sorted({columns["region"][i] for i in idx})
         boxes = torch.zeros((len(regions), len(frames), 4), dtype=torch.float32)
         mask = torch.zeros((len(regions), len(frames)), dtype=torch.bool)
-        captions = {}
+        captions, negatives = {}, {}
         for i in idx:
             r, k = regions.index(columns["region"][i]), frames.index(columns["frame"][i])
             boxes[r, k] = torch.tensor([columns[c][i] for c in BOX_COORDS])
             mask[r, k] = True
             captions[r] = columns["region_caption"][i]
+            negatives[r] = list(columns["region_negatives"][i] or [])
         out.append(
             HeldOutVideo(
                 video=video,
@@ -103,6 +109,7 @@ def load_held_out(boxes_dir: Path, frames_dir: Path, test_videos: Sequence[str])
                 boxes=boxes,
                 box_mask=mask,
                 region_captions=[captions[r] for r in range(len(regions))],
+                region_negatives=[negatives[r] for r in range(len(regions))],
             )
         )
     return out
@@ -161,6 +168,25 @@ def region_top1(region_feats: Tensor, caption_feats: Tensor, caption_index: Tens
     return float((predicted == caption_index).double().mean())
 
 
+def hard_negative_accuracy(
+    region_feats: Tensor, positive_feats: Tensor, negative_feats: Tensor, negative_index: Tensor
+) -> tuple[float | None, int]:
+    """Share of regions whose own caption outranks all of its hard negatives, and how many were scored.
+
+    ``negative_index [M, N]`` holds rows of ``negative_feats`` (-1 = none); regions
+    without any negative are not scored (None when no region has one).
+    """
+    present = negative_index >= 0
+    has = present.any(dim=1)
+    if not has.any():
+        return None, 0
+    positive = (region_feats * positive_feats).sum(dim=-1).cpu()
+    negative = (region_feats @ negative_feats.T).cpu() if negative_feats.shape[0] else positive[:, None]
+    scores = torch.gather(negative, 1, negative_index.clamp(min=0)).masked_fill(~present, float("-inf"))
+    wins = (positive[:, None] > scores).all(dim=1)
+    return float(wins[has].double().mean()), int(has.sum())
+
+
 def retrieval_recall(
     query_feats: Tensor, video_feats: Tensor, relevant: Tensor, ks: Sequence[int] = RECALL_AT
 ) -> dict[int, float]:
@@ -204,6 +230,13 @@ def held_out_metrics(
     """
     region_texts = [c for v in held_out for c in v.region_captions]
     distinct, caption_index = np.unique(np.array(region_texts, dtype=object), return_inverse=True)
+    region_negatives = [n for v in held_out for n in v.region_negatives]
+    negative_texts = sorted({t for row in region_negatives for t in row})
+    row_of = {t: i for i, t in enumerate(negative_texts)}
+    width = max([0, *(len(row) for row in region_negatives)])
+    negative_index = torch.full((len(region_negatives), width), -1, dtype=torch.long)
+    for m, row in enumerate(region_negatives):
+        negative_index[m, : len(row)] = torch.tensor([row_of[t] for t in row], dtype=torch.long)
     caption_of = {v.video: v.global_caption for v in held_out}
     gallery_captions = [caption_of.get(video) for video in gallery]
     relevant = torch.tensor(
@@ -215,20 +248,31 @@ def held_out_metrics(
     for name, region_feats in zip(names, feats):
         model, tokenizer = models[name]
         captions = text_embeddings(model, tokenizer, distinct.tolist(), model.cfg.max_text_len, batch_size)
+        negative_feats = text_embeddings(model, tokenizer, negative_texts, model.cfg.max_text_len, batch_size)
         queries = text_embeddings(
-            model, tokenizer, [v.global_caption for v in held_out], model.cfg.max_text_len, batch_size
+            model,
+            tokenizer,
+            [v.global_caption for v in held_out],
+            model.cfg.caption_len,
+            batch_size,
+            long=True,
         )
         recall = retrieval_recall(queries, video_embeds[name].to(queries.device), relevant)
+        index = torch.from_numpy(caption_index.astype(np.int64))
+        hardneg, _ = hard_negative_accuracy(
+            region_feats, captions[index.to(captions.device)], negative_feats, negative_index
+        )
         results[name] = {
-            "region_top1": region_top1(
-                region_feats, captions, torch.from_numpy(caption_index.astype(np.int64))
-            ),
+            "region_top1": region_top1(region_feats, captions, index),
+            "hardneg_accuracy": hardneg,
             **{f"retrieval_r{k}": value for k, value in recall.items()},
         }
     counts = {
         "videos": len(held_out),
         "regions": len(region_texts),
         "region_captions": len(distinct),
+        "hardneg_regions": int((negative_index >= 0).any(dim=1).sum()),
+        "hardneg_captions": len(negative_texts),
         "retrieval_queries": len(held_out),
         "retrieval_videos": len(gallery),
     }

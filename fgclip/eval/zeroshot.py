@@ -52,13 +52,23 @@ def text_embeddings(
     texts: Sequence[str],
     max_len: int,
     batch_size: int,
+    *,
+    long: bool = False,
 ) -> Tensor:
-    """``[N, D]`` L2-normalised embeddings of ``texts``, ``batch_size`` at a time."""
+    """``[N, D]`` L2-normalised embeddings of ``texts``, ``batch_size`` at a time.
+
+    ``long=True`` for global captions (FG-CLIP's long path under ``model.long_text``).
+    """
     device = model_device(model)
+    if not texts:
+        return model.encode_text(torch.zeros((0, 1), dtype=torch.long, device=device),
+                                 torch.zeros((0, 1), dtype=torch.long, device=device), long=long)  # fmt: skip
     ids, mask = tokenize(tokenizer, list(texts), max_len)
     return torch.cat(
         [
-            model.encode_text(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+            model.encode_text(
+                ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device), long=long
+            )
             for i in range(0, len(texts), batch_size)
         ]
     )
@@ -167,7 +177,7 @@ def region_grid_log_odds(
     trained at. The max of the log-odds is the max of ``1 - p(Normal)``: a frame
     is as anomalous as its most anomalous region.
     """
-    _, region_scale = model.scales()
+    region_scale = model.scales().region
     logits = region_scale.exp() * region_feats @ class_embeds.T  # [N, R, C]
     return _anomaly_log_odds(logits, normal_index).amax(dim=1).cpu()
 
@@ -195,7 +205,7 @@ def snippet_log_odds(
     video_embeds = torch.cat(
         [model.encode_video(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)]
     )
-    global_scale, _ = model.scales()
+    global_scale = model.scales().glob
     return _anomaly_log_odds(global_scale.exp() * video_embeds @ class_embeds.T, normal_index).cpu()
 
 

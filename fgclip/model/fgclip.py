@@ -8,12 +8,22 @@ stand-in) and adds what FG-CLIP and the video task need:
   pooling query start at zero, so at initialisation the video embedding is the
   normalised mean of the frame embeddings: fine-tuning starts exactly from the
   pretrained CLIP's behaviour;
-- FG-CLIP's dense patch features (the penultimate hidden state through the last
-  block's MLP only, then the post-layernorm), pooled per region with RoIAlign and
-  projected by ``roi_projection``, a copy of the visual projection;
-- two learnable temperatures, global and region, both initialised from
-  ``model.logit_scale_init_value`` (ln 100) and never from CLIP's from-scratch
-  default 2.6592 (ln 1/0.07), the users' original bug.
+- FG-CLIP's dense patch features: the penultimate hidden state through the last
+  block with its attention replaced by the attention's value path
+  (``x + out_proj(v_proj(ln1(x)))``, then ``+ mlp(ln2(.))``), then the
+  post-layernorm; pooled per region with RoIAlign (FG-CLIP's adaptive sampling,
+  ``model.roi_sampling_ratio = -1``) and projected by ``roi_projection``, a copy
+  of the visual projection (projection and RoIAlign are both linear, so pooling
+  first equals FG-CLIP's project-then-pool);
+- FG-CLIP's two text paths when ``model.long_text`` is on: short texts (region
+  captions, hard negatives, prompts) keep CLIP's 77-entry position table and
+  ``text_projection``; global captions take two 248-entry stretched tables
+  (``position_embedding_ori`` for the first 20 positions,
+  ``position_embedding_res`` for the rest) and ``text_filip_projection``, a copy
+  of ``text_projection``;
+- three learnable temperatures, global, region and hard-negative, all
+  initialised from ``model.logit_scale_init_value`` (ln 100) and never from
+  CLIP's from-scratch default 2.6592 (ln 1/0.07), the users' original bug.
 """
 
 from __future__ import annotations
@@ -23,9 +33,11 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +56,18 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "fgclip_config.json"
+# What a saved model directory holds; bumped when the state dict's layout changes
+# (2: hard-negative scale, FG-CLIP's short + long text position tables).
+FORMAT_VERSION = 2
 CLIP_TEXT_POSITIONS = 77
 LONG_TEXT_POSITIONS = 248
 # Long-CLIP / FG-CLIP: the first 20 positions are well trained and kept; the rest
 # are interpolated 4x: 20 + 57 * 4 = 248.
 LONG_TEXT_KEEP = 20
 LONG_TEXT_FACTOR = 4
-# Bilinear samples per side of the single RoIAlign bin (torchvision's usual choice).
-ROI_SAMPLING_RATIO = 2
 # ModelConfig keys that shape this module's own layers (the CLIP's come from its config).
 _HEAD_KEYS = ("temporal_layers", "temporal_heads", "pooling", "max_frames", "long_text")
+SCALE_NAMES = ("global", "region", "hardneg")
 
 
 class LogitScaleMismatch(FGClipError, ValueError):
@@ -95,7 +109,8 @@ def clip_config(
         "intermediate_size": 4 * cfg.text_hidden,
         "num_hidden_layers": cfg.text_layers,
         "num_attention_heads": cfg.text_heads,
-        "max_position_embeddings": LONG_TEXT_POSITIONS if cfg.long_text else CLIP_TEXT_POSITIONS,
+        # The short table; long_text adds FG-CLIP's 248-entry tables beside it.
+        "max_position_embeddings": CLIP_TEXT_POSITIONS,
         "projection_dim": cfg.projection_dim,
         "pad_token_id": pad_token_id,
         "bos_token_id": bos_token_id,
@@ -117,6 +132,10 @@ def clip_config(
         # Explicit: CLIPConfig's class default is 2.6592.
         logit_scale_init_value=cfg.logit_scale_init_value,
     )
+
+
+class OldModelFormatError(FGClipError, ValueError):
+    """A saved model directory from a version with another state-dict layout."""
 
 
 class CLIPLoadError(FGClipError, OSError):
@@ -150,6 +169,77 @@ def stretch_position_embeddings(
     w = torch.arange(factor, dtype=emb.dtype, device=emb.device)[:, None] / factor  # [factor, 1]
     stretched = anchors[:-1, None] * (1 - w) + anchors[1:, None] * w  # [L - keep, factor, C]
     return torch.cat([emb[:keep], stretched.reshape(-1, emb.shape[1])])
+
+
+class LongTextEmbeddings(nn.Module):
+    """CLIP's text embeddings with FG-CLIP's second position path for long captions.
+
+    Keeps CLIP's token table and its 77-entry ``position_embedding`` (the short
+    path: region captions, hard negatives, prompts) and adds two 248-entry tables,
+    both initialised with the stretch of the short one: position ``p < 20`` of a
+    long caption reads ``position_embedding_ori``, later ones
+    ``position_embedding_res`` (FG-CLIP's names, so its checkpoints map key for
+    key). Which path a forward pass takes is set by :meth:`long_path`: the text
+    transformer calls this module without saying which kind of text it encodes.
+    """
+
+    def __init__(self, short: nn.Module) -> None:
+        super().__init__()
+        table = short.position_embedding
+        if table.num_embeddings != CLIP_TEXT_POSITIONS:
+            raise ValueError(
+                f"model.long_text needs a {CLIP_TEXT_POSITIONS}-position text model, "
+                f"this one has {table.num_embeddings}"
+            )
+        self.token_embedding = short.token_embedding
+        self.position_embedding = table
+        stretched = stretch_position_embeddings(table.weight.detach())
+        self.position_embedding_ori = nn.Embedding.from_pretrained(stretched.clone(), freeze=False)
+        self.position_embedding_res = nn.Embedding.from_pretrained(stretched.clone(), freeze=False)
+        self.register_buffer(
+            "position_ids", torch.arange(LONG_TEXT_POSITIONS, device=stretched.device)[None], persistent=False
+        )
+        self.long = False
+
+    @contextmanager
+    def long_path(self, on: bool = True) -> Iterator[None]:
+        before, self.long = self.long, on
+        try:
+            yield
+        finally:
+            self.long = before
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        length = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
+        limit = LONG_TEXT_POSITIONS if self.long else CLIP_TEXT_POSITIONS
+        if length > limit:
+            raise ValueError(
+                f"{length} tokens exceed the {limit} positions of the {'long' if self.long else 'short'} text path"
+            )
+        if position_ids is None:
+            position_ids = self.position_ids[:, :length]
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)
+        if not self.long:
+            return inputs_embeds + self.position_embedding(position_ids)
+        kept = (position_ids < LONG_TEXT_KEEP)[..., None]
+        positions = torch.where(
+            kept, self.position_embedding_ori(position_ids), self.position_embedding_res(position_ids)
+        )
+        return inputs_embeds + positions
+
+
+class LogitScales(NamedTuple):
+    """The three temperatures as the losses use them (clamped at ``model.logit_scale_max``)."""
+
+    glob: torch.Tensor
+    region: torch.Tensor
+    hardneg: torch.Tensor
 
 
 class TemporalHead(nn.Module):
@@ -215,12 +305,17 @@ class FGCLIPOutput:
     zero_norm_frac: float
     logit_scale_global: torch.Tensor  # clamped at model.logit_scale_max
     logit_scale_region: torch.Tensor
+    logit_scale_hardneg: torch.Tensor
+    # [M, N, D] L2-normalised hard-negative captions of each region above (zero where
+    # absent) and [M, N] which exist; N = 0 when the batch carries none.
+    hardneg_text_embeds: torch.Tensor | None = None
+    hardneg_mask: torch.Tensor | None = None
 
 
 class FGCLIPVideoModel(nn.Module):
     """Video FG-CLIP on a Hugging Face ``CLIPModel``.
 
-    ``__init__`` initialises both logit scales from ``cfg.logit_scale_init_value``;
+    ``__init__`` initialises the three logit scales from ``cfg.logit_scale_init_value``;
     use ``from_clip`` to start from pretrained weights (with the loaded-scale
     policy) and ``from_pretrained`` to reload a saved model. The global scale is
     the CLIP's own ``logit_scale`` parameter, so ``model.clip`` exported on its own
@@ -233,7 +328,7 @@ class FGCLIPVideoModel(nn.Module):
         self.cfg = cfg
         self.load_report: dict[str, dict[str, Any]] = {}
         if cfg.long_text:
-            self._stretch_text_positions()
+            self._add_long_text_path()
         dim = clip.config.projection_dim
         self.temporal = TemporalHead(
             dim, cfg.temporal_layers, cfg.temporal_heads, cfg.max_frames, cfg.pooling
@@ -243,6 +338,7 @@ class FGCLIPVideoModel(nn.Module):
         with torch.no_grad():
             clip.logit_scale.fill_(cfg.logit_scale_init_value)
         self.logit_scale_region = nn.Parameter(torch.tensor(float(cfg.logit_scale_init_value)))
+        self.logit_scale_hardneg = nn.Parameter(torch.tensor(float(cfg.logit_scale_init_value)))
 
     # ----------------------------------------------------------------- loading
 
@@ -291,20 +387,21 @@ class FGCLIPVideoModel(nn.Module):
         if action == "kept":
             with torch.no_grad():
                 clip.logit_scale.fill_(loaded)
-        logger.info(
-            "[region] no region logit_scale in %s (a plain CLIP has none): initialised from "
-            "model.logit_scale_init_value = %s",
-            source,
-            _describe_scale(wanted),
-        )
-        model.load_report = {
-            "global": {"value": clip.logit_scale.item(), "source": source, "action": action},
-            "region": {
-                "value": model.logit_scale_region.item(),
+        model.load_report = {"global": {"value": clip.logit_scale.item(), "source": source, "action": action}}
+        for name in SCALE_NAMES[1:]:
+            logger.info(
+                "[%s] no %s logit_scale in %s (a plain CLIP has none): initialised from "
+                "model.logit_scale_init_value = %s",
+                name,
+                name,
+                source,
+                _describe_scale(wanted),
+            )
+            model.load_report[name] = {
+                "value": model.named_scales()[name].item(),
                 "source": "model.logit_scale_init_value",
                 "action": "init",
-            },
-        }
+            }
         model.log_scales()
         return model
 
@@ -326,6 +423,12 @@ class FGCLIPVideoModel(nn.Module):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: not an FG-CLIP model directory (missing {name})")
         saved = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        if saved.get("format_version", 1) != FORMAT_VERSION:
+            raise OldModelFormatError(
+                f"{path}: saved in model format {saved.get('format_version', 1)}, this version reads "
+                f"{FORMAT_VERSION} (FG-CLIP's dense path, text tables and hard-negative scale): "
+                "re-run the train stage"
+            )
         saved_cfg = ModelConfig.model_validate(saved["model_config"])
         if cfg is None:
             cfg = saved_cfg
@@ -344,7 +447,7 @@ class FGCLIPVideoModel(nn.Module):
         model.to(map_location)
         model.load_report = {
             name: {"value": p.item(), "source": str(path), "action": "loaded"}
-            for name, p in (("global", model.logit_scale_global), ("region", model.logit_scale_region))
+            for name, p in model.named_scales().items()
         }
         model.log_scales()
         return model
@@ -355,41 +458,40 @@ class FGCLIPVideoModel(nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = {"clip_config": self.clip.config.to_dict(), "model_config": self.cfg.model_dump()}
+        config = {
+            "format_version": FORMAT_VERSION,
+            "clip_config": self.clip.config.to_dict(),
+            "model_config": self.cfg.model_dump(),
+        }
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
     def log_scales(self, source: str | os.PathLike | None = None) -> None:
         """The users' grep line for each scale: ``[global] Loaded logit_scale = 4.6052 (exp=100.0)``."""
         origin = f" from {source}" if source is not None else ""
-        for name, scale in (("global", self.logit_scale_global), ("region", self.logit_scale_region)):
+        for name, scale in self.named_scales().items():
             logger.info("[%s] Loaded logit_scale = %s%s", name, _describe_scale(scale.item()), origin)
 
-    def _stretch_text_positions(self) -> None:
-        embeddings = self.clip.text_model.embeddings
-        table = embeddings.position_embedding
-        if table.num_embeddings == LONG_TEXT_POSITIONS:
-            return
-        if table.num_embeddings != CLIP_TEXT_POSITIONS:
-            raise ValueError(
-                f"model.long_text needs a {CLIP_TEXT_POSITIONS}- or {LONG_TEXT_POSITIONS}-position text model, "
-                f"this one has {table.num_embeddings}"
-            )
-        stretched = stretch_position_embeddings(table.weight.detach())
-        embeddings.position_embedding = nn.Embedding.from_pretrained(stretched, freeze=False)
-        embeddings.register_buffer(
-            "position_ids", torch.arange(LONG_TEXT_POSITIONS, device=stretched.device)[None], persistent=False
-        )
-        # text_model.config is the same object as clip.config.text_config: saved with the model.
-        self.clip.config.text_config.max_position_embeddings = LONG_TEXT_POSITIONS
+    def named_scales(self) -> dict[str, nn.Parameter]:
+        """The stored (unclamped) scales by the names the logs and reports use."""
+        return {
+            "global": self.logit_scale_global,
+            "region": self.logit_scale_region,
+            "hardneg": self.logit_scale_hardneg,
+        }
+
+    def _add_long_text_path(self) -> None:
+        """FG-CLIP's long-caption path beside the short one: its tables and its projection."""
+        text = self.clip.text_model
+        text.embeddings = LongTextEmbeddings(text.embeddings)
+        # Inside the CLIP, under FG-CLIP's own name: its checkpoints map key for key.
+        self.clip.text_filip_projection = copy.deepcopy(self.clip.text_projection)
 
     # ---------------------------------------------------------------- encoders
 
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(global, region)`` logit scales clamped at ``cfg.logit_scale_max``, as the losses use them."""
+    def scales(self) -> LogitScales:
+        """The logit scales clamped at ``cfg.logit_scale_max``, as the losses use them."""
         top = self.cfg.logit_scale_max
-        return capped_logit_scale(self.logit_scale_global, top), capped_logit_scale(
-            self.logit_scale_region, top
-        )
+        return LogitScales(*(capped_logit_scale(s, top) for s in self.named_scales().values()))
 
     @torch.no_grad()
     def clamp_logit_scales_(self) -> None:
@@ -399,7 +501,7 @@ class FGCLIPVideoModel(nn.Module):
         while Adam's momentum keeps pushing: the stored value would creep past ln 100
         and a checkpoint would report a temperature the model never used.
         """
-        for scale in (self.logit_scale_global, self.logit_scale_region):
+        for scale in self.named_scales().values():
             scale.copy_(capped_logit_scale(scale, self.cfg.logit_scale_max))
 
     def _vision(
@@ -412,12 +514,16 @@ class FGCLIPVideoModel(nn.Module):
         return embeds, (out.hidden_states[-2] if with_hidden else None)
 
     def _dense(self, penultimate: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """FG-CLIP dense features: the last block without its attention, post-layernorm, patches only."""
+        """FG-CLIP dense features: the last block with its attention reduced to the value path,
+        then the post-layernorm; patches only."""
         vision = self.clip.vision_model
         last = vision.encoder.layers[-1]
-        # Skipping the last attention keeps each patch token local (no mixing with
-        # the CLS summary), which is what makes the tokens usable for RoI pooling.
-        x = penultimate + last.mlp(last.layer_norm2(penultimate))
+        attn = last.self_attn
+        # Each token attends to itself only: the value branch keeps the residual's scale
+        # and what the block was trained to add, without mixing in the CLS summary or
+        # other patches, which is what makes the tokens usable for RoI pooling.
+        x = penultimate + attn.out_proj(attn.v_proj(last.layer_norm1(penultimate)))
+        x = x + last.mlp(last.layer_norm2(x))
         x = vision.post_layernorm(x)
         return x[:, 1:].reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
 
@@ -437,12 +543,35 @@ class FGCLIPVideoModel(nn.Module):
         """``[B, T, D]`` frame embeddings (normalised here, raw ones are fine) -> ``[B, D]`` L2-normalised."""
         return F.normalize(self.temporal(F.normalize(frame_embeds, dim=-1)), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[N, L]`` token ids -> ``[N, D]`` L2-normalised (pooled at the EOS token by CLIP)."""
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, long: bool = False
+    ) -> torch.Tensor:
+        """``[N, L]`` token ids -> ``[N, D]`` L2-normalised (pooled at the EOS token by CLIP).
+
+        ``long=True`` (global captions) takes FG-CLIP's long path when ``model.long_text``
+        is on; otherwise, and for every short text, CLIP's own table and projection.
+        """
+        long = long and self.cfg.long_text
+        projection = self.clip.text_filip_projection if long else self.clip.text_projection
         if input_ids.shape[0] == 0:
-            return self.clip.text_projection.weight.new_zeros((0, self.clip.config.projection_dim))
-        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        return F.normalize(self.clip.text_projection(out.pooler_output), dim=-1)
+            return projection.weight.new_zeros((0, self.clip.config.projection_dim))
+        if long:
+            with self.clip.text_model.embeddings.long_path():
+                out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(projection(out.pooler_output), dim=-1)
+
+    def encode_hard_negatives(
+        self, token_ids: torch.Tensor, text_mask: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        """``[M, N, L]`` hard-negative captions of M regions -> ``[M, N, D]`` (zero where not ``present``)."""
+        m, n = present.shape
+        out = self.clip.text_projection.weight.new_zeros((m, n, self.clip.config.projection_dim))
+        if present.any():
+            encoded = self.encode_text(token_ids[present], text_mask[present])
+            out = out.index_put((present,), encoded.to(out.dtype))
+        return out
 
     def encode_regions(
         self, patch_tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
@@ -474,7 +603,7 @@ class FGCLIPVideoModel(nn.Module):
         maps = patch_tokens.permute(0, 1, 4, 2, 3).reshape(b * k, c, gh, gw)
         per_map = safe.permute(0, 2, 1, 3).reshape(b * k, r, 4)
         pooled = roi_align(
-            maps, per_map, output_size=1, sampling_ratio=ROI_SAMPLING_RATIO
+            maps, per_map, output_size=1, sampling_ratio=self.cfg.roi_sampling_ratio
         )  # [B*K, R, C, 1, 1]
         pooled = pooled.reshape(b, k, r, c).transpose(1, 2)  # [B, R, K, C]
         summed = torch.where(box_mask[..., None], pooled, torch.zeros_like(pooled)).sum(dim=2)
@@ -501,7 +630,7 @@ class FGCLIPVideoModel(nn.Module):
         pixels = torch.cat([frames.flatten(0, 1), keyframes.flatten(0, 1)])
         embeds, penultimate = self._vision(pixels, with_hidden=True)
         video = self.encode_video(embeds[: b * t].view(b, t, -1))
-        text = self.encode_text(batch.text_token_ids, batch.text_mask)
+        text = self.encode_text(batch.text_token_ids, batch.text_mask, long=True)
 
         # Only the keyframes need the dense path.
         patches = self._dense(penultimate[b * t :], self._grid(pixels))
@@ -509,8 +638,12 @@ class FGCLIPVideoModel(nn.Module):
         regions, box_valid, zero_norm_frac = self.encode_regions(patches, batch.boxes, batch.box_mask)
         keep = batch.region_mask.bool() & box_valid
         region_text = self.encode_text(batch.region_token_ids[keep], batch.region_text_mask[keep])
+        negatives_present = batch.region_negative_mask[keep]
+        hardneg_text = self.encode_hard_negatives(
+            batch.region_negative_token_ids[keep], batch.region_negative_text_mask[keep], negatives_present
+        )
 
-        scale_global, scale_region = self.scales()
+        scales = self.scales()
         return FGCLIPOutput(
             video_embeds=video,
             text_embeds=text,
@@ -520,6 +653,9 @@ class FGCLIPVideoModel(nn.Module):
             region_caption_ids=batch.region_caption_ids[keep],
             region_image_ids=batch.region_image_ids[keep],
             zero_norm_frac=zero_norm_frac,
-            logit_scale_global=scale_global,
-            logit_scale_region=scale_region,
+            logit_scale_global=scales.glob,
+            logit_scale_region=scales.region,
+            logit_scale_hardneg=scales.hardneg,
+            hardneg_text_embeds=hardneg_text,
+            hardneg_mask=negatives_present,
         )

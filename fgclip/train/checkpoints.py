@@ -57,7 +57,7 @@ from torch import nn
 from fgclip.config import Params, fingerprint, model_source
 from fgclip.data.layout import INDEX_FILE, MANIFEST_FILE
 from fgclip.errors import FGClipError
-from fgclip.model.fgclip import WEIGHTS_NAME
+from fgclip.model.fgclip import FORMAT_VERSION, WEIGHTS_NAME
 from fgclip.model.losses import REGION_NEGATIVES
 from fgclip.model.memory_bank import ID_COLUMNS
 from fgclip.train.diagnostics import first_nonfinite
@@ -79,6 +79,8 @@ FINGERPRINT_TRAIN_KEYS = [
     "max_regions",
     "max_keyframes",
     "region_loss_weight",
+    "hardneg_loss_weight",
+    "max_hard_negatives",
     "memory_bank_size",
     "memory_bank_warmup_steps",
     "grad_accum_steps",
@@ -133,6 +135,10 @@ def fingerprint_params(params: Params) -> dict[str, Any]:
     fp["loss.region_id_columns"] = ID_COLUMNS
     # Checkpoints trained when only shared ids were masked learnt against false negatives.
     fp["loss.region_negatives"] = REGION_NEGATIVES
+    # Not params either: the model's own recipe. Checkpoints from before FG-CLIP's
+    # value-branch dense path, its short/long text tables and the hard-negative scale
+    # hold other weights for the same params.
+    fp["model.format_version"] = FORMAT_VERSION
     return fp
 
 

@@ -153,9 +153,12 @@ class HealthMonitor:
         self.last_step = 0
         self.weights_checked_at: int | None = None
 
-    def record_init(self, scale_global: float, scale_region: float, note: str = "") -> None:
-        """The scales training starts from (a fresh run; a resumed run restores them)."""
-        self.init_scales = {"global": scale_global, "region": scale_region}
+    def record_init(self, scales: dict[str, float], note: str = "") -> None:
+        """The scales training starts from, by name (``global``, ``region``, ``hardneg``).
+
+        A fresh run records them; a resumed run restores them with the checkpoint.
+        """
+        self.init_scales = dict(scales)
         self.init_note = note
 
     def observe(self, step: int, loss_region: float, zero_norm_frac: float) -> None:

@@ -228,7 +228,7 @@ def _build(params: Params, paths: TrainPaths, device: torch.device) -> _Run:
     ).to(device)
     trainer = TrainStep.build(model, cfg, device)
     monitor = HealthMonitor(cfg.health, params)
-    monitor.record_init(model.logit_scale_global.item(), model.logit_scale_region.item(), _init_note(model))
+    monitor.record_init({name: p.item() for name, p in model.named_scales().items()}, _init_note(model))
     return _Run(trainer, monitor)
 
 
@@ -352,16 +352,19 @@ def _train(
             throughput = samples_per_step / (time.perf_counter() - step_start)
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{throughput:.1f}")
-            scale_global, scale_region = (s.item() for s in run.model.scales())
+            scale_global, scale_region, scale_hardneg = (s.item() for s in run.model.scales())
             if ctx.is_main and (step % cfg.log_every == 0 or step == stop_step):
-                train_log.info("[LOSS] step=%d loss=%.4f loss_global=%.4f loss_region=%.4f",
-                               step, losses["loss"], losses["loss_global"], losses["loss_region"])  # fmt: skip
+                train_log.info("[LOSS] step=%d loss=%.4f loss_global=%.4f loss_region=%.4f loss_hardneg=%.4f",
+                               step, losses["loss"], losses["loss_global"], losses["loss_region"],
+                               losses["loss_hardneg"])  # fmt: skip
                 metrics = {f"train/{name}": value for name, value in losses.items()}
                 metrics.update({
                     "train/logit_scale": scale_global,
                     "train/logit_scale_region": scale_region,
+                    "train/logit_scale_hardneg": scale_hardneg,
                     "train/temperature": math.exp(scale_global),
                     "train/temperature_region": math.exp(scale_region),
+                    "train/temperature_hardneg": math.exp(scale_hardneg),
                     "train/lr": done.lr,
                     "train/grad_norm": done.grad_norm,
                     "train/samples_per_s": throughput,
@@ -436,7 +439,7 @@ def _stop(
 def _summary(
     params: Params, run: _Run, tracker: Tracker, start_step: int, samples_per_s: float | None
 ) -> dict[str, Any]:
-    scale_global, scale_region = (s.item() for s in run.model.scales())
+    scale_global, scale_region, scale_hardneg = (s.item() for s in run.model.scales())
     checks = run.monitor.checks(run.bank.state())
     return {
         "steps": run.step,
@@ -445,8 +448,10 @@ def _summary(
         "final": run.history[-1] if run.history else None,
         "logit_scale_global": scale_global,
         "logit_scale_region": scale_region,
+        "logit_scale_hardneg": scale_hardneg,
         "temperature_global": math.exp(scale_global),
         "temperature_region": math.exp(scale_region),
+        "temperature_hardneg": math.exp(scale_hardneg),
         "memory_bank": run.bank.state(),
         "samples_per_s": samples_per_s,
         "run_id": tracker.run_id,

@@ -63,7 +63,7 @@ def region_loss_breakdown(
     cfg = params.train
     bank = RegionMemoryBank(cfg.memory_bank_size, model.clip.config.projection_dim, warmup_steps=0).to(device)
     bank.begin_pass(1)  # on from the first batch
-    loss_fn = FGCLIPLoss(cfg.region_loss_weight)
+    loss_fn = FGCLIPLoss(cfg.region_loss_weight, cfg.hardneg_loss_weight)
 
     sums: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # regions, loss, loss without bank
     sampler = EpochBatchSampler(len(data), cfg.batch_size, cfg.seed)

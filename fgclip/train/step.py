@@ -37,7 +37,7 @@ from fgclip.model.losses import FGCLIPLoss, LossResult
 from fgclip.model.memory_bank import RegionMemoryBank
 from fgclip.train.optim import build_optimizer, cosine_with_warmup
 
-LOSS_COLUMNS = ("loss", "loss_global", "loss_region")
+LOSS_COLUMNS = ("loss", "loss_global", "loss_region", "loss_hardneg")
 
 
 class NonFiniteValue(FloatingPointError):
@@ -91,7 +91,7 @@ class TrainStep:
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
         return cls(
             model=model,
-            loss_fn=FGCLIPLoss(cfg.region_loss_weight).to(device),
+            loss_fn=FGCLIPLoss(cfg.region_loss_weight, cfg.hardneg_loss_weight).to(device),
             bank=bank.to(device),
             optimizer=optimizer,
             scheduler=cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps),
@@ -128,9 +128,8 @@ class TrainStep:
                     result = self.loss_fn(output, negatives)
                 self.bank.enqueue(*result.regions)
                 loss = (result.loss + float("nan")) if inject_nan else result.loss
-                values = dict(
-                    zip(LOSS_COLUMNS, (loss.item(), result.loss_global.item(), result.loss_region.item()))
-                )
+                parts = (result.loss_global, result.loss_region, result.loss_hardneg)
+                values = dict(zip(LOSS_COLUMNS, (loss.item(), *(p.item() for p in parts))))
                 self._raise_if_nonfinite(values)
                 (loss / accum).backward()
             self.forward_passes = passes

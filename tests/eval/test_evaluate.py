@@ -116,12 +116,15 @@ def test_held_out_region_metrics_for_all_three_models(first_run, tiny_boxes: Pat
         "videos": len({r["video"] for r in rows}),
         "regions": len(regions),
         "region_captions": len({r["region_caption"] for r in rows}),
+        "hardneg_regions": len({(r["video"], r["region"]) for r in rows if r["region_negatives"]}),
+        "hardneg_captions": len({t for r in rows for t in r["region_negatives"]}),
         "retrieval_queries": len({r["video"] for r in rows}),
         "retrieval_videos": len(read_split(tiny_sample / "Anomaly_Test.txt")),
     }
+    assert summary["held_out"]["hardneg_regions"] > 0
     for name in MODELS:
         m = summary[name]
-        for key in ("region_top1", "retrieval_r1", "retrieval_r5"):
+        for key in ("region_top1", "hardneg_accuracy", "retrieval_r1", "retrieval_r5"):
             assert 0.0 <= m[key] <= 1.0 and m[key] == round(m[key], 4)
         assert m["retrieval_r1"] <= m["retrieval_r5"]
     assert [summary["pretrained"][k] for k in ("region_top1", "retrieval_r1", "retrieval_r5")] != [

@@ -145,6 +145,8 @@ def test_held_out_metrics_match_a_direct_reference(
         "videos": len(held_out),
         "regions": len(region_texts),
         "region_captions": len(distinct),
+        "hardneg_regions": sum(bool(n) for v in held_out for n in v.region_negatives),
+        "hardneg_captions": len({t for v in held_out for n in v.region_negatives for t in n}),
         "retrieval_queries": len(held_out),
         "retrieval_videos": len(test_videos),
     }
@@ -162,6 +164,19 @@ def test_held_out_metrics_match_a_direct_reference(
             [batched] = region_embeddings([model], held_out, batch_size=batch_size)
             torch.testing.assert_close(batched, torch.stack(features), atol=1e-5, rtol=1e-5)
         assert results[name]["region_top1"] == pytest.approx(sum(correct) / len(correct))
+
+        # Hard negatives: a region scores when its caption beats each of its own negatives.
+        wins, m = [], 0
+        for video in held_out:
+            for r, text in enumerate(video.region_captions):
+                negatives = video.region_negatives[r]
+                if negatives:
+                    own = _reference_text(model, eval_tokenizer, [text])[0] @ features[m]
+                    others = _reference_text(model, eval_tokenizer, negatives) @ features[m]
+                    wins.append(bool((own > others).all()))
+                m += 1
+        assert wins, "the tiny sample's shards carry generated hard negatives"
+        assert results[name]["hardneg_accuracy"] == pytest.approx(sum(wins) / len(wins))
 
         queries = _reference_text(model, eval_tokenizer, [v.global_caption for v in held_out])
         for k in (1, 5):

@@ -39,9 +39,12 @@ def make_model(tokenizer: PreTrainedTokenizerFast) -> Callable[..., FGCLIPVideoM
 
 @pytest.fixture
 def make_batch(tokenizer: PreTrainedTokenizerFast) -> Callable[..., Batch]:
-    """``make_batch(b, t, k, r)``: a seeded training batch; every region has a box on keyframe 0."""
+    """``make_batch(b, t, k, r, n)``: a seeded training batch; every region has a box on keyframe 0.
 
-    def make(b: int = 2, t: int = 3, k: int = 2, r: int = 3, seed: int = 0) -> Batch:
+    Each region carries ``n`` hard-negative slots; region i's first ``i % (n + 1)`` are filled.
+    """
+
+    def make(b: int = 2, t: int = 3, k: int = 2, r: int = 3, seed: int = 0, n: int = 2) -> Batch:
         g = torch.Generator().manual_seed(seed)
         size, max_len = TINY["image_size"], TINY["max_text_len"]
         ids, mask = tokenize(tokenizer, [CAPTIONS[i % len(CAPTIONS)] for i in range(b)], max_len)
@@ -52,6 +55,12 @@ def make_batch(tokenizer: PreTrainedTokenizerFast) -> Callable[..., Batch]:
         box_mask = torch.rand(b, r, k, generator=g) > 0.3
         box_mask[:, :, 0] = True
         region_caption_ids = 100 + torch.arange(b * r).view(b, r)
+        negative_texts = [CAPTIONS[(i + 2) % len(CAPTIONS)] for i in range(b * r * n)]
+        if n:
+            nids, nmask = tokenize(tokenizer, negative_texts, max_len)
+        else:
+            nids = nmask = torch.zeros((0, max_len), dtype=torch.long)
+        present = (torch.arange(n)[None, :] < (torch.arange(b * r) % (n + 1))[:, None]).view(b, r, n)
         return Batch(
             videos=[f"video{i}" for i in range(b)],
             frames=torch.randn(b, t, 3, size, size, generator=g),
@@ -66,6 +75,9 @@ def make_batch(tokenizer: PreTrainedTokenizerFast) -> Callable[..., Batch]:
             region_caption_ids=region_caption_ids,
             region_image_ids=1000 + region_caption_ids,  # every region its own pixels
             region_mask=torch.ones(b, r, dtype=torch.bool),
+            region_negative_token_ids=nids.view(b, r, n, max_len),
+            region_negative_text_mask=nmask.view(b, r, n, max_len) * present[..., None],
+            region_negative_mask=present,
         )
 
     return make

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from fgclip.config import LN_100, HealthConfig, ModelConfig
 from fgclip.model.fgclip import (
     FGCLIPVideoModel,
     LogitScaleMismatch,
+    OldModelFormatError,
     load_clip,
     stretch_position_embeddings,
     tiny_clip_config,
@@ -56,6 +59,7 @@ def test_scales_start_from_the_configured_value(make_model: Make, value: float) 
     model = make_model(logit_scale_init_value=value)
     assert model.logit_scale_global.item() == pytest.approx(value)
     assert model.logit_scale_region.item() == pytest.approx(value)
+    assert model.logit_scale_hardneg.item() == pytest.approx(value)
     assert model.clip.config.logit_scale_init_value == value
 
 
@@ -66,8 +70,7 @@ def test_scales_never_come_from_the_clip_config_default(tokenizer: PreTrainedTok
     default = CLIPConfig.from_dict(raw)
     assert default.logit_scale_init_value == pytest.approx(2.6592)
     model = FGCLIPVideoModel(CLIPModel(default), cfg)
-    assert model.scales()[0].item() == pytest.approx(LN_100)
-    assert model.scales()[1].item() == pytest.approx(LN_100)
+    assert [s.item() for s in model.scales()] == pytest.approx([LN_100] * 3)
 
 
 def test_scales_are_clamped_at_the_max(make_model: Make) -> None:
@@ -75,14 +78,16 @@ def test_scales_are_clamped_at_the_max(make_model: Make) -> None:
     with torch.no_grad():
         model.logit_scale_global.fill_(5.0)
         model.logit_scale_region.fill_(1.0)
-    glob, region = model.scales()
+        model.logit_scale_hardneg.fill_(6.0)
+    glob, region, hardneg = model.scales()
     assert glob.item() == pytest.approx(LN_100) and region.item() == pytest.approx(1.0)
+    assert hardneg.item() == pytest.approx(LN_100)
 
 
 def test_logit_scale_global_is_the_clip_parameter(make_model: Make) -> None:
     model = make_model()
     names = {n for n, _ in model.named_parameters() if "logit_scale" in n}
-    assert names == {"clip.logit_scale", "logit_scale_region"}
+    assert names == {"clip.logit_scale", "logit_scale_region", "logit_scale_hardneg"}
     assert model.logit_scale_global is model.clip.logit_scale
 
 
@@ -115,10 +120,13 @@ def test_clamp_logit_scales_caps_the_stored_values(make_model: Make) -> None:
     with torch.no_grad():
         model.logit_scale_global.fill_(5.0)
         model.logit_scale_region.fill_(4.0)
+        model.logit_scale_hardneg.fill_(7.0)
     model.clamp_logit_scales_()
     assert model.logit_scale_global.item() == pytest.approx(LN_100)
     assert model.logit_scale_region.item() == pytest.approx(4.0)
-    assert [s.item() for s in model.scales()] == [model.logit_scale_global.item(), 4.0]
+    assert model.logit_scale_hardneg.item() == pytest.approx(LN_100)
+    assert [s.item() for s in model.scales()] == [model.logit_scale_global.item(), 4.0,
+                                                  model.logit_scale_hardneg.item()]  # fmt: skip
 
 
 def test_from_clip_keep_policy(tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture) -> None:
@@ -129,6 +137,7 @@ def test_from_clip_keep_policy(tokenizer: PreTrainedTokenizerFast, caplog: pytes
     assert model.logit_scale_region.item() == pytest.approx(LN_100)
     assert "[global] Loaded logit_scale = 2.6592 (exp=14.3)" in caplog.messages
     assert "[region] Loaded logit_scale = 4.6052 (exp=100.0)" in caplog.messages
+    assert "[hardneg] Loaded logit_scale = 4.6052 (exp=100.0)" in caplog.messages
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert model.load_report["global"] == {
         "value": pytest.approx(2.6592, abs=1e-4),
@@ -151,6 +160,7 @@ def test_from_clip_reinit_policy(
     assert scale_lines == [
         "[global] Loaded logit_scale = 4.6052 (exp=100.0)",
         "[region] Loaded logit_scale = 4.6052 (exp=100.0)",
+        "[hardneg] Loaded logit_scale = 4.6052 (exp=100.0)",
     ]
     assert model.load_report["global"]["action"] == "reinit"
 
@@ -186,6 +196,7 @@ def test_save_and_load_round_trip(
     _perturb(model)
     with torch.no_grad():
         model.logit_scale_region.fill_(3.0)
+        model.logit_scale_hardneg.fill_(2.0)
     model.save_pretrained(tmp_path / "out")
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"model.safetensors", "fgclip_config.json"}
 
@@ -194,6 +205,7 @@ def test_save_and_load_round_trip(
     assert caplog.messages == [
         "[global] Loaded logit_scale = 4.6052 (exp=100.0)",
         "[region] Loaded logit_scale = 3.0000 (exp=20.1)",
+        "[hardneg] Loaded logit_scale = 2.0000 (exp=7.4)",
     ]
     assert loaded.cfg == model.cfg
     batch = make_batch()
@@ -205,6 +217,8 @@ def test_save_and_load_round_trip(
         "region_image_embeds",
         "region_text_embeds",
         "logit_scale_region",
+        "logit_scale_hardneg",
+        "hardneg_text_embeds",
     ):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
 
@@ -244,7 +258,40 @@ def test_too_many_frames_is_an_error(make_model: Make) -> None:
 # ------------------------------------------------------------ image features
 
 
-def test_dense_features_are_the_last_block_without_attention(make_model: Make) -> None:
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _fgclip_dense_reference(model: FGCLIPVideoModel, penultimate: torch.Tensor) -> torch.Tensor:
+    """FG-CLIP v1's dense recipe in float64, step by step from the weights (``forward_without_attn``).
+
+    The last block keeps its attention's value path without the attention:
+    ``x + out_proj(v_proj(ln1(x)))``, then ``x + mlp(ln2(x))``; then the
+    post-layernorm; the CLS token dropped.
+    """
+    vision = model.clip.vision_model
+    last = vision.encoder.layers[-1]
+    assert model.clip.config.vision_config.hidden_act == "quick_gelu"
+
+    def w(module: torch.nn.Module, name: str) -> torch.Tensor:
+        return getattr(module, name).detach().double()
+
+    def norm(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + module.eps) * w(module, "weight") + w(module, "bias")
+
+    def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return x @ w(module, "weight").T + w(module, "bias")
+
+    x = penultimate.double()
+    v = linear(last.self_attn.v_proj, norm(last.layer_norm1, x))
+    x = x + linear(last.self_attn.out_proj, v)
+    x = x + linear(last.mlp.fc2, _quick_gelu(linear(last.mlp.fc1, norm(last.layer_norm2, x))))
+    return norm(vision.post_layernorm, x)[:, 1:]
+
+
+def test_dense_features_follow_fgclip_recipe(make_model: Make) -> None:
     model = make_model()
     _perturb(model)
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -252,16 +299,44 @@ def test_dense_features_are_the_last_block_without_attention(make_model: Make) -
         embeds, patches = model.encode_images(pixels, with_patches=True)
         vision = model.clip.vision_model
         out = vision(pixel_values=pixels, output_hidden_states=True)
-        x = out.hidden_states[-2]
+        reference = _fgclip_dense_reference(model, out.hidden_states[-2]).reshape(3, 4, 4, 32)
         last = vision.encoder.layers[-1]
-        manual = vision.post_layernorm(x + last.mlp(last.layer_norm2(x)))[:, 1:].reshape(3, 4, 4, 32)
+        x = out.hidden_states[-2]
+        without_value = vision.post_layernorm(x + last.mlp(last.layer_norm2(x)))[:, 1:].reshape(3, 4, 4, 32)
         with_attention = vision.post_layernorm(out.last_hidden_state)[:, 1:].reshape(3, 4, 4, 32)
-        reference = model.clip.get_image_features(pixel_values=pixels).pooler_output
+        projected = model.clip.get_image_features(pixel_values=pixels).pooler_output
     assert patches.shape == (3, 4, 4, 32)
-    torch.testing.assert_close(patches, manual)
-    assert not torch.allclose(patches, with_attention, atol=1e-3)
-    torch.testing.assert_close(embeds, reference)
+    torch.testing.assert_close(patches.double(), reference, atol=1e-5, rtol=0)
+    # The value branch matters: the recipe without it (this project's old one) is far off,
+    # and so is the full last block (its attention mixes every token).
+    assert (patches - without_value).abs().max() > 1e-2
+    assert (patches - with_attention).abs().max() > 1e-2
+    torch.testing.assert_close(embeds, projected)
     assert model.encode_images(pixels)[1] is None
+    # In float64 the model's own path is the reference to rounding.
+    model.double()
+    with torch.no_grad():
+        _, patches64 = model.encode_images(pixels.double(), with_patches=True)
+        hidden = model.clip.vision_model(
+            pixel_values=pixels.double(), output_hidden_states=True
+        ).hidden_states[-2]
+    torch.testing.assert_close(patches64, _fgclip_dense_reference(model, hidden).reshape(3, 4, 4, 32),
+                               atol=1e-10, rtol=0)  # fmt: skip
+
+
+def test_region_pooling_equals_fgclip_project_then_pool(make_model: Make) -> None:
+    """FG-CLIP projects every patch, then pools; the model pools, then projects: equal (both linear)."""
+    model = make_model()
+    _perturb(model)
+    patches = torch.randn(1, 1, 4, 4, 32, generator=torch.Generator().manual_seed(3))
+    boxes = torch.tensor([[[[0.1, 0.2, 0.7, 0.9]], [[0.0, 0.0, 1.0, 1.0]]]])
+    with torch.no_grad():
+        feats, _, _ = model.encode_regions(patches, boxes, torch.ones(1, 2, 1, dtype=torch.bool))
+        projected = model.roi_projection(patches[0])  # [1, 4, 4, D]
+        pooled = roi_align(projected.permute(0, 3, 1, 2), boxes[0, :, 0][None], output_size=1)[0, :, :, 0, 0]
+    torch.testing.assert_close(feats[0], F.normalize(pooled, dim=-1))
+    # A whole-frame box averages every cell (adaptive sampling, FG-CLIP's default).
+    torch.testing.assert_close(pooled[1], projected[0].mean(dim=(0, 1)), atol=1e-6, rtol=0)
 
 
 def test_forward_runs_the_vision_tower_once(make_model: Make, make_batch: Callable) -> None:
@@ -393,25 +468,74 @@ def test_stretch_position_embeddings() -> None:
     torch.testing.assert_close(out[247], emb[76] + 0.75 * (emb[76] - emb[75]))
 
 
-def test_long_text_stretches_a_77_position_clip(
-    tokenizer: PreTrainedTokenizerFast, tmp_path: Path, make_batch: Callable
+def test_long_text_adds_fgclip_tables_beside_the_short_one(
+    tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
     clip = _clip(tokenizer, LN_100)
+    plain = FGCLIPVideoModel.from_clip(copy.deepcopy(clip), ModelConfig(**TINY), source="tiny",
+                                       tolerance=TOLERANCE).eval()  # fmt: skip
     original = clip.text_model.embeddings.position_embedding.weight.detach().clone()
-    cfg = ModelConfig(**{**TINY, "long_text": True, "max_text_len": 100})
+    cfg = ModelConfig(**{**TINY, "long_text": True, "max_caption_len": 100})
     model = FGCLIPVideoModel.from_clip(clip, cfg, source="tiny", tolerance=TOLERANCE).eval()
-    table = model.clip.text_model.embeddings.position_embedding.weight
-    assert table.shape == (248, 32) and torch.equal(table[:20], original[:20])
-    assert model.clip.config.text_config.max_position_embeddings == 248
-    assert model.clip.text_model.embeddings.position_ids.shape == (1, 248)
-    ids, mask = tokenize(tokenizer, [" ".join(CAPTIONS * 2)], 100)
-    assert mask.sum() > 77
+    embeddings = model.clip.text_model.embeddings
+    assert torch.equal(embeddings.position_embedding.weight, original)  # the short table is untouched
+    stretched = stretch_position_embeddings(original)
+    for table in (embeddings.position_embedding_ori, embeddings.position_embedding_res):
+        assert torch.equal(table.weight, stretched)
+    assert model.clip.config.text_config.max_position_embeddings == 77
+    torch.testing.assert_close(model.clip.text_filip_projection.weight, model.clip.text_projection.weight)
+
+    short_ids, short_mask = tokenize(tokenizer, CAPTIONS[:3], 12)
+    long_ids, long_mask = tokenize(tokenizer, [" ".join(CAPTIONS * 2)], 100)
+    assert long_mask.sum() > 77
     with torch.no_grad():
-        text = model.encode_text(ids, mask)
-    model.save_pretrained(tmp_path)
+        # Short texts read the original table and projection: as without long_text.
+        torch.testing.assert_close(
+            model.encode_text(short_ids, short_mask), plain.encode_text(short_ids, short_mask)
+        )
+        # At initialisation the long path of a short caption is the short path (ori[:20] = original[:20]).
+        torch.testing.assert_close(model.encode_text(short_ids, short_mask, long=True),
+                                   plain.encode_text(short_ids, short_mask))  # fmt: skip
+        long_text = model.encode_text(long_ids, long_mask, long=True)
+        with pytest.raises(ValueError, match="77 positions of the short"):
+            model.encode_text(long_ids, long_mask)
+        # Position p reads ori below 20 and res from 20 on.
+        with embeddings.long_path():
+            got = embeddings(input_ids=long_ids)
+        kept = embeddings.position_embedding_ori.weight.clone()
+        embeddings.position_embedding_ori.weight.add_(1.0)
+        with embeddings.long_path():
+            moved_ori = embeddings(input_ids=long_ids)
+        embeddings.position_embedding_ori.weight.copy_(kept)
+    assert torch.allclose(moved_ori[:, :20] - got[:, :20], torch.ones(()))
+    assert torch.equal(moved_ori[:, 20:], got[:, 20:])
+    assert not embeddings.long  # the path switch is scoped to the call
+
+    # Gradients of a long caption reach ori's first 20 rows and res's others only.
+    model.train()
+    model.encode_text(long_ids, long_mask, long=True).sum().backward()
+    ori, res = embeddings.position_embedding_ori.weight.grad, embeddings.position_embedding_res.weight.grad
+    assert ori[:20].abs().sum() > 0 and ori[20:].abs().sum() == 0
+    assert res[:20].abs().sum() == 0 and res[20:100].abs().sum() > 0
+    assert (
+        embeddings.position_embedding.weight.grad is None
+        or embeddings.position_embedding.weight.grad.abs().sum() == 0
+    )
+    assert model.clip.text_filip_projection.weight.grad is not None
+
+    model.eval().save_pretrained(tmp_path)
     loaded = FGCLIPVideoModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert torch.equal(loaded.encode_text(ids, mask), text)
+        assert torch.equal(loaded.encode_text(long_ids, long_mask, long=True), long_text)
+
+
+def test_a_model_of_the_old_format_is_refused_by_name(make_model: Make, tmp_path: Path) -> None:
+    make_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "fgclip_config.json").read_text())
+    del config["format_version"]
+    (tmp_path / "fgclip_config.json").write_text(json.dumps(config))
+    with pytest.raises(OldModelFormatError, match="model format 1.*re-run the train stage"):
+        FGCLIPVideoModel.from_pretrained(tmp_path)
 
 
 def test_from_scratch_config_follows_the_model_config(
@@ -429,5 +553,6 @@ def test_from_scratch_config_follows_the_model_config(
     assert (config.vision_config.image_size, config.vision_config.patch_size) == (32, 8)
     assert config.projection_dim == 16 and config.logit_scale_init_value == pytest.approx(LN_100)
     assert math.isclose(CLIPModel(config).logit_scale.item(), LN_100, rel_tol=1e-6)
+    # long_text keeps the short table in the config; the long tables are the model's own.
     long = tiny_clip_config(ModelConfig(**{**TINY, "long_text": True}), tokenizer)
-    assert long.text_config.max_position_embeddings == 248
+    assert long.text_config.max_position_embeddings == 77

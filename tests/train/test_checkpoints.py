@@ -155,6 +155,24 @@ def test_stale_fingerprint_is_refused_naming_each_param(tmp_path: Path) -> None:
     assert run_fingerprint(same)[0] == fp
 
 
+def test_a_checkpoint_from_before_fgclips_recipe_is_refused_by_name(tmp_path: Path) -> None:
+    """Weights trained without the value branch, adaptive RoIAlign and hard negatives."""
+    path = _save(tmp_path, 2, _parts(0), Params())
+    meta = json.loads((path / "meta.json").read_text())
+    for key in ("model.format_version", "model.roi_sampling_ratio", "model.max_caption_len",
+                "train.hardneg_loss_weight", "train.max_hard_negatives"):  # fmt: skip
+        del meta["fingerprint_params"][key]
+    meta["fingerprint"] = "written-by-an-older-version"
+    (path / "meta.json").write_text(json.dumps(meta))
+    fp, fp_params = run_fingerprint(Params())
+    with pytest.raises(StaleCheckpointError) as err:
+        latest_resumable(tmp_path, fp, fp_params)
+    message = str(err.value)
+    assert "model.format_version: '<absent>' -> 2" in message
+    assert "model.roi_sampling_ratio: '<absent>' -> -1" in message
+    assert "train.hardneg_loss_weight: '<absent>' -> 0.5" in message
+
+
 def test_changed_learning_rate_is_refused(tmp_path: Path) -> None:
     """Resuming a finished run after an lr change would hand back the old model unchanged."""
     _save(tmp_path, 2, _parts(0), Params())

@@ -38,7 +38,7 @@ def _monitor(**health) -> HealthMonitor:
 
 def test_region_gate_judges_the_window_at_its_step() -> None:
     monitor = _monitor(region_loss_by_step=3, region_loss_window=2, region_loss_max=0.7)
-    monitor.record_init(4.6052, 4.6052)
+    monitor.record_init({"global": 4.6052, "region": 4.6052, "hardneg": 4.6052})
     for step, loss in enumerate([1.0, 0.9, 0.3, 5.0, 5.0], start=1):
         monitor.observe(step, loss, 0.0)
     check = monitor.checks(_bank(50))["region_loss"]
@@ -48,7 +48,7 @@ def test_region_gate_judges_the_window_at_its_step() -> None:
 
 def test_short_run_is_judged_at_its_last_step_and_fail_action_raises(tmp_path: Path) -> None:
     monitor = _monitor(region_loss_by_step=500, region_loss_action="fail")
-    monitor.record_init(4.6052, 4.6052)
+    monitor.record_init({"global": 4.6052, "region": 4.6052, "hardneg": 4.6052})
     monitor.observe(1, 1.4, 0.0)
     monitor.observe(2, 1.2, 0.25)
     checks = monitor.write(tmp_path / "health.json", _bank(passes=2))
@@ -70,9 +70,17 @@ def test_bank_gate() -> None:
     assert monitor.checks(_bank(size=0))["memory_bank_enabled_at"]["passed"] is True
 
 
+def test_logit_scale_gate_judges_the_hard_negative_scale_too() -> None:
+    """A hard-negative temperature re-created at CLIP's 14.3 fails the same gate (the users' bug)."""
+    monitor = _monitor()
+    monitor.record_init({"global": 4.6052, "region": 4.6052, "hardneg": 2.6592})
+    check = monitor.checks(_bank(50))["logit_scale_init"]
+    assert check["passed"] is False and "hardneg=2.6592 (exp=14.28)" in check["note"]
+
+
 def test_logit_scale_gate_and_state_round_trip() -> None:
     monitor = _monitor()
-    monitor.record_init(2.6592, 4.6052, "kept")
+    monitor.record_init({"global": 2.6592, "region": 4.6052, "hardneg": 4.6052}, "kept")
     check = monitor.checks(_bank(50))["logit_scale_init"]
     assert check["passed"] is False and "exp=14.28" in check["note"]
     monitor.record_nonfinite(7, "loss_region", float("inf"))

@@ -10,10 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from fgclip.config import Params
+from fgclip.eval.evaluate import evaluate
 from fgclip.train.checkpoints import StaleCheckpointError
 from fgclip.train.diagnostics import HealthCheckFailed
 from fgclip.train.loop import FAULT_ENV, NonFiniteLossError, train
@@ -66,11 +68,14 @@ def test_uninterrupted_run_writes_model_run_and_metrics(straight, tracking_uri: 
         "train/loss",
         "train/loss_global",
         "train/loss_region",
+        "train/loss_hardneg",
         "train/logit_scale",
         "train/lr",
         "train/logit_scale_region",
+        "train/logit_scale_hardneg",
         "train/temperature",
         "train/temperature_region",
+        "train/temperature_hardneg",
         "train/samples_per_s",
         "train/loader_samples_per_s",
     ):
@@ -78,12 +83,40 @@ def test_uninterrupted_run_writes_model_run_and_metrics(straight, tracking_uri: 
     loss = {m.step: m.value for m in client.get_metric_history(run["run_id"], "train/loss")}
     assert loss[3] == pytest.approx(float(_losses(root)[2]["loss"]))
     assert mlflow_run.data.metrics["train/temperature"] == pytest.approx(100.0, rel=1e-3)
+    # FG-CLIP's hard-negative loss is on by default and the sample's regions carry negatives.
+    assert all(float(row["loss_hardneg"]) > 0 for row in _losses(root))
+    assert summary["temperature_hardneg"] == pytest.approx(100.0, rel=1e-2)
     assert "health.json" in [a.path for a in client.list_artifacts(run["run_id"])]
     # Checkpoints every 2 steps, the newest 2 kept.
     assert sorted(p.name for p in (root / "checkpoints" / "fgclip-sample").iterdir()) == [
         "checkpoint-000002",
         "checkpoint-000004",
     ]
+
+
+def test_long_captions_train_and_evaluate_through_the_long_path(
+    train_params, tiny_clip, tiny_sample: Path, tiny_frames: Path, tiny_boxes: Path, tmp_path: Path
+) -> None:
+    """model.long_text: global captions through FG-CLIP's 248-position tables and projection."""
+    params = train_params(model={"long_text": True}, train={"max_steps": 2, "checkpoint_every": 2})
+    assert params.model.caption_len == 248
+    summary = _run(params, tiny_frames, tiny_boxes, tiny_clip[0], tmp_path)
+    assert summary["steps"] == 2 and summary["health"]["finite"]["passed"]
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    start = load_file(str(Path(tiny_clip[0]) / "model.safetensors"))
+    short = "text_model.embeddings.position_embedding.weight"
+    assert state[f"clip.{short}"].shape[0] == 77
+    for name in ("position_embedding_ori", "position_embedding_res"):
+        assert state[f"clip.text_model.embeddings.{name}.weight"].shape[0] == 248
+    # Training moved the long path's own weights away from their copies of the short path.
+    assert not torch.equal(state["clip.text_filip_projection.weight"], state["clip.text_projection.weight"])
+    assert not torch.equal(state["clip.text_model.embeddings.position_embedding_ori.weight"][:20],
+                           start[short][:20])  # fmt: skip
+    # Evaluation reads the long model back and queries videos with its global captions (long path).
+    result = evaluate(params, tiny_frames, tmp_path / "out", None, tiny_sample, tmp_path / "eval.json",
+                      tmp_path / "scores.parquet", boxes_dir=tiny_boxes)  # fmt: skip
+    assert 0.0 <= result["finetuned"]["retrieval_r1"] <= 1.0
+    assert result["finetuned"]["hardneg_accuracy"] is not None
 
 
 def test_resume_equals_uninterrupted(
@@ -108,6 +141,7 @@ def test_resume_equals_uninterrupted(
         r"\[global\] Loaded logit_scale = 4\.\d{4} \(exp=\d+\.\d\) from .*checkpoint-", caplog.text
     )
     assert "[region] Loaded logit_scale = " in caplog.text
+    assert "[hardneg] Loaded logit_scale = " in caplog.text
     # Identical losses at every step (the curve spans both invocations) and identical final weights.
     assert _losses(tmp_path) == _losses(ref_root)
     resumed = load_file(tmp_path / "out" / "model.safetensors")

@@ -65,15 +65,16 @@ def test_step_losses_are_the_loss_of_its_batches(setup) -> None:
     before = copy.deepcopy(trainer.model)
     result = trainer(iter(batches))
     # Reference: the same model's loss on each of the step's two batches (bank still off), averaged.
-    loss_fn = FGCLIPLoss(params.train.region_loss_weight)
+    loss_fn = FGCLIPLoss(params.train.region_loss_weight, params.train.hardneg_loss_weight)
     with torch.no_grad():
         passes = [loss_fn(before(batch)) for batch in batches[:2]]
-    for name in ("loss", "loss_global", "loss_region"):
+    assert all(p.loss_hardneg.item() > 0 for p in passes)  # the sample's regions carry negatives
+    for name in ("loss", "loss_global", "loss_region", "loss_hardneg"):
         expected = sum(getattr(p, name).item() for p in passes) / 2
         assert result.losses[name] == pytest.approx(expected, rel=1e-5)
     assert result.grad_norm > 0 and result.lr == pytest.approx(params.train.lr / params.train.warmup_steps)
     moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before.get_parameter(n))]
-    assert "logit_scale_region" in moved and len(moved) > 10
+    assert {"logit_scale_region", "logit_scale_hardneg"} <= set(moved) and len(moved) > 10
     assert trainer.model.logit_scale_global.item() <= params.model.logit_scale_max
 
 
