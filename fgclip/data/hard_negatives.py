@@ -293,8 +293,16 @@ def _lookup(key: Key, word: str) -> _Word:
 
 
 def normalise(text: str) -> str:
-    """What makes two captions the same caption: NFKC, case and whitespace folded."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """What makes two captions the same caption: NFKC, case, punctuation and whitespace folded.
+
+    Punctuation goes because the tokenizers split it off: "a person in red walks." is
+    the caption "a person in red walks" to the model, a true caption, never a negative.
+    """
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(_PUNCTUATION.sub(" ", folded).split())
+
+
+_PUNCTUATION = re.compile(r"[^\w\s]")
 
 
 @dataclass(frozen=True)

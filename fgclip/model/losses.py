@@ -301,11 +301,15 @@ def hard_negative_loss(
     reaches every input when there is none: DDP expects the scale's gradient on
     every rank), and ``[M]`` detached "the positive outranks every negative".
     """
-    scale = logit_scale.exp()
     has = present.any(dim=1)
-    pos = (image * positive).sum(dim=-1, keepdim=True)  # [M, 1]
-    neg = torch.einsum("md,mnd->mn", image, negatives.to(image.dtype))
-    logits = scale * torch.cat([pos, neg], dim=1)
+    # float32, autocast off: a one-word swap moves the cosine by about as much as bf16
+    # rounds it (0.002), which would decide the ranking at random. M x N x D is tiny.
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        image, positive, negatives = image.float(), positive.float(), negatives.float()
+        scale = logit_scale.float().exp()
+        pos = (image * positive).sum(dim=-1, keepdim=True)  # [M, 1]
+        neg = torch.einsum("md,mnd->mn", image, negatives)
+        logits = scale * torch.cat([pos, neg], dim=1)
     columns = torch.cat([torch.ones_like(has)[:, None], present], dim=1)  # the positive always counts
     masked = logits.masked_fill(~columns, float("-inf"))
     wins = (pos.detach() > neg.detach().masked_fill(~present, float("-inf"))).all(dim=1) & has
@@ -338,7 +342,7 @@ class FGCLIPLoss(nn.Module):
     batch is never its own negative.
     """
 
-    def __init__(self, region_weight: float, hardneg_weight: float = 0.0) -> None:
+    def __init__(self, region_weight: float, hardneg_weight: float) -> None:
         super().__init__()
         self.region_weight = region_weight
         self.hardneg_weight = hardneg_weight

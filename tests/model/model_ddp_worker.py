@@ -123,7 +123,7 @@ def _region_grad_step(rank: int) -> dict:
         logit_scale_global=torch.tensor(LN_100),
         logit_scale_region=scale,
     )
-    result = FGCLIPLoss(region_weight=1.0)(out)
+    result = FGCLIPLoss(region_weight=1.0, hardneg_weight=0.0)(out)
     result.loss.backward()
     params = [*proj.parameters(), scale]
     local = flat_grads(params)
@@ -202,14 +202,14 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
             logit_scale_region=torch.tensor(LN_100),
         )
         bank.begin_pass(1)
-        region = FGCLIPLoss(region_weight=1.0)(out, bank.negatives())
+        region = FGCLIPLoss(region_weight=1.0, hardneg_weight=0.0)(out, bank.negatives())
         bank.enqueue(*region.regions)  # every rank's regions: each rank holds the same bank
         j_rows = _rows(JOINED_SIZES, rank)
         joined_ids = torch.tensor(JOINED_IDS)[j_rows]
         out.region_image_embeds = unit(sum(JOINED_SIZES), seed=4)[j_rows]
         out.region_text_embeds = unit(sum(JOINED_SIZES), seed=5)[j_rows]
         out.region_caption_ids, out.region_image_ids = joined_ids[:, 0], joined_ids[:, 1]
-        joined = FGCLIPLoss(region_weight=1.0)(out)
+        joined = FGCLIPLoss(region_weight=1.0, hardneg_weight=0.0)(out)
         report = {
             "loss": result.loss.item(),
             "logits": tuple(result.logits_i2t.shape),

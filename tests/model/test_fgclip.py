@@ -408,7 +408,7 @@ def test_training_step_reaches_every_parameter(make_model: Make, make_batch: Cal
         F.normalize(torch.randn(8, 16), dim=-1),
         torch.arange(16).view(8, 2),
     )
-    result = FGCLIPLoss(region_weight=0.5)(model(make_batch()), negatives)
+    result = FGCLIPLoss(region_weight=0.5, hardneg_weight=0.0)(model(make_batch()), negatives)
     assert torch.isfinite(result.loss)
     result.loss.backward()
     # Zero-initialised residual outputs block the gradient of what lies behind them at
@@ -425,7 +425,7 @@ def test_batch_without_valid_regions(make_model: Make, make_batch: Callable) -> 
     batch.region_mask[:] = False
     out = model(batch)
     assert out.region_image_embeds.shape == (0, 16) and out.region_text_embeds.shape == (0, 16)
-    result = FGCLIPLoss(region_weight=0.5)(out)
+    result = FGCLIPLoss(region_weight=0.5, hardneg_weight=0.0)(out)
     assert result.loss_region.item() == 0.0 and torch.isfinite(result.loss)
     result.loss.backward()
     assert model.roi_projection.weight.grad is not None

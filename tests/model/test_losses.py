@@ -176,7 +176,7 @@ def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
     bank.enqueue(unit(3, seed=40), unit(3, seed=41), torch.tensor([[11, 99], [20, 7], [21, 99]]))
     negatives = bank.negatives()
     extra_image, extra_text, extra_ids = negatives
-    result = FGCLIPLoss(region_weight=1.0)(out, negatives)
+    result = FGCLIPLoss(region_weight=1.0, hardneg_weight=0.0)(out, negatives)
 
     ids = torch.stack([out.region_caption_ids, out.region_image_ids], 1)
     text, image = out.region_text_embeds.detach(), image.detach()
@@ -209,7 +209,10 @@ def test_regions_showing_the_same_pixels_are_not_negatives() -> None:
     assert bank.negatives().ids[-5:].tolist() == ids.tolist()
     # When each region claims pixels of its own, the three copies of the frame compete with each other.
     out.region_image_ids = out.region_caption_ids.clone()
-    assert FGCLIPLoss(region_weight=1.0)(out, negatives).loss_region.item() > (i2t + t2i) / 2 + 0.3
+    assert (
+        FGCLIPLoss(region_weight=1.0, hardneg_weight=0.0)(out, negatives).loss_region.item()
+        > (i2t + t2i) / 2 + 0.3
+    )
 
 
 def _row_loss(logits, row: int, boost: int | None, ids, extra_ids, rows_are_images: bool) -> float:
@@ -228,7 +231,7 @@ def _row_loss(logits, row: int, boost: int | None, ids, extra_ids, rows_are_imag
 
 def test_fgclip_loss_combines_global_and_region() -> None:
     out = _output(4, seed=10)
-    result = FGCLIPLoss(region_weight=0.5)(out)
+    result = FGCLIPLoss(region_weight=0.5, hardneg_weight=0.0)(out)
     ids = out.caption_ids
     expected_global = _reference(out.video_embeds.detach(), out.text_embeds.detach(), LN_100, ids)
     expected_region = _reference(
@@ -255,7 +258,7 @@ def _bank_pass(bank: RegionMemoryBank, loss: FGCLIPLoss, passes: int, out: FGCLI
 
 def test_memory_bank_negatives_after_warmup() -> None:
     bank = RegionMemoryBank(size=6, dim=8, warmup_steps=2)
-    loss = FGCLIPLoss(region_weight=1.0)
+    loss = FGCLIPLoss(region_weight=1.0, hardneg_weight=0.0)
     _, negatives = _bank_pass(bank, loss, 1, _output(4, seed=20))
     assert negatives.image.shape[0] == 0 and int(bank.filled) == 0  # pass 1: still warming up
     second_out = _output(4, seed=30)
@@ -282,7 +285,7 @@ def test_memory_bank_negatives_after_warmup() -> None:
 def test_backward_after_the_bank_enqueues_in_place() -> None:
     """The loss keeps the bank's negatives for backward; enqueueing must not invalidate them."""
     bank = RegionMemoryBank(size=16, dim=8, warmup_steps=0)
-    loss = FGCLIPLoss(region_weight=1.0)
+    loss = FGCLIPLoss(region_weight=1.0, hardneg_weight=0.0)
     for passes, seed in enumerate((60, 61, 62), start=1):
         out = _output(4, seed=seed)
         leaf = out.region_image_embeds.detach().requires_grad_(True)
@@ -295,7 +298,7 @@ def test_backward_after_the_bank_enqueues_in_place() -> None:
 
 def test_batch_without_regions_gives_zero_region_loss() -> None:
     out = _output(0, seed=50)
-    result = FGCLIPLoss(region_weight=0.5)(out)
+    result = FGCLIPLoss(region_weight=0.5, hardneg_weight=0.0)(out)
     assert result.loss_region.item() == 0.0 and result.loss_region.requires_grad
     assert torch.isfinite(result.loss)
     assert result.logits_i2t.shape == (3, 3)  # the global logits stand in for diagnostics

@@ -45,7 +45,9 @@ def test_breakdown_matches_the_training_loss(
     rows = []
     with torch.no_grad():
         for keys in sampler:
-            result = FGCLIPLoss(params.train.region_loss_weight)(model(collate([data[k] for k in keys])))
+            result = FGCLIPLoss(params.train.region_loss_weight, params.train.hardneg_loss_weight)(
+                model(collate([data[k] for k in keys]))
+            )
             assert result.region_row_losses.mean().item() == pytest.approx(
                 result.loss_region.item(), rel=1e-5
             )
