@@ -85,7 +85,7 @@ def synthetic_batch(
     cfg: ModelConfig, b: int, t: int, k: int, r: int, vocab: int, device, negatives: int = 10
 ) -> Batch:
     g = torch.Generator().manual_seed(0)
-    s, L = cfg.image_size, cfg.max_text_len
+    s, L = cfg.image_size, cfg.text_len
 
     def ids(*shape):
         x = torch.randint(3, vocab - 2, (*shape, L), generator=g)

@@ -164,6 +164,12 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
+def cmd_import_weights(params: Params, args: argparse.Namespace) -> dict:
+    from fgclip.model.import_weights import import_weights
+
+    return import_weights(args.src, args.out, fmt=args.format, arch=args.arch, activation=args.activation)
+
+
 def cmd_serve(params: Params, args: argparse.Namespace) -> None:
     # The one subcommand that reaches into the orchestration layer (pipeline/, Prefect).
     from pipeline.flow import serve
@@ -306,6 +312,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=6, help="without --runs: the newest N runs (default: 6)")
     p.add_argument("--format", choices=["table", "markdown", "csv"], default="table", help="(default: table)")
     p.add_argument("--out", help="write to this file instead of stdout")
+
+    p = add(
+        "import-weights",
+        cmd_import_weights,
+        "convert OpenAI, open_clip or FG-CLIP weights into a model directory model.pretrained accepts",
+    )
+    p.add_argument(
+        "src", type=Path, help="OpenAI .pt (TorchScript or state dict), open_clip file or dir, FG-CLIP dir"
+    )
+    p.add_argument("--out", type=Path, required=True, help="model directory to write (replaced whole)")
+    p.add_argument(
+        "--format",
+        choices=["auto", "openai", "open_clip", "fgclip"],
+        default="auto",
+        help="what SRC is (default: auto, from the file or directory)",
+    )
+    p.add_argument(
+        "--arch", help="open_clip model name (ViT-B-32, ViT-B-32-quickgelu, ViT-H-14): activation, head width"
+    )
+    p.add_argument(
+        "--activation",
+        choices=["gelu", "quick_gelu"],
+        help="open_clip's MLP activation, when neither --arch nor open_clip_config.json says it",
+    )
 
     add(
         "serve",

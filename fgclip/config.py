@@ -120,10 +120,11 @@ class ModelConfig(_Section):
     text_layers: int = Field(3, ge=1)
     text_heads: int = Field(4, ge=1)
     projection_dim: int = Field(64, ge=1)
-    # Tokens per short text: region captions, hard negatives, prompts (CLIP's 77 positions).
-    max_text_len: int = Field(32, ge=4)
+    # Tokens per short text: region captions, hard negatives, prompts (CLIP's 77 positions);
+    # null = text_len's rule: 77 with a pretrained CLIP, 32 for the stand-in.
+    max_text_len: int | None = Field(None, ge=4)
     long_text: bool = False
-    # Tokens per global caption; null = 248 with long_text (FG-CLIP's long path), else max_text_len.
+    # Tokens per global caption; null = 248 with long_text (FG-CLIP's long path), else text_len.
     max_caption_len: int | None = Field(None, ge=4)
     # Bilinear samples per side of the RoIAlign bin: -1 = adaptive, ceil(box size in
     # cells) per side (FG-CLIP's torchvision call); n >= 1 = n per side.
@@ -138,17 +139,29 @@ class ModelConfig(_Section):
     loaded_logit_scale: Literal["error", "keep", "reinit"] = "error"
 
     @property
+    def text_len(self) -> int:
+        """Tokens per short text (``max_text_len`` resolved).
+
+        Null means 77 when ``pretrained`` is set: CLIP's BPE cuts UCF-Crime captions
+        well past 32 tokens, and FG-CLIP trains its short path at 77. The stand-in's
+        word-level captions fit in 32, the length every figure of the sample was made at.
+        """
+        if self.max_text_len is not None:
+            return self.max_text_len
+        return 77 if self.pretrained is not None else 32
+
+    @property
     def caption_len(self) -> int:
         """Tokens per global caption (``max_caption_len`` resolved)."""
         if self.max_caption_len is not None:
             return self.max_caption_len
-        return 248 if self.long_text else self.max_text_len
+        return 248 if self.long_text else self.text_len
 
     @model_validator(mode="after")
     def _text_len(self) -> ModelConfig:
-        if self.max_text_len > 77:
+        if self.text_len > 77:
             raise ValueError(
-                f"model.max_text_len={self.max_text_len} exceeds the 77 positions of short texts "
+                f"model.max_text_len={self.text_len} exceeds the 77 positions of short texts "
                 "(global captions: model.max_caption_len, up to 248 with model.long_text)"
             )
         limit = 248 if self.long_text else 77
@@ -206,9 +219,13 @@ class TrainConfig(_Section):
     batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     max_steps: int = Field(250, ge=1)
-    lr: float = Field(3e-4, gt=0.0)
+    lr: float = Field(3e-4, gt=0.0)  # the new parts: temporal head, region projection, region scales
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_steps: int = Field(20, ge=0)
+    # The pretrained CLIP (every `clip.` parameter, the global logit scale too);
+    # null = train.lr / train.warmup_steps, one rate for all (the stand-in's setting).
+    backbone_lr: float | None = Field(None, gt=0.0)
+    backbone_warmup_steps: int | None = Field(None, ge=0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     region_loss_weight: float = Field(0.5, ge=0.0)
     # FG-CLIP's hard-negative loss: each region against its positive and up to

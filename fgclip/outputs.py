@@ -91,7 +91,9 @@ def check_output_dir(out: Path, stage: str, others: Mapping[str, Path | str | No
             f"{out} holds the output of the {found} stage ({MARKER}); refusing to replace it "
             f"with the {stage} output: choose another output directory"
         )
-    if all((out / name).is_file() for name in _LEGACY[stage]):
+    # A stage with no pre-marker layout accepts no unmarked directory (all(()) would accept any).
+    legacy = _LEGACY.get(stage)
+    if legacy and all((out / name).is_file() for name in legacy):
         return
     raise OutputDirError(
         f"{out} is not empty and was not written by the {stage} stage (no {MARKER}); refusing to "

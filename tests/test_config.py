@@ -263,3 +263,38 @@ def test_hub_probe_answers_401_as_unknown_and_a_cached_model_survives_an_unreach
     (repo / "snapshots" / commit / "config.json").write_text("{}")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     assert check_model_source("someone/no-such-clip", timeout=2) == "someone/no-such-clip"
+
+
+def test_short_text_length_is_77_for_a_pretrained_clip_and_32_for_the_stand_in():
+    from fgclip.config import ModelConfig
+
+    assert (ModelConfig().text_len, ModelConfig().caption_len) == (32, 32)  # the sample's figures
+    assert (ModelConfig(pretrained="x").text_len, ModelConfig(pretrained="x").caption_len) == (77, 77)
+    assert ModelConfig(pretrained="x", long_text=True).caption_len == 248
+    assert ModelConfig(pretrained="x", max_text_len=40).text_len == 40  # an explicit value wins
+    with pytest.raises(ValueError, match="max_text_len=78 exceeds the 77"):
+        ModelConfig(max_text_len=78)
+
+
+def test_the_ucf_crime_vitb32_params_load_with_their_documented_values(monkeypatch):
+    params = load_params(REPO / "configs" / "ucf-crime-vitb32.yaml")
+    train, model = params.train, params.model
+    # FG-CLIP's backbone warm-up, the users' low-end backbone rate, a head rate 50x that.
+    assert (train.backbone_lr, train.backbone_warmup_steps) == (2e-6, 200)
+    assert (train.lr, train.warmup_steps, train.weight_decay) == (1e-4, 50, 0.001)
+    assert (model.text_len, model.caption_len, model.long_text) == (77, 248, True)
+    assert (model.image_size, model.patch_size, model.vision_hidden, model.text_hidden) == (224, 32, 768, 512)
+    assert (model.projection_dim, model.loaded_logit_scale) == (512, "error")
+    assert params.evaluate.templates[0] == "a surveillance video of {}"
+    classes = {"Abuse", "Arrest", "Arson", "Assault", "Burglary", "Explosion", "Fighting", "RoadAccidents",
+               "Robbery", "Shooting", "Shoplifting", "Stealing", "Vandalism"}  # fmt: skip
+    assert set(params.evaluate.prompts) == classes | {"Normal"}
+    # `../` paths land where params.yaml's do, not under configs/.
+    default = load_params(REPO / "params.yaml").paths
+    paths = params.paths
+    for name in ("frames", "boxes", "boxes_metrics", "model", "checkpoints", "health", "train_metrics",
+                 "loss_curve", "eval_metrics", "scores", "roc", "stand_in", "sample"):  # fmt: skip
+        assert getattr(paths, name) == getattr(default, name), name
+    # model.pretrained is read from the working directory: the repository root's models/.
+    monkeypatch.chdir(REPO)
+    assert Path(model_source(params.pretrained_source())).resolve() == REPO / "models" / "openai-vitb32"

@@ -246,13 +246,38 @@ class VideoClipDataset(Dataset):
         per_region = [row[:n] for row, n in zip(negatives.to_pylist(), lengths)]
         negative_texts = [t for row in per_region for t in row]
         texts, inverse = np.unique(np.array(region_texts + negative_texts, dtype=object), return_inverse=True)
-        self.captions = _tokenize_captions(tokenizer, texts.tolist(), params.model.max_text_len)
+        self.captions = _tokenize_captions(tokenizer, texts.tolist(), params.model.text_len)
         self.region_caption = inverse[: len(region_texts)]
         # [regions, N] rows of self.captions, -1 where a region has fewer negatives.
         self.region_negatives = np.full((len(region_texts), self.max_negatives), -1, dtype=np.int64)
         owner = np.repeat(np.arange(len(region_texts)), lengths)
         slot = np.arange(len(negative_texts)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         self.region_negatives[owner, slot] = inverse[len(region_texts) :]
+        self._drop_indistinguishable_negatives()
+
+    def _drop_indistinguishable_negatives(self) -> None:
+        """A negative whose token ids equal its positive's is no negative: the model can only tie.
+
+        It happens when the swapped word lies past ``model.max_text_len`` or is outside the
+        tokenizer's vocabulary; such negatives are left out, and counted.
+        """
+        present = self.region_negatives >= 0
+        if not present.any():
+            return
+        ids = self.captions.ids
+        positive = np.broadcast_to(self.region_caption[:, None], present.shape)[present]
+        same = (ids[self.region_negatives[present]] == ids[positive]).all(dim=1).numpy()
+        if same.any():
+            rows, cols = np.nonzero(present)
+            self.region_negatives[rows[same], cols[same]] = -1
+            logger.warning(
+                "%d hard negative(s) of %d regions get the same token ids as their positive caption "
+                "(a word swapped past model.max_text_len=%d tokens, or outside the tokenizer's "
+                "vocabulary) and are left out",
+                int(same.sum()),
+                len(np.unique(rows[same])),
+                self.captions.ids.shape[1],
+            )
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -421,7 +446,7 @@ class FramePairDataset(Dataset):
             ]
         )
         unique, inverse = np.unique(texts.astype(object), return_inverse=True)
-        self.captions = _tokenize_captions(tokenizer, unique.tolist(), params.model.max_text_len)
+        self.captions = _tokenize_captions(tokenizer, unique.tolist(), params.model.text_len)
         self.caption_index = torch.from_numpy(inverse.astype(np.int64))
         self.num_frames, self.num_crops = len(frame_paths), len(crop_paths)
 

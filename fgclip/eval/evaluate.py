@@ -74,12 +74,7 @@ log = logging.getLogger(__name__)
 FINETUNED, PRETRAINED, UNTRAINED = "finetuned", "pretrained", "untrained"
 ROC_PNG = "roc.png"
 
-
 # Per-model metrics logged to MLflow as eval/<model>/<metric> (besides auc_<Class>).
-def _shown(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 HEADLINE_METRICS = (
     "frame_auc",
     "frame_ap",
@@ -166,6 +161,10 @@ def _round(value):
     if isinstance(value, dict):
         return {k: _round(v) for k, v in value.items()}
     return value
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _mlflow_metrics(results: dict[str, dict]) -> dict[str, float]:
@@ -264,7 +263,7 @@ def _scoring_model(
     cfg = params.evaluate
     try:
         classes, embeds = class_embeddings(
-            model, tokenizer, cfg.prompts, cfg.templates, model.cfg.max_text_len, cfg.batch_size
+            model, tokenizer, cfg.prompts, cfg.templates, model.cfg.text_len, cfg.batch_size
         )
     except ValueError as exc:
         raise EvalInputError(f"evaluate.prompts / evaluate.templates in params: {exc}") from exc
@@ -414,6 +413,7 @@ def evaluate(
             [v.video for v in test_set],
             video_embeds,
             params.evaluate.batch_size,
+            params.train.max_hard_negatives,
         )
         for name, m in region.items():
             results[name].update(m)

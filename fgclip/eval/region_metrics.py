@@ -45,6 +45,7 @@ from fgclip.data.images import segment_indices
 from fgclip.data.layout import BOX_COORDS
 from fgclip.eval.zeroshot import input_size, load_pixels, model_device, text_embeddings
 from fgclip.model.fgclip import FGCLIPVideoModel
+from fgclip.model.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,25 @@ def hard_negative_accuracy(
     return float(wins[has].double().mean()), int(has.sum())
 
 
+def _distinguishable(
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    captions: np.ndarray,
+    caption_index: Tensor,
+    negative_texts: list[str],
+    negative_index: Tensor,
+) -> Tensor:
+    """``negative_index`` without the negatives whose token ids equal their positive's (-1 there)."""
+    present = negative_index >= 0
+    if not present.any():
+        return negative_index
+    positive_ids, _ = tokenize(tokenizer, captions.tolist(), max_len)
+    negative_ids, _ = tokenize(tokenizer, negative_texts, max_len)
+    rows = caption_index[:, None].expand_as(negative_index)
+    same = (negative_ids[negative_index.clamp(min=0)] == positive_ids[rows]).all(dim=-1) & present
+    return negative_index.masked_fill(same, -1)
+
+
 def retrieval_recall(
     query_feats: Tensor, video_feats: Tensor, relevant: Tensor, ks: Sequence[int] = RECALL_AT
 ) -> dict[int, float]:
@@ -220,6 +240,7 @@ def held_out_metrics(
     gallery: Sequence[str],
     video_embeds: Mapping[str, Tensor],
     batch_size: int,
+    max_negatives: int | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
     """Region top-1 and caption-to-video recall of each model, and the counts they were computed over.
 
@@ -227,10 +248,13 @@ def held_out_metrics(
         models: name -> (model, its tokenizer).
         held_out: from :func:`load_held_out`, restricted to ``gallery`` videos.
         gallery: the evaluated test videos; ``video_embeds[name]`` is ``[V, D]`` in this order.
+        max_negatives: hard negatives scored per region, as training uses them
+            (``train.max_hard_negatives``); None = all. Per model, a negative whose token ids
+            equal its positive's is left out (it could only tie), as in training.
     """
     region_texts = [c for v in held_out for c in v.region_captions]
     distinct, caption_index = np.unique(np.array(region_texts, dtype=object), return_inverse=True)
-    region_negatives = [n for v in held_out for n in v.region_negatives]
+    region_negatives = [n[:max_negatives] for v in held_out for n in v.region_negatives]
     negative_texts = sorted({t for row in region_negatives for t in row})
     row_of = {t: i for i, t in enumerate(negative_texts)}
     width = max([0, *(len(row) for row in region_negatives)])
@@ -247,8 +271,8 @@ def held_out_metrics(
     results = {}
     for name, region_feats in zip(names, feats):
         model, tokenizer = models[name]
-        captions = text_embeddings(model, tokenizer, distinct.tolist(), model.cfg.max_text_len, batch_size)
-        negative_feats = text_embeddings(model, tokenizer, negative_texts, model.cfg.max_text_len, batch_size)
+        captions = text_embeddings(model, tokenizer, distinct.tolist(), model.cfg.text_len, batch_size)
+        negative_feats = text_embeddings(model, tokenizer, negative_texts, model.cfg.text_len, batch_size)
         queries = text_embeddings(
             model,
             tokenizer,
@@ -260,7 +284,12 @@ def held_out_metrics(
         recall = retrieval_recall(queries, video_embeds[name].to(queries.device), relevant)
         index = torch.from_numpy(caption_index.astype(np.int64))
         hardneg, _ = hard_negative_accuracy(
-            region_feats, captions[index.to(captions.device)], negative_feats, negative_index
+            region_feats,
+            captions[index.to(captions.device)],
+            negative_feats,
+            _distinguishable(
+                tokenizer, model.cfg.max_text_len, distinct, index, negative_texts, negative_index
+            ),
         )
         results[name] = {
             "region_top1": region_top1(region_feats, captions, index),

@@ -68,6 +68,11 @@ LONG_TEXT_FACTOR = 4
 # ModelConfig keys that shape this module's own layers (the CLIP's come from its config).
 _HEAD_KEYS = ("temporal_layers", "temporal_heads", "pooling", "max_frames", "long_text")
 SCALE_NAMES = ("global", "region", "hardneg")
+# What `fgclip import-weights` writes beside a CLIPModel for the parts it has no place
+# for (FG-CLIP's region and hard-negative scales, long-caption tables and projection).
+EXTRA_NAME = "fgclip_extra.safetensors"
+EXTRA_SCALE_KEYS = {"region": "logit_scale_region", "hardneg": "logit_scale_hardneg"}
+EXTRA_LONG_KEYS = ("position_embedding_ori", "position_embedding_res", "text_filip_projection")
 
 
 class LogitScaleMismatch(FGClipError, ValueError):
@@ -138,6 +143,10 @@ class OldModelFormatError(FGClipError, ValueError):
     """A saved model directory from a version with another state-dict layout."""
 
 
+class ExtraWeightsError(FGClipError, ValueError):
+    """A ``fgclip_extra.safetensors`` that does not fit its CLIP (unknown keys, wrong shapes, parts missing)."""
+
+
 class CLIPLoadError(FGClipError, OSError):
     """A pretrained CLIP that transformers could not load (an OSError, as transformers raises)."""
 
@@ -150,6 +159,51 @@ def load_clip(name_or_path: str | os.PathLike) -> CLIPModel:
         # transformers' own text runs to several lines; its first one says what is missing.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIPLoadError(f"{name_or_path}: cannot load a CLIP model: {first}") from exc
+
+
+def read_extra(clip_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path | None]:
+    """The FG-CLIP parts ``fgclip import-weights`` wrote beside a CLIP directory, and their file.
+
+    Empty (and None) for a plain CLIP or a hub id: nothing there to load.
+    """
+    file = Path(clip_path) / EXTRA_NAME
+    if not file.is_file():
+        return {}, None
+    try:
+        tensors = load_file(str(file), device="cpu")
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise ExtraWeightsError(f"{file}: not a readable safetensors file: {exc}") from exc
+    unknown = sorted(set(tensors) - set(EXTRA_SCALE_KEYS.values()) - set(EXTRA_LONG_KEYS))
+    if unknown:
+        raise ExtraWeightsError(
+            f"{file}: unknown keys {', '.join(unknown)}: not written by fgclip import-weights"
+        )
+    return tensors, file
+
+
+def _loaded_scale_action(
+    name: str, loaded: float, wanted: float, policy: str, origin: str, tolerance: float
+) -> str:
+    """``model.loaded_logit_scale`` for one loaded scale: "loaded" (within tolerance), "kept" or "reinit"."""
+    if abs(loaded - wanted) <= tolerance:
+        return "loaded"
+    what = "logit_scale" if name == "global" else f"{name} logit_scale"
+    if policy == "error":
+        raise LogitScaleMismatch(
+            f"{origin}: loaded {what} = {_describe_scale(loaded)} differs from "
+            f"model.logit_scale_init_value = {_describe_scale(wanted)}; set model.loaded_logit_scale "
+            "to 'keep' (trust the loaded value) or 'reinit' (use the configured one) in params.yaml"
+        )
+    if policy == "keep":
+        return "kept"
+    logger.warning(
+        "[%s] logit_scale %s from %s replaced by model.logit_scale_init_value = %s",
+        name,
+        _describe_scale(loaded),
+        origin,
+        _describe_scale(wanted),
+    )
+    return "reinit"
 
 
 def stretch_position_embeddings(
@@ -171,6 +225,10 @@ def stretch_position_embeddings(
     return torch.cat([emb[:keep], stretched.reshape(-1, emb.shape[1])])
 
 
+class LongTextError(FGClipError, ValueError):
+    """A text model whose position table is not CLIP's 77 entries cannot get FG-CLIP's long path."""
+
+
 class LongTextEmbeddings(nn.Module):
     """CLIP's text embeddings with FG-CLIP's second position path for long captions.
 
@@ -187,7 +245,7 @@ class LongTextEmbeddings(nn.Module):
         super().__init__()
         table = short.position_embedding
         if table.num_embeddings != CLIP_TEXT_POSITIONS:
-            raise ValueError(
+            raise LongTextError(
                 f"model.long_text needs a {CLIP_TEXT_POSITIONS}-position text model, "
                 f"this one has {table.num_embeddings}"
             )
@@ -355,55 +413,115 @@ class FGCLIPVideoModel(nn.Module):
         source: str | os.PathLike,
         tolerance: float,
     ) -> FGCLIPVideoModel:
-        """Build from a pretrained CLIP, applying ``cfg.loaded_logit_scale`` to its logit scale.
+        """Build from a pretrained CLIP, applying ``cfg.loaded_logit_scale`` to every scale it has.
 
-        The CLIP's ``logit_scale`` becomes the global scale. If it differs from
-        ``cfg.logit_scale_init_value`` by more than ``tolerance``
-        (``train.health.logit_scale_tolerance``, which the health check uses too): "error" raises
-        ``LogitScaleMismatch``, "keep" keeps it, "reinit" replaces it (with a
-        warning). A plain CLIP has no region scale: it starts from the config value.
+        The CLIP's ``logit_scale`` becomes the global scale. A directory that
+        ``fgclip import-weights`` wrote from FG-CLIP weights also holds
+        ``fgclip_extra.safetensors`` (:data:`EXTRA_NAME`): its region and hard-negative
+        scales go through the same policy, and with ``cfg.long_text`` its long-caption
+        tables and projection are loaded instead of stretched from the short table.
+        A loaded scale that differs from ``cfg.logit_scale_init_value`` by more than
+        ``tolerance`` (``train.health.logit_scale_tolerance``, which the health check
+        uses too): "error" raises ``LogitScaleMismatch``, "keep" keeps it, "reinit"
+        replaces it (with a warning); within it, the configured value stands. A scale
+        the source does not have (a plain CLIP has no region scale) starts from the
+        config value.
         """
         source = str(source)  # the load report must stay JSON-serialisable
-        clip = clip_or_path if isinstance(clip_or_path, CLIPModel) else load_clip(clip_or_path)
-        loaded = clip.logit_scale.item()
+        if isinstance(clip_or_path, CLIPModel):
+            clip, extra, extra_file = clip_or_path, {}, None
+        else:
+            extra, extra_file = read_extra(clip_or_path)
+            clip = load_clip(clip_or_path)
         wanted = float(cfg.logit_scale_init_value)
-        action = "loaded"
-        if abs(loaded - wanted) > tolerance:
-            if cfg.loaded_logit_scale == "error":
-                raise LogitScaleMismatch(
-                    f"{source}: loaded logit_scale = {_describe_scale(loaded)} differs from "
-                    f"model.logit_scale_init_value = {_describe_scale(wanted)}; set model.loaded_logit_scale "
-                    "to 'keep' (trust the loaded value) or 'reinit' (use the configured one) in params.yaml"
-                )
-            action = "kept" if cfg.loaded_logit_scale == "keep" else "reinit"
-            if action == "reinit":
-                logger.warning(
-                    "[global] logit_scale %s from %s replaced by model.logit_scale_init_value = %s",
-                    _describe_scale(loaded),
+        loaded = {"global": (clip.logit_scale.item(), source)}
+        for name, key in EXTRA_SCALE_KEYS.items():
+            if key in extra:
+                loaded[name] = (extra[key].item(), str(extra_file))
+        # Every scale is judged before anything is built: an "error" names the first one.
+        actions = {
+            name: _loaded_scale_action(name, value, wanted, cfg.loaded_logit_scale, origin, tolerance)
+            for name, (value, origin) in loaded.items()
+        }
+        model = cls(clip, cfg)
+        scales = model.named_scales()
+        model.load_report = {}
+        for name in SCALE_NAMES:
+            if name not in loaded:
+                logger.info(
+                    "[%s] no %s logit_scale in %s (a plain CLIP has none): initialised from "
+                    "model.logit_scale_init_value = %s",
+                    name,
+                    name,
                     source,
                     _describe_scale(wanted),
                 )
-        model = cls(clip, cfg)
-        if action == "kept":
-            with torch.no_grad():
-                clip.logit_scale.fill_(loaded)
-        model.load_report = {"global": {"value": clip.logit_scale.item(), "source": source, "action": action}}
-        for name in SCALE_NAMES[1:]:
-            logger.info(
-                "[%s] no %s logit_scale in %s (a plain CLIP has none): initialised from "
-                "model.logit_scale_init_value = %s",
-                name,
-                name,
-                source,
-                _describe_scale(wanted),
-            )
+                model.load_report[name] = {
+                    "value": scales[name].item(),
+                    "source": "model.logit_scale_init_value",
+                    "action": "init",
+                }
+                continue
+            value, origin = loaded[name]
+            if actions[name] == "kept":
+                with torch.no_grad():
+                    scales[name].fill_(value)
             model.load_report[name] = {
-                "value": model.named_scales()[name].item(),
-                "source": "model.logit_scale_init_value",
-                "action": "init",
+                "value": scales[name].item(),
+                "source": origin,
+                "action": actions[name],
             }
-        model.log_scales()
+        model._load_long_text(extra, extra_file, source)
+        for name, scale in scales.items():
+            # The global line stays as it always was; a scale from the sidecar names its file.
+            from_extra = name != "global" and name in loaded and actions[name] != "reinit"
+            origin = f" from {loaded[name][1]}" if from_extra else ""
+            logger.info("[%s] Loaded logit_scale = %s%s", name, _describe_scale(scale.item()), origin)
         return model
+
+    def _load_long_text(self, extra: dict[str, torch.Tensor], extra_file: Path | None, source: str) -> None:
+        """FG-CLIP's long-caption tables and projection from the sidecar, never silently dropped."""
+        present = [k for k in EXTRA_LONG_KEYS if k in extra]
+        if present and len(present) != len(EXTRA_LONG_KEYS):
+            raise ExtraWeightsError(
+                f"{extra_file}: has {', '.join(present)} but not "
+                f"{', '.join(k for k in EXTRA_LONG_KEYS if k not in extra)}: re-run fgclip import-weights"
+            )
+        if not self.cfg.long_text:
+            if present:
+                logger.info(
+                    "[long_text] %s holds FG-CLIP's long-caption tables and projection: not used "
+                    "(model.long_text is off)",
+                    extra_file,
+                )
+                self.load_report["long_text"] = {"source": str(extra_file), "action": "unused"}
+            return
+        if not present:
+            logger.info(
+                "[long_text] no long-caption tables in %s: position_embedding_ori/_res stretched from its "
+                "%d-entry table, text_filip_projection copied from text_projection",
+                source,
+                CLIP_TEXT_POSITIONS,
+            )
+            self.load_report["long_text"] = {"source": source, "action": "stretched"}
+            return
+        embeddings = self.clip.text_model.embeddings
+        targets = {
+            "position_embedding_ori": embeddings.position_embedding_ori.weight,
+            "position_embedding_res": embeddings.position_embedding_res.weight,
+            "text_filip_projection": self.clip.text_filip_projection.weight,
+        }
+        for key, target in targets.items():
+            if extra[key].shape != target.shape:
+                raise ExtraWeightsError(
+                    f"{extra_file}: {key} has shape {tuple(extra[key].shape)}, this CLIP's is {tuple(target.shape)}"
+                )
+            with torch.no_grad():
+                target.copy_(extra[key].to(target.dtype))
+        logger.info(
+            "[long_text] Loaded position_embedding_ori/_res and text_filip_projection from %s", extra_file
+        )
+        self.load_report["long_text"] = {"source": str(extra_file), "action": "loaded"}
 
     @classmethod
     def from_pretrained(
@@ -482,6 +600,8 @@ class FGCLIPVideoModel(nn.Module):
     def _add_long_text_path(self) -> None:
         """FG-CLIP's long-caption path beside the short one: its tables and its projection."""
         text = self.clip.text_model
+        if isinstance(text.embeddings, LongTextEmbeddings):
+            return  # a model already wrapped keeps its (trained) long tables and projection
         text.embeddings = LongTextEmbeddings(text.embeddings)
         # Inside the CLIP, under FG-CLIP's own name: its checkpoints map key for key.
         self.clip.text_filip_projection = copy.deepcopy(self.clip.text_projection)
@@ -554,7 +674,13 @@ class FGCLIPVideoModel(nn.Module):
         long = long and self.cfg.long_text
         projection = self.clip.text_filip_projection if long else self.clip.text_projection
         if input_ids.shape[0] == 0:
-            return projection.weight.new_zeros((0, self.clip.config.projection_dim))
+            # Empty, but in the graph of what the texts would have used: under DDP a rank
+            # without regions must still run the gather's backward (a collective) and give
+            # every parameter a gradient, the short path's too when captions take the long one.
+            empty = projection(projection.weight.new_zeros((0, projection.in_features)))
+            if self.cfg.long_text and not long:
+                empty = empty + 0 * self.clip.text_model.embeddings.position_embedding.weight.sum()
+            return F.normalize(empty, dim=-1)
         if long:
             with self.clip.text_model.embeddings.long_path():
                 out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)

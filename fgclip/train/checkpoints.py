@@ -90,6 +90,10 @@ FINGERPRINT_TRAIN_KEYS = [
     "lr",
     "weight_decay",
     "warmup_steps",
+    # Always present (null by default): checkpoints from before them hold a two-group
+    # optimizer state that the four groups cannot load, so they must read as stale.
+    "backbone_lr",
+    "backbone_warmup_steps",
     "max_grad_norm",
     "seed",
 ]

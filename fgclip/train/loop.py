@@ -63,6 +63,7 @@ from fgclip.train.checkpoints import (
     verify_export,
 )
 from fgclip.train.diagnostics import HealthMonitor, diag_figures, log_diag, runtime_diag_enabled
+from fgclip.train.optim import describe_groups
 from fgclip.train.runlock import RunLock
 from fgclip.train.step import LOSS_COLUMNS, NonFiniteValue, TrainStep
 from fgclip.train.tracking import Tracker, flatten_params
@@ -261,13 +262,18 @@ def _batches(loader: DataLoader, sampler: EpochBatchSampler, forward_passes: int
 
 
 def _init_note(model: FGCLIPVideoModel) -> str:
-    report = model.load_report.get("global", {})
-    action = report.get("action")
-    if action == "reinit":
-        return f"the loaded global scale from {report.get('source')} was re-initialised (loaded_logit_scale=reinit)"
-    if action == "kept":
-        return f"the loaded global scale from {report.get('source')} was kept (loaded_logit_scale=keep)"
-    return ""
+    """Why the scales start where they do, for the ``logit_scale_init`` gate: one clause per scale."""
+    notes = []
+    for name in model.named_scales():
+        report = model.load_report.get(name, {})
+        action, source = report.get("action"), report.get("source")
+        if action == "reinit":
+            notes.append(
+                f"the loaded {name} scale from {source} was re-initialised (loaded_logit_scale=reinit)"
+            )
+        elif action == "kept":
+            notes.append(f"the loaded {name} scale from {source} was kept (loaded_logit_scale=keep)")
+    return "; ".join(notes)
 
 
 def _train(
@@ -287,6 +293,8 @@ def _train(
     _seed_everything(cfg.seed)
     tokenizer = load_tokenizer(paths.model)
     run = _build(params, paths, device)
+    if ctx.is_main:
+        train_log.info(describe_groups(run.trainer.optimizer))
     dataset = VideoClipDataset(params, paths.frames, paths.boxes, tokenizer, split="train")
     loader, sampler = _loader(dataset, params, ctx, device)
 
@@ -366,6 +374,7 @@ def _train(
                     "train/temperature_region": math.exp(scale_region),
                     "train/temperature_hardneg": math.exp(scale_hardneg),
                     "train/lr": done.lr,
+                    "train/backbone_lr": done.backbone_lr,
                     "train/grad_norm": done.grad_norm,
                     "train/samples_per_s": throughput,
                     "train/loader_samples_per_s": samples_per_step / max(done.data_wait_s, 1e-6),

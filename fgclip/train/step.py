@@ -35,7 +35,7 @@ from fgclip.data.batch import Batch
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.losses import FGCLIPLoss, LossResult
 from fgclip.model.memory_bank import RegionMemoryBank
-from fgclip.train.optim import build_optimizer, cosine_with_warmup
+from fgclip.train.optim import build_finetune_optimizer, cosine_with_warmup, part_lrs
 
 LOSS_COLUMNS = ("loss", "loss_global", "loss_region", "loss_hardneg")
 
@@ -60,7 +60,8 @@ class StepResult:
     last: LossResult  # the last pass's loss (its logits feed the diagnostics)
     data_wait_s: float  # time spent waiting for batches
     grad_norm: float  # before clipping
-    lr: float  # the learning rate this step used
+    lr: float  # the learning rate this step used: the new parts' (train.lr)
+    backbone_lr: float  # the pretrained backbone's (train.backbone_lr)
 
 
 @dataclass
@@ -88,7 +89,8 @@ class TrainStep:
         """The step ``train.*`` describes, for a model already on ``device``."""
         dim = model.clip.config.projection_dim
         bank = RegionMemoryBank(cfg.memory_bank_size, dim, cfg.memory_bank_warmup_steps, cfg.grad_accum_steps)
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        # Two rates: the pretrained backbone (train.backbone_lr) and the new parts (train.lr).
+        optimizer = build_finetune_optimizer(model, cfg)
         return cls(
             model=model,
             loss_fn=FGCLIPLoss(cfg.region_loss_weight, cfg.hardneg_loss_weight).to(device),
@@ -140,12 +142,12 @@ class TrainStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             raise NonFiniteValue("gradient norm", grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lrs = part_lrs(self.optimizer)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.clamp_logit_scales_()
-        return StepResult(losses, zero_norm, result, waited, grad_norm, lr)
+        return StepResult(losses, zero_norm, result, waited, grad_norm, lrs["new"], lrs["backbone"])
 
     def _raise_if_nonfinite(self, values: dict[str, float]) -> None:
         """Raise on the first non-finite value; under DDP every rank raises when any rank must.

@@ -111,7 +111,7 @@ def _reference_region_feature(model: FGCLIPVideoModel, video, r: int) -> torch.T
 
 
 def _reference_text(model: FGCLIPVideoModel, tokenizer, texts: list[str]) -> torch.Tensor:
-    ids, mask = tokenize(tokenizer, texts, model.cfg.max_text_len)
+    ids, mask = tokenize(tokenizer, texts, model.cfg.text_len)
     return model.encode_text(ids, mask)
 
 

@@ -64,7 +64,7 @@ def test_one_item_per_train_video_with_shapes_and_masks(dataset, setup) -> None:
         n_regions = rows.loc[rows.video == video, "region"].nunique()
         assert r == min(n_regions, r_max)
         assert 1 <= k <= k_max and item.keyframes.shape == (k, 3, s, s)
-        assert item.box_mask.shape == (r, k) and item.region_token_ids.shape == (r, params.model.max_text_len)
+        assert item.box_mask.shape == (r, k) and item.region_token_ids.shape == (r, params.model.text_len)
         # Boxes exist exactly where the mask says, and are valid normalized xyxy there.
         b = item.boxes[item.box_mask]
         assert ((b >= 0) & (b <= 1)).all() and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()

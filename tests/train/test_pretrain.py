@@ -43,7 +43,7 @@ def test_prompts_are_in_vocabulary(tiny_clip, tiny_sample: Path, train_params: C
     prompts = [
         t.format(p) for t in params.evaluate.templates for ps in params.evaluate.prompts.values() for p in ps
     ]
-    ids, mask = tokenize(tokenizer, prompts, params.model.max_text_len)
+    ids, mask = tokenize(tokenizer, prompts, params.model.text_len)
     assert not (ids[mask.bool()] == tokenizer.unk_token_id).any()
     texts = vocabulary_texts(params, tiny_sample / params.data.annotations)
     assert set(prompts) <= set(texts)
