@@ -288,7 +288,7 @@ def held_out_metrics(
             captions[index.to(captions.device)],
             negative_feats,
             _distinguishable(
-                tokenizer, model.cfg.max_text_len, distinct, index, negative_texts, negative_index
+                tokenizer, model.cfg.text_len, distinct, index, negative_texts, negative_index
             ),
         )
         results[name] = {

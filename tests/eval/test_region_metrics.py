@@ -200,3 +200,31 @@ def test_video_embeddings_use_segment_middles(make_model: Callable[[int], FGCLIP
     embeds = video_embeddings(model, [video_clip(a, 4), video_clip(b, 4)], batch_size=1)
     expected = model.encode_video(torch.stack([a[[0, 3, 5, 8]], b[[0, 0, 1, 2]]]))
     torch.testing.assert_close(embeds, expected)
+
+
+@torch.no_grad()
+def test_held_out_metrics_resolve_a_null_text_length(
+    tiny_boxes: Path,
+    tiny_frames: Path,
+    test_videos,
+    make_model: Callable[[int], FGCLIPVideoModel],
+    eval_tokenizer: PreTrainedTokenizerFast,
+):
+    """params.yaml's ``model.max_text_len: null`` (77 with a pretrained CLIP, 32 for the stand-in):
+    the stand-in's word-level tokenizer has no length of its own, so the model's resolved one must
+    reach every tokenization, the hard negatives' check included."""
+    held_out = load_held_out(tiny_boxes, tiny_frames, test_videos)
+    embeds = {
+        "m": F.normalize(
+            torch.randn(len(test_videos), 16, generator=torch.Generator().manual_seed(0)), dim=-1
+        )
+    }
+    results = {}
+    for length in (None, 32):
+        model = make_model(0)
+        model.cfg = model.cfg.model_copy(update={"max_text_len": length})
+        assert model.cfg.text_len == 32
+        results[length], _ = held_out_metrics(
+            {"m": (model, eval_tokenizer)}, held_out, test_videos, embeds, 4
+        )
+    assert results[None] == results[32] and results[None]["m"]["hardneg_accuracy"] is not None
