@@ -81,7 +81,7 @@ def ddp_model_worker(rank: int, world: int, port: int, queue) -> None:
             }
         queue.put((rank, results))
     except Exception:  # noqa: BLE001 - the test reads the traceback instead of waiting for a hung peer
-        queue.put((rank, traceback.format_exc()))
+        queue.put((rank, {"error": traceback.format_exc()}))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

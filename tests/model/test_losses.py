@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import queue as queue_module
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ddp_spawn import run_ranks
 from model_ddp_worker import (
     GLOBAL_IDS,
     GLOBAL_SIZES,
@@ -19,7 +17,6 @@ from model_ddp_worker import (
     REGION_SIZES,
     ddp_worker,
     flat_grads,
-    free_port,
     project,
     region_inputs,
     region_projection,
@@ -329,45 +326,8 @@ DDP_DEADLINE_S = 60.0  # both workers report and exit within this, or the run ha
 
 @pytest.fixture(scope="module")
 def ddp_results() -> dict[int, dict]:
-    """Run ``ddp_worker`` on 2 gloo ranks once (spawning is the slow part): ``{rank: report}``.
-
-    Fails clearly, never hangs: a worker that raised reports its traceback, one that
-    died is named with its exit code, and one still running at the deadline is killed.
-    """
-    # spawn, not fork: forking a process whose torch thread pools already ran deadlocks.
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    workers = [ctx.Process(target=ddp_worker, args=(rank, 2, port, queue)) for rank in range(2)]
-    for w in workers:
-        w.start()
-    deadline = time.monotonic() + DDP_DEADLINE_S
-    results: dict[int, dict] = {}
-    try:
-        while len(results) < len(workers):
-            try:
-                rank, report = queue.get(timeout=0.5)
-                results[rank] = report
-                continue
-            except queue_module.Empty:
-                pass
-            died = [r for r, w in enumerate(workers) if r not in results and w.exitcode not in (None, 0)]
-            if died:
-                pytest.fail(f"DDP rank(s) {died} died: exit codes {[w.exitcode for w in workers]}")
-            if time.monotonic() > deadline:
-                silent = sorted(set(range(len(workers))) - set(results))
-                pytest.fail(f"DDP ranks hung: no report from rank(s) {silent} in {DDP_DEADLINE_S} s")
-        for w in workers:
-            w.join(timeout=max(1.0, deadline - time.monotonic()))
-        assert [w.exitcode for w in workers] == [0, 0], "a DDP worker did not exit cleanly"
-    finally:
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-                w.join(timeout=5)
-    errors = {r: report["error"] for r, report in results.items() if "error" in report}
-    assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
-    return results
+    """Run ``ddp_worker`` on 2 gloo ranks once (spawning is the slow part): ``{rank: report}``."""
+    return run_ranks(ddp_worker, DDP_DEADLINE_S)
 
 
 def test_global_loss_across_uneven_ranks_matches_single_process(ddp_results: dict[int, dict]) -> None:

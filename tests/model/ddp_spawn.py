@@ -1,0 +1,57 @@
+"""Spawn a gloo worker on each rank and collect one report per rank, failing clearly, never hanging.
+
+Shared by the DDP tests. A worker is ``target(rank, world, port, queue)`` and puts
+``(rank, report)`` on the queue: a dict, with ``"error": traceback`` when it raised.
+"""
+
+from __future__ import annotations
+
+import queue as queue_module
+import time
+from collections.abc import Callable
+
+import pytest
+import torch.multiprocessing as mp
+from model_ddp_worker import free_port
+
+
+def run_ranks(target: Callable, deadline_s: float, world: int = 2) -> dict[int, dict]:
+    """``{rank: report}`` of ``target`` on ``world`` spawned ranks.
+
+    A worker that raised reports its traceback, one that died is named with its exit
+    code, and one still running at the deadline is killed.
+    """
+    # spawn, not fork: forking a process whose torch thread pools already ran deadlocks.
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    workers = [ctx.Process(target=target, args=(rank, world, port, queue)) for rank in range(world)]
+    for w in workers:
+        w.start()
+    deadline = time.monotonic() + deadline_s
+    results: dict[int, dict] = {}
+    try:
+        while len(results) < len(workers):
+            try:
+                rank, report = queue.get(timeout=0.5)
+                results[rank] = report
+                continue
+            except queue_module.Empty:
+                pass
+            died = [r for r, w in enumerate(workers) if r not in results and w.exitcode not in (None, 0)]
+            if died:
+                pytest.fail(f"DDP rank(s) {died} died: exit codes {[w.exitcode for w in workers]}")
+            if time.monotonic() > deadline:
+                silent = sorted(set(range(len(workers))) - set(results))
+                pytest.fail(f"DDP ranks hung: no report from rank(s) {silent} in {deadline_s} s")
+        for w in workers:
+            w.join(timeout=max(1.0, deadline - time.monotonic()))
+        assert [w.exitcode for w in workers] == [0] * world, "a DDP worker did not exit cleanly"
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+    errors = {r: report["error"] for r, report in results.items() if "error" in report}
+    assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
+    return results
