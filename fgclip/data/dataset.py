@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fgclip.config import Params
 from fgclip.data.batch import VideoItem
-from fgclip.data.images import augment, load_image, normalize, segment_indices
+from fgclip.data.images import CLIP_PIXELS, PixelStats, augment, load_image, normalize, segment_indices
 from fgclip.data.layout import (
     ACCEPTED_SCHEMA,
     BOX_COORDS,
@@ -192,9 +192,12 @@ class VideoClipDataset(Dataset):
         split: str = "train",
         *,
         train: bool = True,
+        pixel_stats: PixelStats = CLIP_PIXELS,
     ) -> None:
         self.frames_dir = Path(frames_dir)
         self.image_size = params.model.image_size
+        # The model's own normalisation (FGCLIPVideoModel.pixel_stats): evaluation uses the same.
+        self.pixel_stats = pixel_stats
         self.num_frames = params.train.num_frames
         self.max_regions = params.train.max_regions
         self.max_keyframes = params.train.max_keyframes
@@ -303,11 +306,11 @@ class VideoClipDataset(Dataset):
         rows = torch.from_numpy(np.where(present, negatives, 0))
         return VideoItem(
             video=self.videos[index],
-            frames=normalize(torch.stack(frames)),
+            frames=normalize(torch.stack(frames), self.pixel_stats),
             text_token_ids=self.global_captions.ids[caption],
             text_mask=self.global_captions.mask[caption],
             caption_id=self.global_captions.hashes[caption],
-            keyframes=normalize(torch.stack(keyframe_pixels)),
+            keyframes=normalize(torch.stack(keyframe_pixels), self.pixel_stats),
             boxes=torch.from_numpy(boxes),
             box_mask=torch.from_numpy(box_mask),
             region_token_ids=self.captions.ids[region_captions],

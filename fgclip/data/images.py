@@ -9,7 +9,11 @@ evaluation's video embeddings pick frames exactly as a validation item does.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +22,82 @@ from PIL import Image
 
 from fgclip.data.layout import DatasetError
 
-# OpenAI CLIP's pixel statistics: the stand-in and OpenAI weights share them.
+# OpenAI CLIP's pixel statistics (clip/clip.py's _transform): the stand-in, OpenAI's,
+# open_clip's OpenAI-trained and FG-CLIP's weights share them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Where a Hugging Face model directory says how its images are normalised.
+PREPROCESSOR_NAME = "preprocessor_config.json"
+
+
+@dataclass(frozen=True)
+class PixelStats:
+    """Per-channel RGB mean and std a model's images are normalised with (0-1 pixel scale).
+
+    A property of the weights, not of the data: a model trained with other statistics
+    (some open_clip models use ImageNet's or 0.5/0.5) sees shifted inputs under CLIP's.
+    """
+
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (tuple, list))
+                or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in value)
+            ):  # fmt: skip
+                raise ValueError(f"image_{name} must be 3 finite numbers (R, G, B), got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if min(self.std) <= 0:
+            raise ValueError(f"image_std must be positive, got {list(self.std)}")
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"image_mean": list(self.mean), "image_std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, doc: dict, where: str) -> PixelStats:
+        """From a dict with ``image_mean``/``image_std`` (CLIPImageProcessor's keys); absent = CLIP's."""
+        try:
+            return cls(tuple(doc.get("image_mean", CLIP_MEAN)), tuple(doc.get("image_std", CLIP_STD)))
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"{where}: {exc}") from exc
+
+
+CLIP_PIXELS = PixelStats()
+
+
+def read_pixel_stats(source: str | os.PathLike) -> PixelStats:
+    """The statistics in a model's ``preprocessor_config.json``; CLIP's when it has none.
+
+    ``source`` is a model directory or a hub id (its file is read through the Hugging
+    Face cache, as the model's own files are).
+    """
+    path = Path(source) / PREPROCESSOR_NAME
+    if not Path(source).is_dir():
+        from transformers.utils import cached_file
+
+        found = cached_file(
+            str(source),
+            PREPROCESSOR_NAME,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        if found is None:
+            return CLIP_PIXELS
+        path = Path(found)
+    elif not path.is_file():
+        return CLIP_PIXELS
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: not readable JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise DatasetError(f"{path}: expected a JSON object")
+    return PixelStats.from_json(doc, str(path))
 
 
 def load_image(path: Path, size: int, box: Sequence[float] | None = None) -> torch.Tensor:
@@ -47,10 +124,10 @@ def load_image(path: Path, size: int, box: Sequence[float] | None = None) -> tor
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """``uint8 [..., 3, H, W]`` to CLIP-normalised float32."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+def normalize(pixels: torch.Tensor, stats: PixelStats = CLIP_PIXELS) -> torch.Tensor:
+    """``uint8 [..., 3, H, W]`` to float32 normalised with the model's ``stats``."""
+    mean = torch.tensor(stats.mean).view(3, 1, 1)
+    std = torch.tensor(stats.std).view(3, 1, 1)
     return (pixels.float() / 255.0 - mean) / std
 
 

@@ -43,7 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from fgclip.data.dataset import read_boxes
 from fgclip.data.images import segment_indices
 from fgclip.data.layout import BOX_COORDS
-from fgclip.eval.zeroshot import input_size, load_pixels, model_device, text_embeddings
+from fgclip.eval.zeroshot import model_device, model_pixels, text_embeddings
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.tokenizer import tokenize
 
@@ -143,15 +143,13 @@ def region_embeddings(
     out: list[list[Tensor]] = [[] for _ in models]
     for group in tqdm(_video_groups(held_out, batch_size), desc="region metrics", unit="batch", disable=None):
         paths = [p for video in group for p in video.keyframes]
-        pixels: dict[int, Tensor] = {}
+        decoded: dict[int, Tensor] = {}
         for feats, model in zip(out, models):
-            size = input_size(model)
-            if size not in pixels:
-                pixels[size] = load_pixels(paths, size)
+            pixels = model_pixels(decoded, paths, model)
             device = model_device(model)
             patches = torch.cat(
                 [
-                    model.encode_images(pixels[size][i : i + batch_size].to(device), with_patches=True)[1]
+                    model.encode_images(pixels[i : i + batch_size].to(device), with_patches=True)[1]
                     for i in range(0, len(paths), batch_size)
                 ]
             )

@@ -28,9 +28,16 @@ from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.tokenizer import tokenize
 
 
-def load_pixels(paths: Sequence[Path], image_size: int) -> Tensor:
-    """Frames as CLIP input ``[N, 3, image_size, image_size]``, preprocessed exactly as in training."""
-    return normalize(torch.stack([load_image(p, image_size) for p in paths]))
+def model_pixels(decoded: dict[int, Tensor], paths: Sequence[Path], model: FGCLIPVideoModel) -> Tensor:
+    """Frames as ``model``'s input ``[N, 3, S, S]``, preprocessed exactly as in training.
+
+    ``decoded`` holds the ``uint8`` frames by input size: models of one size share one
+    decode, and each normalises them with its own statistics (``model.pixel_stats``).
+    """
+    size = input_size(model)
+    if size not in decoded:
+        decoded[size] = torch.stack([load_image(p, size) for p in paths])
+    return normalize(decoded[size], model.pixel_stats)
 
 
 def snippet_windows(num_snippets: int, clip_len: int) -> Tensor:
@@ -135,14 +142,10 @@ def frame_features(
     """
     out: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in models]
     for i in range(0, len(paths), batch_size):
-        pixels: dict[int, Tensor] = {}
+        decoded: dict[int, Tensor] = {}
         for (embeds, regions), model in zip(out, models):
-            size = input_size(model)
-            if size not in pixels:
-                pixels[size] = load_pixels(paths[i : i + batch_size], size)
-            frame, patches = model.encode_images(
-                pixels[size].to(model_device(model)), with_patches=boxes is not None
-            )
+            pixels = model_pixels(decoded, paths[i : i + batch_size], model)
+            frame, patches = model.encode_images(pixels.to(model_device(model)), with_patches=boxes is not None)
             embeds.append(frame)
             if patches is not None:
                 regions.append(_boxes_on_frames(model, patches, boxes))

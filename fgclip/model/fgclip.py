@@ -46,6 +46,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
 from fgclip.config import ModelConfig
+from fgclip.data.images import CLIP_PIXELS, PixelStats, read_pixel_stats
 from fgclip.errors import FGClipError
 from fgclip.model.roi_align import roi_align
 
@@ -385,6 +386,8 @@ class FGCLIPVideoModel(nn.Module):
         self.clip = clip
         self.cfg = cfg
         self.load_report: dict[str, dict[str, Any]] = {}
+        # How this model's frames are normalised: the weights' own statistics, saved with it.
+        self.pixel_stats: PixelStats = CLIP_PIXELS
         if cfg.long_text:
             self._add_long_text_path()
         dim = clip.config.projection_dim
@@ -429,9 +432,10 @@ class FGCLIPVideoModel(nn.Module):
         """
         source = str(source)  # the load report must stay JSON-serialisable
         if isinstance(clip_or_path, CLIPModel):
-            clip, extra, extra_file = clip_or_path, {}, None
+            clip, extra, extra_file, pixels = clip_or_path, {}, None, CLIP_PIXELS
         else:
             extra, extra_file = read_extra(clip_or_path)
+            pixels = read_pixel_stats(clip_or_path)
             clip = load_clip(clip_or_path)
         wanted = float(cfg.logit_scale_init_value)
         loaded = {"global": (clip.logit_scale.item(), source)}
@@ -444,6 +448,14 @@ class FGCLIPVideoModel(nn.Module):
             for name, (value, origin) in loaded.items()
         }
         model = cls(clip, cfg)
+        model.pixel_stats = pixels
+        if pixels != CLIP_PIXELS:
+            logger.info(
+                "[pixels] %s normalises images with mean %s, std %s (its preprocessor_config.json)",
+                source,
+                list(pixels.mean),
+                list(pixels.std),
+            )
         scales = model.named_scales()
         model.load_report = {}
         for name in SCALE_NAMES:
@@ -560,6 +572,8 @@ class FGCLIPVideoModel(nn.Module):
                     )
                 )
         model = cls(CLIPModel(CLIPConfig.from_dict(saved["clip_config"])), cfg)
+        # Saved before pixel statistics were: those models were trained on CLIP's.
+        model.pixel_stats = PixelStats.from_json(saved.get("pixel_stats", {}), str(path / CONFIG_NAME))
         state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
         model.load_state_dict(state, strict=True)
         model.to(map_location)
@@ -580,6 +594,7 @@ class FGCLIPVideoModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "clip_config": self.clip.config.to_dict(),
             "model_config": self.cfg.model_dump(),
+            "pixel_stats": self.pixel_stats.to_json(),
         }
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 

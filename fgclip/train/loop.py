@@ -295,7 +295,9 @@ def _train(
     run = _build(params, paths, device)
     if ctx.is_main:
         train_log.info(describe_groups(run.trainer.optimizer))
-    dataset = VideoClipDataset(params, paths.frames, paths.boxes, tokenizer, split="train")
+    dataset = VideoClipDataset(
+        params, paths.frames, paths.boxes, tokenizer, split="train", pixel_stats=run.model.pixel_stats
+    )
     loader, sampler = _loader(dataset, params, ctx, device)
 
     fingerprint, fp_params = run_fingerprint(

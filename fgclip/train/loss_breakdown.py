@@ -57,7 +57,9 @@ def region_loss_breakdown(
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     model = FGCLIPVideoModel.from_pretrained(model_dir).to(device).eval()
     tokenizer = load_tokenizer(model_dir)
-    data = VideoClipDataset(params, frames_dir, boxes_dir, tokenizer, split="train", train=True)
+    data = VideoClipDataset(
+        params, frames_dir, boxes_dir, tokenizer, split="train", train=True, pixel_stats=model.pixel_stats
+    )
     text_of = dict(zip(data.captions.hashes.tolist(), data.captions.texts))
 
     cfg = params.train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from fgclip.data.images import CLIP_MEAN, CLIP_STD, load_image, normalize, segment_indices
+from fgclip.data.images import (
+    CLIP_MEAN,
+    CLIP_PIXELS,
+    CLIP_STD,
+    PixelStats,
+    load_image,
+    normalize,
+    read_pixel_stats,
+    segment_indices,
+)
 from fgclip.data.layout import DatasetError
 
 
@@ -36,3 +46,31 @@ def test_segment_indices_one_per_segment() -> None:
     assert segment_indices(2, 4, None).tolist() == [0, 0, 1, 1]  # segments share frames
     drawn = segment_indices(16, 4, np.random.default_rng(0))
     assert ((drawn >= [0, 4, 8, 12]) & (drawn < [4, 8, 12, 16])).all()
+
+
+def test_pixel_statistics_are_read_from_the_model_directory(tmp_path: Path):
+    assert read_pixel_stats(tmp_path) == CLIP_PIXELS  # none given: CLIP's
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 1], "size": 224})
+    )
+    stats = read_pixel_stats(tmp_path)
+    assert stats == PixelStats((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
+    pixels = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert normalize(pixels, stats)[0, :, 0, 0].tolist() == [2.0, 1.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        ("{not json", "not readable JSON"),
+        ("[1, 2, 3]", "expected a JSON object"),
+        ('{"image_mean": [0.5, 0.5]}', "image_mean must be 3 finite numbers"),
+        ('{"image_std": [0.5, 0, 0.5]}', "image_std must be positive"),
+        ('{"image_mean": [0.5, NaN, 0.5]}', "image_mean must be 3 finite numbers"),
+        ('{"image_mean": "0.5"}', "image_mean must be 3 finite numbers"),
+    ],
+)
+def test_bad_pixel_statistics_name_their_file(tmp_path: Path, doc: str, match: str):
+    (tmp_path / "preprocessor_config.json").write_text(doc)
+    with pytest.raises(DatasetError, match=rf"preprocessor_config.json: .*{match}|{match}"):
+        read_pixel_stats(tmp_path)

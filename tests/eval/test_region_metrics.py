@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from fgclip.config import Params
 from fgclip.data.dataset import read_boxes
+from fgclip.data.images import load_image, normalize
 from fgclip.data.ucf import read_split
 from fgclip.eval.region_metrics import (
     held_out_metrics,
@@ -24,7 +25,6 @@ from fgclip.eval.region_metrics import (
     video_clip,
     video_embeddings,
 )
-from fgclip.eval.zeroshot import load_pixels
 from fgclip.model.fgclip import FGCLIPVideoModel
 from fgclip.model.tokenizer import tokenize
 
@@ -100,7 +100,8 @@ def test_retrieval_recall_counts_any_video_with_the_identical_caption():
 def _reference_region_feature(model: FGCLIPVideoModel, video, r: int) -> torch.Tensor:
     """Region r on its own keyframes only (the ones where its box is valid), one region at a time."""
     keep = video.box_mask[r].nonzero().flatten().tolist()
-    pixels = load_pixels([video.keyframes[k] for k in keep], model.clip.config.vision_config.image_size)
+    size = model.clip.config.vision_config.image_size
+    pixels = normalize(torch.stack([load_image(video.keyframes[k], size) for k in keep]), model.pixel_stats)
     _, patches = model.encode_images(pixels, with_patches=True)
     boxes = video.boxes[r, keep][None, None]
     feats, valid, _ = model.encode_regions(

@@ -12,11 +12,11 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from fgclip.config import Params
+from fgclip.data.images import CLIP_MEAN, CLIP_STD, PixelStats
 from fgclip.eval.zeroshot import (
     class_embeddings,
     frame_features,
     grid_boxes,
-    load_pixels,
     region_grid_log_odds,
     snippet_log_odds,
     snippet_windows,
@@ -135,12 +135,40 @@ def test_frame_features_batched_like_one_pass(tmp_path: Path, make_model: Callab
     features = frame_features([a, b], paths, batch_size=2)
     assert all(regions is None for _, regions in features)  # no boxes, no dense RoI features
     batched = [embeds for embeds, _ in features]
-    pixels = load_pixels(paths, 32)
+    pixels = _reference_pixels(paths, 32)
     assert pixels.shape == (5, 3, 32, 32)
     with torch.no_grad():
         for model, embeds in zip((a, b), batched):
             torch.testing.assert_close(embeds, model.encode_images(pixels)[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[0], batched[1])
+
+
+def _reference_pixels(
+    paths: list[Path], size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD
+) -> torch.Tensor:
+    """Written out from OpenAI's recipe: RGB, bicubic resize, 0-1, minus mean over std."""
+    out = []
+    for path in paths:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64)
+        out.append(((rgb / 255.0 - np.array(mean)) / np.array(std)).transpose(2, 0, 1))
+    return torch.tensor(np.stack(out), dtype=torch.float32)
+
+
+def test_each_model_gets_frames_normalised_with_its_own_statistics(
+    tmp_path: Path, make_model: Callable[[int], FGCLIPVideoModel]
+):
+    paths = _random_frames(tmp_path, 3)
+    clip_model, other = make_model(0), make_model(0)  # the same weights
+    imagenet = PixelStats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    other.pixel_stats = imagenet
+    (a, _), (b, _) = frame_features([clip_model, other], paths, batch_size=2)
+    with torch.no_grad():
+        want_a = clip_model.encode_images(_reference_pixels(paths, 32))[0]
+        want_b = other.encode_images(_reference_pixels(paths, 32, imagenet.mean, imagenet.std))[0]
+    torch.testing.assert_close(a, want_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b, want_b, atol=1e-5, rtol=1e-5)
+    assert (a - b).abs().max() > 1e-3  # same weights, other input statistics: other embeddings
 
 
 def _random_frames(tmp_path: Path, n: int) -> list[Path]:
@@ -183,7 +211,7 @@ def test_region_grid_scores_equal_a_patch_mean_reference(classes, tmp_path: Path
     log_odds = region_grid_log_odds(moved, regions, embeds, normal)
 
     with torch.no_grad():
-        _, patches = moved.encode_images(load_pixels(paths, 32), with_patches=True)  # [5, 4, 4, C]
+        _, patches = moved.encode_images(_reference_pixels(paths, 32), with_patches=True)  # [5, 4, 4, C]
         assert patches.shape[1:3] == (4, 4)
         pooled = [
             patches[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean(dim=(1, 2)) for r in (0, 1) for c in (0, 1)

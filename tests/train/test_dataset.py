@@ -21,6 +21,7 @@ from fgclip.data.dataset import (
     VideoClipDataset,
     caption_ids,
 )
+from fgclip.data.images import CLIP_MEAN, CLIP_STD, PixelStats
 from fgclip.data.layout import DatasetError
 from fgclip.model.tokenizer import load_tokenizer
 
@@ -222,3 +223,18 @@ def test_region_image_ids_join_regions_that_show_the_same_pixels(dataset) -> Non
     assert checked_virtual > 0 and checked_boxed > 0
     batch = collate([dataset[i] for i in range(3)])
     assert batch.region_image_ids.shape == batch.region_caption_ids.shape
+
+
+def test_items_are_normalised_with_the_models_own_statistics(dataset, setup) -> None:
+    """Training feeds the weights the statistics they were trained with (preprocessor_config.json)."""
+    params, tokenizer, frames, boxes = setup
+    half = PixelStats((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    other = VideoClipDataset(params, frames, boxes, tokenizer, train=False, pixel_stats=half)
+    clip_items = VideoClipDataset(params, frames, boxes, tokenizer, train=False)
+    a, b = clip_items[(0, 0)], other[(0, 0)]
+    for key in ("frames", "keyframes"):
+        # Undo each normalisation: the same 0-1 pixels underneath.
+        raw_a = getattr(a, key) * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        raw_b = getattr(b, key) * 0.5 + 0.5
+        torch.testing.assert_close(raw_a, raw_b, atol=1e-5, rtol=0)
+        assert (getattr(a, key) - getattr(b, key)).abs().max() > 0.1
