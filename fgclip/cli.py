@@ -17,8 +17,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fgclip.config import Params, Paths, check_model_source, load_params
+from fgclip.config import Params, Paths, load_params
 from fgclip.errors import FGClipError
+from fgclip.model.sources import check_pretrained
 
 log = logging.getLogger("fgclip")
 
@@ -79,8 +80,7 @@ def _check_tracking(tracking_uri: str, origin: str) -> None:
 
 def cmd_train(params: Params, args: argparse.Namespace) -> dict:
     # Checked before torch, the model or the data load: either fails in seconds, not minutes in.
-    source = params.pretrained_source(args.model)
-    check_model_source(source)
+    source = str(check_pretrained(params, args.model))
     _check_tracking(params.tracking_uri, "tracking.uri (or MLFLOW_TRACKING_URI)")
     from fgclip.train.loop import train
 
@@ -100,7 +100,7 @@ def cmd_train(params: Params, args: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
-    pretrained = check_model_source(params.pretrained_source(args.pretrained))
+    pretrained = check_pretrained(params, args.pretrained)
     from fgclip.eval.evaluate import evaluate, training_run
 
     if (args.model / "run.json").is_file():  # the metrics go to the run that trained the model

@@ -111,6 +111,12 @@ class BoxesConfig(_Section):
 
 class ModelConfig(_Section):
     pretrained: str | None = None
+    # How a model.pretrained that is not a CLIPModel directory (an OpenAI .pt, an open_clip
+    # checkpoint, an FG-CLIP directory) is converted by the pretrain stage: import-weights'
+    # --format, --arch and --activation.
+    pretrained_format: Literal["auto", "openai", "open_clip", "fgclip"] = "auto"
+    pretrained_arch: str | None = None
+    pretrained_activation: Literal["gelu", "quick_gelu"] | None = None
     image_size: int = Field(64, ge=1)
     patch_size: int = Field(8, ge=1)
     vision_hidden: int = Field(96, ge=1)
@@ -542,9 +548,18 @@ class Params(_Section):
     def pretrained_source(self, override: str | None = None) -> str:
         """The CLIP to fine-tune from: ``override``, else ``model.pretrained``, else the stand-in.
 
-        A directory or a hub id: :func:`model_source` tells which.
+        A directory or a hub id: :func:`model_source` tells which. A ``model.pretrained``
+        that must be converted first (an OpenAI ``.pt``, an open_clip checkpoint, an
+        FG-CLIP directory: :func:`fgclip.model.sources.conversion_needed`) is read from
+        its conversion, the pretrain stage's output.
         """
-        return override or self.model.pretrained or str(self.paths.stand_in)
+        if override:
+            return override
+        if self.model.pretrained is None:
+            return str(self.paths.stand_in)
+        from fgclip.model.sources import conversion_needed  # it imports this module
+
+        return str(self.paths.stand_in) if conversion_needed(self.model.pretrained) else self.model.pretrained
 
     @property
     def tracking_uri(self) -> str:

@@ -51,6 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel
 
+from fgclip.data.images import CLIP_PIXELS, PREPROCESSOR_NAME, PixelStats, read_pixel_stats
 from fgclip.errors import FGClipError
 from fgclip.model.fgclip import (
     CLIP_TEXT_POSITIONS,
@@ -59,31 +60,20 @@ from fgclip.model.fgclip import (
     EXTRA_SCALE_KEYS,
     LONG_TEXT_POSITIONS,
 )
-from fgclip.outputs import OutputDirError, owner, replacing_output_dir
+from fgclip.model.sources import FGCLIP_EXTRA, REPORT_NAME, source_stamp
+from fgclip.outputs import check_output_dir, replacing_output_dir
 
 logger = logging.getLogger(__name__)
 
 STAGE = "import_weights"
-REPORT_NAME = "import.json"
 FORMATS = ("auto", "openai", "open_clip", "fgclip")
 ACTIVATIONS = ("gelu", "quick_gelu")
-# OpenAI's normalisation (clip/clip.py's _transform), which the pipeline applies to every frame.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # open_clip's vision towers whose heads are not 64 wide (model_configs/*.json, head_width):
 # the shapes cannot tell 20 heads of 64 from 16 of 80.
 _OPEN_CLIP_HEAD_WIDTH = {"H": 80, "g": 88, "bigG": 104, "G": 104}
 _NON_64_WIDTHS = {1280: "H", 1408: "g", 1664: "bigG"}
 # Tensors in OpenAI's archives (and some state dicts) that are settings, not weights.
 _NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
-# FG-CLIP's own names -> the sidecar's (fgclip.model.fgclip.EXTRA_*).
-_FGCLIP_EXTRA = {
-    "logit_scale_finegraind": "logit_scale_region",
-    "logit_scale_hardneg": "logit_scale_hardneg",
-    "text_model.embeddings.position_embedding_ori.weight": "position_embedding_ori",
-    "text_model.embeddings.position_embedding_res.weight": "position_embedding_res",
-    "text_filip_projection.weight": "text_filip_projection",
-}
 _ARCH = re.compile(r"ViT-(?P<family>[A-Za-z]+)-(?P<patch>\d+)(?P<rest>.*)")
 
 
@@ -106,8 +96,7 @@ class _Arch:
     heads_from: str = ""
     patch_size: int | None = None
     name: str | None = None
-    image_mean: tuple[float, ...] = CLIP_MEAN
-    image_std: tuple[float, ...] = CLIP_STD
+    pixels: PixelStats = CLIP_PIXELS
 
 
 @dataclass
@@ -115,8 +104,7 @@ class _Converted:
     clip: CLIPModel
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
-    image_mean: tuple[float, ...] = CLIP_MEAN
-    image_std: tuple[float, ...] = CLIP_STD
+    pixels: PixelStats = CLIP_PIXELS
 
 
 # ------------------------------------------------------------------ reading files
@@ -501,9 +489,20 @@ def _arch_from_open_clip_config(path: Path) -> _Arch:
         heads_from=path.name,
         patch_size=vision.get("patch_size"),
         name=doc.get("model_name"),
-        image_mean=tuple(preprocess.get("mean", CLIP_MEAN)),
-        image_std=tuple(preprocess.get("std", CLIP_STD)),
+        pixels=_open_clip_pixels(preprocess, path),
     )
+
+
+def _open_clip_pixels(preprocess: Any, path: Path) -> PixelStats:
+    """``preprocess_cfg``'s ``mean``/``std`` (open_clip's names); absent = CLIP's."""
+    if not isinstance(preprocess, dict):
+        raise WeightsImportError(f"{path}: preprocess_cfg must be an object")
+    try:
+        return PixelStats(
+            tuple(preprocess.get("mean", CLIP_PIXELS.mean)), tuple(preprocess.get("std", CLIP_PIXELS.std))
+        )
+    except (TypeError, ValueError) as exc:
+        raise WeightsImportError(f"{path}: preprocess_cfg: {exc}") from exc
 
 
 def _with_activation(arch: _Arch, activation: str | None) -> _Arch:
@@ -562,8 +561,7 @@ def _open_clip(
             "activation": arch.activation,
             "activation_from": arch.activation_from,
         },
-        image_mean=arch.image_mean,
-        image_std=arch.image_std,
+        pixels=arch.pixels,
     )
 
 
@@ -577,16 +575,16 @@ def _fgclip(directory: Path, state: dict[str, torch.Tensor]) -> _Converted:
     if not isinstance(raw.get("text_config"), dict) or not isinstance(raw.get("vision_config"), dict):
         raise WeightsImportError(f"{directory / 'config.json'}: no text_config / vision_config of a CLIP")
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    extra = {dst: state.pop(src).float().contiguous() for src, dst in _FGCLIP_EXTRA.items() if src in state}
+    extra = {dst: state.pop(src).float().contiguous() for src, dst in FGCLIP_EXTRA.items() if src in state}
     if not extra:
         raise WeightsImportError(
             f"{directory}: a plain CLIPModel directory (none of FG-CLIP's logit_scale_finegraind, "
             "logit_scale_hardneg, text_filip_projection, position_embedding_ori/_res): give it to "
             "model.pretrained as it is"
         )
-    absent = sorted(set(_FGCLIP_EXTRA.values()) - set(extra))
+    absent = sorted(set(FGCLIP_EXTRA.values()) - set(extra))
     if absent:
-        names = {v: k for k, v in _FGCLIP_EXTRA.items()}
+        names = {v: k for k, v in FGCLIP_EXTRA.items()}
         raise WeightsImportError(
             f"{directory}: FG-CLIP weights without {', '.join(names[a] for a in absent)}"
         )
@@ -618,12 +616,10 @@ def _fgclip(directory: Path, state: dict[str, torch.Tensor]) -> _Converted:
             f"{directory}: text_filip_projection has shape {tuple(extra['text_filip_projection'].shape)}, "
             f"text_projection {tuple(clip.text_projection.weight.shape)}"
         )
-    image_mean, image_std = CLIP_MEAN, CLIP_STD
-    processor = directory / "preprocessor_config.json"
-    if processor.is_file():
-        doc = json.loads(processor.read_text(encoding="utf-8"))
-        image_mean = tuple(doc.get("image_mean", CLIP_MEAN))
-        image_std = tuple(doc.get("image_std", CLIP_STD))
+    try:
+        pixels = read_pixel_stats(directory)
+    except FGClipError as exc:
+        raise WeightsImportError(str(exc)) from exc
     text, vision = clip.config.text_config, clip.config.vision_config
     described = {
         "embed_dim": clip.config.projection_dim,
@@ -656,8 +652,7 @@ def _fgclip(directory: Path, state: dict[str, torch.Tensor]) -> _Converted:
             "activation": vision.hidden_act,
             "activation_from": "config.json",
         },
-        image_mean=image_mean,
-        image_std=image_std,
+        pixels=pixels,
     )
 
 
@@ -748,7 +743,7 @@ def detect(src: Path, fmt: str, arch_name: str | None, activation: str | None) -
 # ----------------------------------------------------------------------- writing
 
 
-def _preprocessor_config(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+def _preprocessor_config(size: int, pixels: PixelStats) -> dict[str, Any]:
     """CLIPImageProcessor's file: resize the short side to ``size`` (bicubic), centre-crop, normalise."""
     return {
         "crop_size": {"height": size, "width": size},
@@ -757,9 +752,9 @@ def _preprocessor_config(size: int, mean: tuple[float, ...], std: tuple[float, .
         "do_normalize": True,
         "do_rescale": True,
         "do_resize": True,
-        "image_mean": list(mean),
+        "image_mean": list(pixels.mean),
         "image_processor_type": "CLIPImageProcessor",
-        "image_std": list(std),
+        "image_std": list(pixels.std),
         "resample": 3,
         "rescale_factor": 1 / 255,
         "size": {"shortest_edge": size},
@@ -798,18 +793,16 @@ def import_weights(
     arch: str | None = None,
     activation: str | None = None,
     tokenizer: bool = True,
+    stage: str = STAGE,
 ) -> dict[str, Any]:
     """Convert ``src`` into the model directory ``out`` (replaced whole, or left as it was on an error).
 
     ``tokenizer=False`` leaves CLIP's tokenizer out (tests of the weights alone).
-    Returns the ``import.json`` report.
+    ``stage`` is the output's owner (``fgclip.outputs``): the pretrain stage converts
+    ``model.pretrained`` into its own output. Returns the ``import.json`` report.
     """
     src, out = Path(src), Path(out)
-    if out.is_dir() and any(out.iterdir()) and owner(out) != STAGE:
-        raise OutputDirError(
-            f"{out} is not empty and was not written by import-weights; refusing to replace it: "
-            "choose another output directory"
-        )
+    check_output_dir(out, stage, {"SRC": src})  # before minutes of reading a large checkpoint
     converted = detect(src, fmt, arch, activation)
     clip = converted.clip
     scales = {"global": clip.logit_scale.item()}
@@ -817,30 +810,33 @@ def import_weights(
         scales[name] = converted.extra[key].item() if key in converted.extra else None
     report: dict[str, Any] = {
         "source": str(src),
+        "source_stamp": source_stamp(src),
         **converted.report,
         "scales": scales,
         "long_text_tables": all(k in converted.extra for k in EXTRA_LONG_KEYS),
         "image": {
             "size": clip.config.vision_config.image_size,
-            "mean": list(converted.image_mean),
-            "std": list(converted.image_std),
+            "mean": list(converted.pixels.mean),
+            "std": list(converted.pixels.std),
         },
     }
-    if tuple(converted.image_mean) != CLIP_MEAN or tuple(converted.image_std) != CLIP_STD:
-        logger.warning(
-            "%s normalises images with mean %s / std %s, not CLIP's: the pipeline normalises frames with CLIP's",
+    if converted.pixels != CLIP_PIXELS:
+        logger.info(
+            "%s normalises images with mean %s / std %s, not CLIP's: written to %s, which training "
+            "and evaluation read",
             src,
-            list(converted.image_mean),
-            list(converted.image_std),
+            list(converted.pixels.mean),
+            list(converted.pixels.std),
+            PREPROCESSOR_NAME,
         )
-    with replacing_output_dir(out, STAGE, {"SRC": src}) as tmp:
+    with replacing_output_dir(out, stage, {"SRC": src}) as tmp:
         report["tokenizer"] = _attach_tokenizer(clip, tmp) if tokenizer else None
         clip.save_pretrained(str(tmp), safe_serialization=True)
         if converted.extra:
             save_file(converted.extra, str(tmp / EXTRA_NAME), metadata={"format": "pt", "source": str(src)})
         size = clip.config.vision_config.image_size
-        processor = _preprocessor_config(size, converted.image_mean, converted.image_std)
-        (tmp / "preprocessor_config.json").write_text(
+        processor = _preprocessor_config(size, converted.pixels)
+        (tmp / PREPROCESSOR_NAME).write_text(
             json.dumps(processor, indent=2) + "\n", encoding="utf-8"
         )
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -30,6 +30,7 @@ from fgclip.data.annotations import load_annotations
 from fgclip.data.dataset import FramePairDataset
 from fgclip.model.fgclip import capped_logit_scale, tiny_clip_config
 from fgclip.model.losses import contrastive_loss
+from fgclip.model.sources import conversion_needed
 from fgclip.model.tokenizer import build_tokenizer
 from fgclip.outputs import check_output_dir, replacing_output_dir
 from fgclip.train.checkpoints import PRETRAIN_SUMMARY_FILE as SUMMARY_FILE
@@ -61,13 +62,35 @@ def pretrain_clip(
 ) -> dict[str, Any]:
     """Pretrain the tiny CLIP and save it (with its tokenizer) to ``out``; returns the summary.
 
-    Skipped, writing only a note, when ``model.pretrained`` names a real checkpoint.
+    When ``model.pretrained`` names a CLIP that loads as it is (a ``CLIPModel`` directory
+    or hub id), skipped, writing only a note; when it names weights to convert (an
+    OpenAI ``.pt``, an open_clip checkpoint, an FG-CLIP directory), ``fgclip
+    import-weights`` converts them into ``out``, once, and training reads that.
     ``out`` is replaced as a whole, and only when it is absent, empty or this stage's
     (``fgclip.outputs``): checked first, before any work.
     """
     out = Path(out)
     inputs = {"--frames": Path(frames_dir), "--boxes": Path(boxes_dir), "--annotations": Path(annotations)}
     check_output_dir(out, STAGE, inputs)
+    if params.model.pretrained is not None and conversion_needed(params.model.pretrained):
+        from fgclip.model.import_weights import import_weights
+
+        m = params.model
+        logger.info(
+            "model.pretrained = %s is %s: converting it into %s",
+            m.pretrained,
+            conversion_needed(m.pretrained),
+            out,
+        )
+        report = import_weights(
+            m.pretrained,
+            out,
+            fmt=m.pretrained_format,
+            arch=m.pretrained_arch,
+            activation=m.pretrained_activation,
+            stage=STAGE,
+        )
+        return {"imported": True, "pretrained": m.pretrained, "format": report["format"], "out": str(out)}
     if params.model.pretrained is not None:
         logger.info(
             "model.pretrained = %s: skipping the embedded stand-in pretraining", params.model.pretrained

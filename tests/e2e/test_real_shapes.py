@@ -2,8 +2,9 @@
 
 Nothing is downloaded: OpenAI's own model code (the ``openai-clip`` package, loaded by
 file path because its ``__init__`` imports torchvision) builds a ViT-B/32 with random
-weights, saved in half precision as the released checkpoints are. ``fgclip
-import-weights`` converts it, with CLIP's BPE tokenizer; then the pipeline runs on the
+weights, saved in half precision as the released checkpoints are. ``model.pretrained``
+names that file and the pretrain stage converts it (``fgclip import-weights``, with
+CLIP's BPE tokenizer) into its output; then the pipeline runs on the
 tiny sample at 224 px with real prompts for two optimizer steps on CPU: training
 (MLflow, checkpoints, health checks) and evaluation of the three models.
 """
@@ -18,11 +19,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fgclip.config import Params
+from fgclip.config import ModelSourceError, Params
 from fgclip.eval.evaluate import evaluate
-from fgclip.model.import_weights import import_weights
+from fgclip.model.sources import check_pretrained
 from fgclip.model.tokenizer import load_tokenizer
+from fgclip.outputs import owner
 from fgclip.train.loop import train
+from fgclip.train.pretrain import pretrain_clip
 
 pytestmark = pytest.mark.e2e
 
@@ -48,36 +51,31 @@ def _openai_model_module():
     return module
 
 
-@pytest.fixture(scope="module")
-def imported_vitb32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture()
+def openai_vitb32_pt(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = _openai_model_module().CLIP(**VITB32)
     model.half()  # as released
-    root = tmp_path_factory.mktemp("vitb32")
-    torch.save(model.state_dict(), root / "ViT-B-32.pt")
-    del model
-    # A plain state dict in that layout may be open_clip too: say which (as the CLI's --format).
-    report = import_weights(root / "ViT-B-32.pt", root / "openai-vitb32", fmt="openai")
-    assert report["format"] == "openai"
-    (root / "ViT-B-32.pt").unlink()  # 300 MB the rest of the suite does not need
-    return root / "openai-vitb32"
+    torch.save(model.state_dict(), tmp_path / "ViT-B-32.pt")
+    return tmp_path / "ViT-B-32.pt"
 
 
 @pytest.mark.timeout(900)
 def test_vitb32_trains_and_evaluates_on_the_sample(
-    imported_vitb32: Path,
+    openai_vitb32_pt: Path,
     tiny_params: Params,
     tiny_sample: Path,
     tiny_frames: Path,
     tiny_boxes: Path,
     tmp_path: Path,
 ) -> None:
-    tokenizer = load_tokenizer(imported_vitb32)
-    assert tokenizer.eos_token_id == 49407 and len(tokenizer) == 49408
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = tiny_params.with_overrides(
         model={
-            "pretrained": str(imported_vitb32),
+            # The released file itself: the pretrain stage converts it into pretrain.out.
+            # A plain state dict in that layout may be open_clip too: say which.
+            "pretrained": str(openai_vitb32_pt),
+            "pretrained_format": "openai",
             "image_size": 224,
             "patch_size": 32,
             "vision_hidden": 768,
@@ -104,8 +102,20 @@ def test_vitb32_trains_and_evaluates_on_the_sample(
         },
         evaluate={"templates": ["a surveillance video of {}"], "batch_size": 16},
         tracking={"uri": uri, "experiment": "vitb32"},
+        pretrain={"out": str(tmp_path / "clip-pretrained")},
     )
     assert params.model.text_len == 77  # CLIP's context for a pretrained CLIP
+    with pytest.raises(ModelSourceError, match="holds no conversion"):
+        check_pretrained(params)  # named, not converted yet: training would refuse it
+    converted = pretrain_clip(
+        params, tiny_frames, tiny_boxes, tiny_sample / "annotations.json", params.paths.stand_in
+    )
+    assert converted["imported"] and converted["format"] == "openai"
+    imported_vitb32 = check_pretrained(params)
+    assert imported_vitb32 == params.paths.stand_in and owner(imported_vitb32) == "pretrain"
+    openai_vitb32_pt.unlink()  # 300 MB the rest of the run does not need
+    tokenizer = load_tokenizer(imported_vitb32)
+    assert tokenizer.eos_token_id == 49407 and len(tokenizer) == 49408
     out = tmp_path / "fgclip"
     summary = train(
         params, tiny_frames, tiny_boxes, str(imported_vitb32), out, tmp_path / "checkpoints",

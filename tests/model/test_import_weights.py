@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -30,17 +31,19 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 from fgclip.cli import main
-from fgclip.config import LN_100, ModelConfig
+from fgclip.config import LN_100, ModelConfig, ModelSourceError, Params, load_params
+from fgclip.data.images import CLIP_MEAN, CLIP_PIXELS, PixelStats
 from fgclip.model.fgclip import EXTRA_NAME, FGCLIPVideoModel, LogitScaleMismatch, load_clip
 from fgclip.model.import_weights import (
-    CLIP_MEAN,
     REPORT_NAME,
     UnsafePickleError,
     WeightsImportError,
     import_weights,
 )
+from fgclip.model.sources import check_pretrained, conversion_needed, safetensors_keys
 from fgclip.model.tokenizer import load_tokenizer, tokenize
-from fgclip.outputs import OutputDirError
+from fgclip.outputs import OutputDirError, owner
+from fgclip.train.pretrain import pretrain_clip
 
 PARAMS = str(Path(__file__).resolve().parents[2] / "params.yaml")
 LOGGER = "fgclip.model.fgclip"
@@ -451,7 +454,7 @@ def test_cli_import_with_clip_tokenizer_matches_openai_end_to_end(
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(OutputDirError, match="not written by import-weights"):
+    with pytest.raises(OutputDirError, match="not written by the import_weights stage"):
         import_weights(src, foreign, fmt="openai", tokenizer=False)
     assert (foreign / "notes.txt").read_text() == "mine"
 
@@ -566,3 +569,128 @@ def test_scales_survive_as_written(tmp_path: Path) -> None:
         extra["position_embedding_res"], state["text_model.embeddings.position_embedding_res.weight"]
     )
     assert math.isclose(load_clip(tmp_path / "out").logit_scale.item(), 4.0, abs_tol=1e-7)
+
+
+# ------------------------------------------------- model.pretrained naming a source
+
+
+def _params(tmp_path: Path, pretrained: Path, **model) -> Params:
+    return load_params(PARAMS).with_overrides(
+        model={"pretrained": str(pretrained), **model}, pretrain={"out": str(tmp_path / "clip-pretrained")}
+    )
+
+
+def _convert(params: Params, tmp_path: Path) -> dict:
+    """The pretrain stage on ``params`` (its data inputs are only checked for overlap here)."""
+    return pretrain_clip(params, tmp_path / "frames", tmp_path / "boxes", tmp_path / "a.json", params.paths.stand_in)
+
+
+def test_what_needs_converting(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "open_clip_model.safetensors"))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ViT-B-32.pt")
+    fgclip_dir(tmp_path / "fg")
+    CLIPModel(CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                      "num_attention_heads": 2, "vocab_size": 99},
+                         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+                         projection_dim=8)).save_pretrained(tmp_path / "plain")  # fmt: skip
+    (tmp_path / "oc").mkdir()
+    (tmp_path / "oc" / "open_clip_config.json").write_text("{}")
+    assert conversion_needed(tmp_path / "ViT-B-32.pt") == "a checkpoint file"
+    assert conversion_needed(tmp_path / "open_clip_model.safetensors") == "a checkpoint file"
+    assert conversion_needed(tmp_path / "oc") == "an open_clip directory"
+    assert conversion_needed(tmp_path / "fg") == "an FG-CLIP directory"
+    assert conversion_needed(tmp_path / "plain") is None  # a CLIPModel directory loads as it is
+    assert conversion_needed("openai/clip-vit-base-patch32") is None  # a hub id: check_model_source's
+    assert conversion_needed(tmp_path / "absent") is None
+    import_weights(tmp_path / "fg", tmp_path / "done", tokenizer=False)
+    assert conversion_needed(tmp_path / "done") is None  # already converted: import.json
+    # The FG-CLIP keys are read from the safetensors header alone, exactly.
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fg" / "model.safetensors"), "pt") as f:
+        assert sorted(safetensors_keys(tmp_path / "fg" / "model.safetensors")) == sorted(f.keys())
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(ModelSourceError, match="not a safetensors file"):
+        safetensors_keys(tmp_path / "bad.safetensors")
+
+
+def test_pretrained_fgclip_directory_is_converted_once_by_the_pretrain_stage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = fgclip_dir(tmp_path / "fg-clip")
+    params = _params(tmp_path, tmp_path / "fg-clip", loaded_logit_scale="keep", long_text=True)
+    assert params.pretrained_source() == str(params.paths.stand_in)
+    with pytest.raises(ModelSourceError, match="holds no conversion.*run the pretrain stage"):
+        check_pretrained(params)
+    summary = _convert(params, tmp_path)
+    assert summary["imported"] and summary["format"] == "fgclip"
+    out = params.paths.stand_in
+    assert owner(out) == "pretrain" and check_pretrained(params) == out
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model = FGCLIPVideoModel.from_clip(out, params.model.model_copy(update=TINY), source=out, tolerance=TOL)
+    # Every scale FG-CLIP's directory had, loaded (the users' bug was a region scale from a default).
+    assert model.logit_scale_region.item() == state["logit_scale_finegraind"].item()
+    assert model.logit_scale_hardneg.item() == state["logit_scale_hardneg"].item()
+    assert model.load_report["long_text"]["action"] == "loaded"
+    assert f"[region] Loaded logit_scale = 3.9000 (exp=49.4) from {out / EXTRA_NAME}" in caplog.messages
+
+    # Another source named: the old conversion is refused, not trained from.
+    fgclip_dir(tmp_path / "other", seed=5)
+    with pytest.raises(ModelSourceError, match="was converted from .*fg-clip, but model.pretrained"):
+        check_pretrained(_params(tmp_path, tmp_path / "other"))
+    # --model naming a checkpoint to convert is refused with what to do.
+    with pytest.raises(ModelSourceError, match="convert it first"):
+        check_pretrained(params, str(tmp_path / "other"))
+
+
+def test_pretrained_file_that_changed_since_its_conversion_is_refused(tmp_path: Path) -> None:
+    source = openai_clip(seed=6)
+    src = tmp_path / "ViT-B-8.pt"
+    torch.save(source.state_dict(), src)
+    params = _params(tmp_path, src, pretrained_format="openai")
+    assert _convert(params, tmp_path)["format"] == "openai"
+    assert_parity(params.paths.stand_in, source.encode_image, source.encode_text)
+    assert check_pretrained(params) == params.paths.stand_in
+    torch.save(openai_clip(seed=7).state_dict(), src)  # a newer checkpoint under the same name
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ModelSourceError, match="changed since .* was converted"):
+        check_pretrained(params)
+    # An ambiguous state dict without its format is the import's own one-line error, nothing written.
+    stale = sorted(p.name for p in params.paths.stand_in.iterdir())
+    with pytest.raises(WeightsImportError, match="say what it is"):
+        _convert(params.with_overrides(model={"pretrained_format": "auto"}), tmp_path)
+    assert sorted(p.name for p in params.paths.stand_in.iterdir()) == stale
+
+
+# ------------------------------------------------------------- pixel statistics
+
+IMAGENET = PixelStats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_image_statistics_of_the_source_travel_to_training_and_back(tmp_path: Path) -> None:
+    source = openai_clip(seed=8, activation="gelu")
+    src = tmp_path / "hub"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(src / "open_clip_model.safetensors"))
+    config = _open_clip_config(quick_gelu=False)
+    config["preprocess_cfg"] = {"mean": list(IMAGENET.mean), "std": list(IMAGENET.std)}
+    (src / "open_clip_config.json").write_text(json.dumps(config))
+    import_weights(src, tmp_path / "out", tokenizer=False)
+    processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert (processor["image_mean"], processor["image_std"]) == (list(IMAGENET.mean), list(IMAGENET.std))
+    assert report(tmp_path / "out")["image"]["mean"] == list(IMAGENET.mean)
+    model = wrap(tmp_path / "out")
+    assert model.pixel_stats == IMAGENET
+    model.save_pretrained(tmp_path / "trained")
+    assert FGCLIPVideoModel.from_pretrained(tmp_path / "trained").pixel_stats == IMAGENET
+    # A model saved before statistics were recorded was trained on CLIP's.
+    saved = json.loads((tmp_path / "trained" / "fgclip_config.json").read_text())
+    del saved["pixel_stats"]
+    (tmp_path / "trained" / "fgclip_config.json").write_text(json.dumps(saved))
+    assert FGCLIPVideoModel.from_pretrained(tmp_path / "trained").pixel_stats == CLIP_PIXELS
+    # Nonsense statistics stop the import with the file's name.
+    config["preprocess_cfg"] = {"mean": [0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    (src / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsImportError, match="open_clip_config.json: preprocess_cfg: image_mean must be 3"):
+        import_weights(src, tmp_path / "out2", tokenizer=False)
