@@ -49,6 +49,7 @@ from fgclip.config import ModelConfig
 from fgclip.data.images import CLIP_PIXELS, PixelStats, read_pixel_stats
 from fgclip.errors import FGClipError
 from fgclip.model.roi_align import roi_align
+from fgclip.model.sources import FGCLIP_EXTRA
 
 if TYPE_CHECKING:  # the model reads a batch's fields; it builds none
     from fgclip.data.batch import Batch
@@ -155,11 +156,20 @@ class CLIPLoadError(FGClipError, OSError):
 def load_clip(name_or_path: str | os.PathLike) -> CLIPModel:
     """A pretrained ``CLIPModel``: a local directory or a hub id (safetensors weights only)."""
     try:
-        return CLIPModel.from_pretrained(str(name_or_path), use_safetensors=True)
+        clip, info = CLIPModel.from_pretrained(str(name_or_path), use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError) as exc:
         # transformers' own text runs to several lines; its first one says what is missing.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIPLoadError(f"{name_or_path}: cannot load a CLIP model: {first}") from exc
+    # FG-CLIP's weights load as a CLIPModel with its own parts dropped (the region scale
+    # then comes from a default: the users' bug); a hub id cannot be told apart earlier.
+    dropped = sorted(k for k in info.get("unexpected_keys", ()) if k in FGCLIP_EXTRA)
+    if dropped:
+        raise CLIPLoadError(
+            f"{name_or_path}: FG-CLIP weights ({', '.join(dropped)}), which a CLIPModel would drop: "
+            "convert them (fgclip import-weights, or a local directory in model.pretrained)"
+        )
+    return clip
 
 
 def read_extra(clip_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path | None]:

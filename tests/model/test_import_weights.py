@@ -33,7 +33,7 @@ from transformers import CLIPConfig, CLIPModel
 from fgclip.cli import main
 from fgclip.config import LN_100, ModelConfig, ModelSourceError, Params, load_params
 from fgclip.data.images import CLIP_MEAN, CLIP_PIXELS, PixelStats
-from fgclip.model.fgclip import EXTRA_NAME, FGCLIPVideoModel, LogitScaleMismatch, load_clip
+from fgclip.model.fgclip import EXTRA_NAME, CLIPLoadError, FGCLIPVideoModel, LogitScaleMismatch, load_clip
 from fgclip.model.import_weights import (
     REPORT_NAME,
     UnsafePickleError,
@@ -694,3 +694,13 @@ def test_image_statistics_of_the_source_travel_to_training_and_back(tmp_path: Pa
     (src / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsImportError, match="open_clip_config.json: preprocess_cfg: image_mean must be 3"):
         import_weights(src, tmp_path / "out2", tokenizer=False)
+
+
+def test_fgclip_weights_never_load_as_a_plain_clip(tmp_path: Path) -> None:
+    """The route a hub id takes: loaded as a CLIPModel, FG-CLIP's scales would be dropped."""
+    fgclip_dir(tmp_path / "fg")
+    config = json.loads((tmp_path / "fg" / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = CONTEXT
+    (tmp_path / "fg" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CLIPLoadError, match="FG-CLIP weights .*logit_scale_finegraind.*convert them"):
+        load_clip(tmp_path / "fg")
