@@ -273,6 +273,17 @@ class EvaluateConfig(_Section):
     region_grid: int = Field(2, ge=1, le=16)
     templates: list[str] = ["{}"]
     prompts: dict[str, list[str]] = {}
+    # Whose rules the frame-level figures follow (fgclip.eval.protocols): full (this
+    # project's), sultani, vadclip or rtfm (the references' ground truth, tail, ranking, AP).
+    protocol: Literal["full", "sultani", "vadclip", "rtfm"] = "full"
+    # Percentile bootstrap over test videos for frame AUC and AP; 0 = no intervals.
+    bootstrap_resamples: int = Field(1000, ge=0)
+    bootstrap_seed: int = 0
+    bootstrap_level: float = Field(0.95, gt=0.0, lt=1.0)
+    # False-alarm rate: share of normal videos' frames scoring at least this.
+    far_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # A test video that failed to decode fails evaluation unless this is true (then it is listed).
+    allow_missing_videos: bool = False
 
     @model_validator(mode="after")
     def _prompts(self) -> EvaluateConfig:

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -56,6 +56,8 @@ class TemporalAnnotation:
     name: str
     label: str
     intervals: tuple[tuple[int, int], ...]  # inclusive (start, end) frame numbers
+    # The line as written: VadCLIP's parser reads it by two-space fields, which this one does not.
+    line: str = field(default="", compare=False)
 
 
 def normalize_ref(ref: str) -> str:
@@ -209,7 +211,7 @@ def read_temporal_annotations(path: Path) -> dict[str, TemporalAnnotation]:
             intervals.append((start, end))
         if name in out:
             raise DatasetFormatError(f"{where}: duplicate entry for {name}")
-        out[name] = TemporalAnnotation(name, label, tuple(intervals))
+        out[name] = TemporalAnnotation(name, label, tuple(intervals), line)
     return out
 
 

@@ -39,18 +39,18 @@ from fgclip.config import Params, model_source
 from fgclip.data.layout import INDEX_FILE, VIDEOS_FILE, read_failures, read_frame_index, read_videos
 from fgclip.data.ucf import NORMAL_LABEL, read_split, read_temporal_annotations
 from fgclip.device import resolve_device
+from fgclip.eval.frame_metrics import bootstrap_intervals, frame_level_metrics
 from fgclip.eval.protocol import (
     AnnotatedVideo,
     EvalInputError,
     VideoScores,
     build_test_set,
-    frame_level_metrics,
     frame_score_table,
     num_snippets,
-    snippet_to_frames,
     write_frame_scores,
     write_roc_csv,
 )
+from fgclip.eval.protocols import SNIPPET, SnippetScores, protocol_videos, whole_snippets
 from fgclip.eval.region_metrics import (
     HeldOutVideo,
     held_out_metrics,
@@ -78,6 +78,9 @@ ROC_PNG = "roc.png"
 HEADLINE_METRICS = (
     "frame_auc",
     "frame_ap",
+    "frame_ap_step",
+    "frame_ap_trapezoid",
+    "false_alarm_rate",
     "anomalous_auc",
     "region_top1",
     "hardneg_accuracy",
@@ -178,6 +181,9 @@ def _mlflow_metrics(results: dict[str, dict]) -> dict[str, float]:
         for cls, auc in m["per_class_auc"].items():
             if auc is not None:
                 metrics[f"eval/{name}/auc_{cls}"] = auc
+        for key in ("frame_auc", "frame_ap"):
+            if "intervals" in m:  # eval/finetuned/frame_auc_lo, _hi: the bootstrap interval
+                metrics[f"eval/{name}/{key}_lo"], metrics[f"eval/{name}/{key}_hi"] = m["intervals"][key]
     return metrics
 
 
@@ -272,8 +278,8 @@ def _scoring_model(
 
 def score_test_set(
     params: Params, scorers: list[ScoringModel], test_set: list[AnnotatedVideo], paths: dict[str, list[Path]]
-) -> tuple[dict[str, list[VideoScores]], dict[str, torch.Tensor]]:
-    """Every model's per-frame scores of every test video, and each video's embedding ``[V, D]``.
+) -> tuple[dict[str, list[SnippetScores]], dict[str, torch.Tensor]]:
+    """Every model's per-snippet scores of every test video, and each video's embedding ``[V, D]``.
 
     Frames are decoded and encoded once per video for all models. The snippet
     score comes from the clip of ``window_snippets`` snippet frames through the
@@ -281,10 +287,10 @@ def score_test_set(
     region by region over a grid (``region_grid``). The video embeddings, for
     caption-to-video retrieval, reuse the same frame embeddings.
     """
-    cfg, snippet_len = params.evaluate, params.frames.snippet_len
+    cfg = params.evaluate
     clip_len = cfg.window_snippets or params.train.num_frames
     boxes = grid_boxes(cfg.region_grid) if cfg.scoring == "region_grid" else None
-    scored: dict[str, list[VideoScores]] = {s.name: [] for s in scorers}
+    scored: dict[str, list[SnippetScores]] = {s.name: [] for s in scorers}
     clips: dict[str, list[torch.Tensor]] = {s.name: [] for s in scorers}
     for video in tqdm(test_set, desc="evaluate", unit="video", disable=None):
         features = frame_features([s.model for s in scorers], paths[video.video], cfg.batch_size, boxes)
@@ -302,19 +308,39 @@ def score_test_set(
                 log_odds = region_grid_log_odds(
                     scorer.model, region_feats, scorer.class_embeds, scorer.normal_index
                 )
-            n = video.labels.shape[0]
             scored[scorer.name].append(
-                VideoScores(
+                SnippetScores(
                     video.video,
                     video.label,
-                    video.labels,
-                    snippet_to_frames(torch.sigmoid(log_odds).numpy(), n, snippet_len),
-                    snippet_to_frames(log_odds.numpy(), n, snippet_len),
+                    video.annotation,
+                    torch.sigmoid(log_odds).numpy(),
+                    log_odds.numpy(),
+                    video.labels.shape[0],
                 )
             )
             num_frames = min(params.train.num_frames, scorer.model.cfg.max_frames)
             clips[scorer.name].append(video_clip(frame_embeds, num_frames))
     return scored, {s.name: video_embeddings(s.model, clips[s.name], cfg.batch_size) for s in scorers}
+
+
+def protocol_scores(
+    protocol: str, snippets: dict[str, list[SnippetScores]], annotation_path: Path
+) -> dict[str, list[VideoScores]]:
+    """Each model's videos under a reference protocol (Sultani's takes whole snippets only)."""
+    if protocol == "sultani":
+        snippets = {name: [whole_snippets(v) for v in videos] for name, videos in snippets.items()}
+    return {name: protocol_videos(protocol, videos, annotation_path) for name, videos in snippets.items()}
+
+
+def scored_metrics(videos: list[VideoScores], cfg) -> dict:
+    """:func:`frame_level_metrics` under ``cfg.protocol``, with its bootstrap intervals."""
+    metrics = frame_level_metrics(videos, cfg.protocol, far_threshold=cfg.far_threshold)
+    if cfg.bootstrap_resamples:
+        metrics["intervals"] = bootstrap_intervals(
+            videos, cfg.protocol, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed,
+            level=cfg.bootstrap_level,
+        )  # fmt: skip
+    return metrics
 
 
 def _held_out(
@@ -369,12 +395,24 @@ def evaluate(
             "--boxes": Path(boxes_dir) if boxes_dir is not None else None,
         },
     )
-    snippet_len = params.frames.snippet_len
+    snippet_len, cfg = params.frames.snippet_len, params.evaluate
+    if cfg.protocol != "full" and snippet_len != SNIPPET:
+        raise EvalInputError(
+            f"evaluate.protocol {cfg.protocol} is defined on {SNIPPET}-frame snippets; "
+            f"frames.snippet_len is {snippet_len}"
+        )
     dataset = params.resolve_paths(data_root=data_root)
     split_path, annotation_path = dataset.test_split, dataset.temporal_annotations
     split = read_split(split_path)
     annotations = read_temporal_annotations(annotation_path)
     decoded, skipped = decoded_test_videos(split, frames_dir)
+    if skipped and not cfg.allow_missing_videos:
+        raise EvalInputError(
+            f"{len(skipped)} test video(s) failed to decode ({', '.join(s['video'] for s in skipped[:5])}"
+            + (", ..." if len(skipped) > 5 else "")
+            + "): the figures would be over another test set; fix them, or set "
+            "evaluate.allow_missing_videos: true to evaluate without them (they are listed in the report)"
+        )
     test_set = build_test_set(split, annotations, decoded, split_path, annotation_path)
     paths = eval_frame_paths(frames_dir, test_set, snippet_len)
     held_out = _held_out(boxes_dir, frames_dir, test_set)
@@ -393,8 +431,12 @@ def evaluate(
     untrained = build_untrained(finetuned, params.train.seed)
     scorers.append(_scoring_model(UNTRAINED, untrained, tokenizer, params, device))
 
-    scored, video_embeds = score_test_set(params, scorers, test_set, paths)
-    results: dict[str, dict] = {name: frame_level_metrics(videos) for name, videos in scored.items()}
+    snippets, video_embeds = score_test_set(params, scorers, test_set, paths)
+    # The frame table keeps every frame (the project's own protocol: any other can be
+    # recomputed from its snippet column); the figures follow evaluate.protocol.
+    frames = {name: protocol_videos("full", videos, annotation_path) for name, videos in snippets.items()}
+    scored = protocol_scores(cfg.protocol, snippets, annotation_path) if cfg.protocol != "full" else frames
+    results = {name: scored_metrics(videos, cfg) for name, videos in scored.items()}
     for name, m in results.items():
         if m["saturated_frac"] > 0:
             log.info(
@@ -424,6 +466,7 @@ def evaluate(
             "frame_auc": results[FINETUNED]["frame_auc"],
             **{name: results[name] for name in (FINETUNED, PRETRAINED, UNTRAINED)},
             "scoring": params.evaluate.scoring,
+            "protocol": cfg.protocol,
             "held_out": held_out_summary,
             "clipped_intervals": [v.video for v in test_set if v.clipped],
             "skipped_videos": skipped,
@@ -433,7 +476,7 @@ def evaluate(
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
     rows = write_frame_scores(
-        Path(scores_path), [frame_score_table(videos, name, snippet_len) for name, videos in scored.items()]
+        Path(scores_path), [frame_score_table(videos, name, snippet_len) for name, videos in frames.items()]
     )
     artifacts = [out, Path(scores_path)]
     if roc_path is not None:

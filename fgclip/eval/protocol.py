@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from fgclip.atomic import atomic_path
 from fgclip.data.layout import FRAME_SCORES_SCHEMA
@@ -54,6 +54,7 @@ class AnnotatedVideo:
     label: str
     labels: np.ndarray  # int8[num_frames], 1 = anomalous frame
     clipped: bool  # an interval ran past the decoded end and was clipped
+    annotation: TemporalAnnotation | None = None  # its line, for the reference protocols' own rules
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def build_test_set(
         if entry.label == NORMAL and entry.intervals:
             raise EvalInputError(f"{annotation_path}: {name}: a Normal video cannot have anomaly intervals")
         labels, clipped = frame_ground_truth(entry, num_frames[video], annotation_path)
-        test_set.append(AnnotatedVideo(video, entry.label, labels, clipped))
+        test_set.append(AnnotatedVideo(video, entry.label, labels, clipped, entry))
     if not test_set:
         raise EvalInputError(f"empty test set: none of the {len(split)} videos in {split_path} was decoded")
     return test_set
@@ -174,59 +175,6 @@ def snippet_to_frames(snippet_scores: np.ndarray, num_frames: int, snippet_len: 
             f"got scores of shape {snippet_scores.shape}"
         )
     return np.repeat(snippet_scores, snippet_len)[:num_frames]
-
-
-def _auc_or_none(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    # AUC is undefined when one class is absent; None keeps the JSON honest.
-    if labels.size == 0 or labels.min() == labels.max():
-        return None
-    return float(roc_auc_score(labels, scores))
-
-
-def frame_level_metrics(videos: Sequence[VideoScores]) -> dict:
-    """Frame-level ROC AUC and AP over all test frames, plus anomalous-only and per-class AUC.
-
-    ``anomalous_auc`` uses the frames of anomalous videos only (they hold normal
-    frames too), so it measures localisation inside anomalous videos. A class's
-    AUC uses that class's videos plus every normal video. Sub-metrics that are
-    undefined (a single label value) are ``None``. ``saturated_frac`` is the
-    share of frames scored exactly 1.0, which tie with each other in the AUC.
-    """
-    if not videos:
-        raise EvalInputError("empty test set: no videos to evaluate")
-    for v in videos:
-        if v.labels.shape != v.scores.shape:
-            raise EvalInputError(
-                f"{v.video}: {v.labels.shape[0]} ground-truth frames but {v.scores.shape[0]} scores"
-            )
-    labels = np.concatenate([v.labels for v in videos])
-    scores = np.concatenate([v.ranking for v in videos])
-    saturated = np.concatenate([v.scores for v in videos]) >= 1.0
-    classes = np.array([v.label for v in videos])
-    frame_class = np.repeat(classes, [v.labels.shape[0] for v in videos])
-    if labels.min() == labels.max():
-        raise EvalInputError(
-            f"frame AUC is undefined: all {labels.size} test frames are "
-            + ("anomalous" if labels.min() else "normal")
-        )
-    normal = frame_class == NORMAL
-    anomaly_classes = sorted(set(classes.tolist()) - {NORMAL})
-    return {
-        "frame_auc": float(roc_auc_score(labels, scores)),
-        "frame_ap": float(average_precision_score(labels, scores)),
-        "anomalous_auc": _auc_or_none(labels[~normal], scores[~normal]),
-        "per_class_auc": {
-            c: _auc_or_none(labels[(frame_class == c) | normal], scores[(frame_class == c) | normal])
-            for c in anomaly_classes
-        },
-        "num_videos": len(videos),
-        "num_anomalous_videos": int((classes != NORMAL).sum()),
-        "num_frames": int(labels.size),
-        "num_anomalous_frames": int(labels.sum()),
-        # Scores of exactly 1.0 (p(Normal) under float64 resolution): they would tie
-        # in the AUC if it were ranked by the score instead of the log-odds.
-        "saturated_frac": float(saturated.mean()),
-    }
 
 
 def roc_points(videos: Sequence[VideoScores]) -> dict[str, np.ndarray]:

@@ -13,8 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
+from fgclip.cli import main
 from fgclip.config import Params
 from fgclip.data.dataset import read_boxes
 from fgclip.data.layout import DatasetError, read_scores
@@ -188,8 +189,8 @@ def test_untrained_baseline_comes_from_the_seed_not_the_model_dir(
     assert torch.equal(untrained.state_dict()[key], again.state_dict()[key])
 
 
-def test_failed_test_video_is_skipped_and_recorded(
-    run_eval, save_model_dir: Callable[[int], Path], tiny_frames: Path, tmp_path: Path
+def test_failed_test_video_fails_evaluation_unless_allowed_then_is_recorded(
+    run_eval, eval_params: Params, save_model_dir: Callable[[int], Path], tiny_frames: Path, tmp_path: Path
 ):
     frames = tmp_path / "frames"
     shutil.copytree(tiny_frames, frames)
@@ -200,7 +201,10 @@ def test_failed_test_video_is_skipped_and_recorded(
     pq.write_table(
         videos.set_column(videos.column_names.index("status"), "status", status), frames / "videos.parquet"
     )
-    summary, out = run_eval(save_model_dir(1), None, frames_dir=frames)
+    with pytest.raises(EvalInputError, match=f"1 test video.*failed to decode \\({victim}\\).*allow_missing_videos"):
+        run_eval(save_model_dir(1), None, frames_dir=frames)
+    allowed = eval_params.with_overrides(evaluate={"allow_missing_videos": True})
+    summary, out = run_eval(save_model_dir(1), None, frames_dir=frames, params=allowed)
     assert [s["video"] for s in summary["skipped_videos"]] == [victim]
     assert summary["finetuned"]["num_videos"] == 5
     assert victim not in scores_of(out, "finetuned")["video"]
@@ -424,3 +428,68 @@ def test_split_and_temporal_annotation_disagreeing_is_an_error(
         match = f"empty test set: {root / 'Anomaly_Test.txt'} lists no videos"
     with pytest.raises(EvalInputError, match=match):
         run_eval(save_model_dir(1), None, data_root=root)
+
+
+def _vadclip_by_hand(annotation_lines: list[str], snippets: dict[str, np.ndarray], order: list[str]):
+    """VadCLIP's make_gt_ucf.py + ucf_test.py, rewritten: the first line holding the name, two-space
+    fields, [1:-1], gt[s:e] on (S + 1) * 16 zeros, the last 16 dropped; float32 probabilities x 16."""
+    gt, ranked = [], []
+    for video in order:
+        name = Path(video).stem
+        scores = snippets[video]
+        vec = np.zeros((len(scores) + 1) * 16, dtype=np.float32)
+        if "Normal" not in name:
+            line = next(line for line in annotation_lines if name in line)
+            content = line.strip("\n").split("  ")[1:-1]
+            for i in range(1, len(content) - 1, 2):
+                s, e = int(content[i]), int(content[i + 1])
+                if s != -1 and e != -1:
+                    vec[s:e] = 1.0
+        gt.extend(vec[:-16])
+        ranked.extend(np.repeat(np.float32(scores).tolist(), 16))
+    return roc_auc_score(gt, ranked), average_precision_score(gt, ranked)
+
+
+def test_evaluate_scores_on_the_samples_finetuned_scores_equals_vadclips_rules(
+    first_run, tiny_sample: Path, eval_params: Params, tmp_path: Path
+):
+    """The sample's fine-tuned snippet scores, exported as a method would release them, scored by
+    `fgclip evaluate-scores --protocol vadclip`, against VadCLIP's rules recomputed here."""
+    _, out = first_run
+    rows = scores_of(out, "finetuned")
+    table = pa.table({"video": rows["video"], "snippet": rows["snippet"], "score": rows["score"]})
+    snippet_rows = table.group_by(["video", "snippet"], use_threads=False).aggregate([("score", "first")])
+    pq.write_table(snippet_rows.rename_columns(["video", "snippet", "score"]), tmp_path / "scores.parquet")
+    snippets: dict[str, list] = {}
+    for video, snippet, score in zip(*(snippet_rows[c].to_pylist() for c in ("video", "snippet", "score_first"))):
+        snippets.setdefault(video, {})[snippet] = score
+    snippets = {v: np.array([d[k] for k in sorted(d)]) for v, d in snippets.items()}
+    split_path = tiny_sample / eval_params.data.test_split
+    ann_path = tiny_sample / eval_params.data.temporal_annotations
+    order = read_split(split_path)
+    want_auc, want_ap = _vadclip_by_hand(ann_path.read_text().splitlines(keepends=True), snippets, order)
+    result = tmp_path / "vadclip.json"
+    assert main(["evaluate-scores", str(tmp_path / "scores.parquet"), "--protocol", "vadclip",
+                 "--annotations", str(ann_path), "--split", str(split_path), "--out", str(result)]) == 0  # fmt: skip
+    written = json.loads(result.read_text())
+    assert written["protocol"] == "vadclip" and written["headline"] == "frame_auc"
+    assert written["method"]["frame_auc"] == pytest.approx(want_auc, abs=1e-6)
+    assert written["method"]["frame_ap"] == pytest.approx(want_ap, abs=1e-6)
+    lo, hi = written["method"]["intervals"]["frame_auc"]
+    assert lo <= written["method"]["frame_auc"] <= hi
+
+
+def test_evaluate_reports_its_protocol_and_intervals(
+    run_eval, eval_params: Params, save_model_dir: Callable[[int], Path], first_run
+):
+    full, _ = first_run
+    assert full["protocol"] == "full" and full["finetuned"]["protocol"] == "full"
+    lo, hi = full["finetuned"]["intervals"]["frame_auc"]
+    assert lo <= full["finetuned"]["frame_auc"] <= hi
+    assert full["finetuned"]["false_alarm_rate"] is not None
+    params = eval_params.with_overrides(evaluate={"protocol": "vadclip", "bootstrap_resamples": 0})
+    summary, _ = run_eval(save_model_dir(1), None, params=params)
+    assert summary["protocol"] == "vadclip" and "intervals" not in summary["finetuned"]
+    # Same scores, VadCLIP's frames (16 per snippet, the ragged tail padded to 16): other counts.
+    assert summary["finetuned"]["num_frames"] != full["finetuned"]["num_frames"]
+    assert summary["finetuned"]["num_frames"] % 16 == 0

@@ -11,12 +11,12 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fgclip.data.ucf import TemporalAnnotation, read_split, read_temporal_annotations
+from fgclip.eval.frame_metrics import frame_level_metrics
 from fgclip.eval.protocol import (
     EvalInputError,
     VideoScores,
     build_test_set,
     frame_ground_truth,
-    frame_level_metrics,
     frame_score_table,
     snippet_to_frames,
     write_frame_scores,
