@@ -170,6 +170,39 @@ def cmd_import_weights(params: Params, args: argparse.Namespace) -> dict:
     return import_weights(args.src, args.out, fmt=args.format, arch=args.arch, activation=args.activation)
 
 
+def cmd_evaluate_scores(params: Params, args: argparse.Namespace) -> dict:
+    from fgclip.eval.score_eval import evaluate_scores
+
+    cfg = params.evaluate
+    return evaluate_scores(
+        args.scores,
+        args.annotations,
+        args.split,
+        args.out,
+        dataset=args.dataset,
+        protocol=args.protocol or ("vadclip" if args.dataset == "xd" else cfg.protocol),
+        videos=args.videos,
+        num_frames=args.num_frames,
+        name=args.name,
+        far_threshold=cfg.far_threshold,
+        bootstrap_resamples=cfg.bootstrap_resamples,
+        bootstrap_seed=cfg.bootstrap_seed,
+    )
+
+
+def cmd_export_gt(params: Params, args: argparse.Namespace) -> dict:
+    from fgclip.eval.score_eval import export_ground_truth
+
+    return export_ground_truth(
+        args.annotations,
+        args.videos,
+        args.out,
+        dataset=args.dataset,
+        protocol=args.protocol,
+        num_frames=args.num_frames,
+    )
+
+
 def cmd_serve(params: Params, args: argparse.Namespace) -> None:
     # The one subcommand that reaches into the orchestration layer (pipeline/, Prefect).
     from pipeline.flow import serve
@@ -336,6 +369,48 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["gelu", "quick_gelu"],
         help="open_clip's MLP activation, when neither --arch nor open_clip_config.json says it",
     )
+
+    protocols = ["full", "sultani", "vadclip", "rtfm", "xdviodet"]
+    datasets_help = "ucf (UCF-Crime) or xd (XD-Violence: annotations.txt, labels in the file names)"
+    p = add(
+        "evaluate-scores",
+        cmd_evaluate_scores,
+        "frame AUC/AP of any method's per-snippet scores under a reference protocol (no model needed)",
+    )
+    p.add_argument(
+        "scores",
+        type=Path,
+        help="a directory of per-video .npy (one score per 16-frame snippet), a CSV/Parquet table "
+        "(video, snippet, score), or one concatenated .npy with --videos",
+    )
+    p.add_argument("--dataset", choices=["ucf", "xd"], default="ucf", help=datasets_help)
+    p.add_argument(
+        "--protocol",
+        choices=protocols,
+        help="ucf: full|sultani|vadclip|rtfm (default: evaluate.protocol); xd: vadclip|xdviodet (default vadclip)",
+    )
+    p.add_argument("--videos", type=Path, help="with one concatenated .npy: 'NAME NUM_SNIPPETS' lines in its order")
+    p.add_argument(
+        "--num-frames", type=Path, help="'NAME NUM_FRAMES' lines: needed by the full and sultani protocols"
+    )
+    p.add_argument("--name", default="method", help="the method's key in the JSON (default: method)")
+    p.add_argument("--data-root", type=Path, help="dataset root for the default --annotations and --split")
+    _path_option(p, "--annotations", "temporal_annotations", "temporal annotation file")
+    _path_option(p, "--split", "test_split", "test split file: the test set and its order")
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+
+    p = add(
+        "export-gt",
+        cmd_export_gt,
+        "a reference's frame-level ground-truth array (.npy) for videos in a given order",
+    )
+    p.add_argument("--dataset", choices=["ucf", "xd"], default="ucf", help=datasets_help)
+    p.add_argument("--protocol", choices=protocols, default="vadclip", help="(default: vadclip)")
+    p.add_argument("--videos", type=Path, required=True, help="'NAME NUM_SNIPPETS' lines: the order and lengths")
+    p.add_argument("--num-frames", type=Path, help="'NAME NUM_FRAMES' lines: for the full and sultani protocols")
+    p.add_argument("--data-root", type=Path, help="dataset root for the default --annotations")
+    _path_option(p, "--annotations", "temporal_annotations", "temporal annotation file")
+    p.add_argument("--out", type=Path, required=True, help=".npy file to write")
 
     add(
         "serve",
