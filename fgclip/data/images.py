@@ -10,6 +10,7 @@ evaluation's video embeddings pick frames exactly as a validation item does.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ import torch
 from PIL import Image
 
 from fgclip.data.layout import DatasetError
+
+logger = logging.getLogger(__name__)
 
 # OpenAI CLIP's pixel statistics (clip/clip.py's _transform): the stand-in, OpenAI's,
 # open_clip's OpenAI-trained and FG-CLIP's weights share them.
@@ -47,22 +50,38 @@ class PixelStats:
             if (
                 not isinstance(value, (tuple, list))
                 or len(value) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                           for v in value)
-            ):  # fmt: skip
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ):
                 raise ValueError(f"image_{name} must be 3 finite numbers (R, G, B), got {value!r}")
-            object.__setattr__(self, name, tuple(float(v) for v in value))
+            try:
+                floats = tuple(float(v) for v in value)
+            except OverflowError:  # an integer too large for a float
+                floats = (math.inf,)
+            if len(floats) != 3 or not all(math.isfinite(v) for v in floats):
+                raise ValueError(f"image_{name} must be 3 finite numbers (R, G, B), got {value!r}")
+            object.__setattr__(self, name, floats)
         if min(self.std) <= 0:
             raise ValueError(f"image_std must be positive, got {list(self.std)}")
+        # Statistics of 0-255 pixels (123.675, 58.395) applied after the /255 would be silently wrong.
+        if max(map(abs, self.mean)) > 1 or max(self.std) > 1:
+            raise ValueError(
+                f"image_mean {list(self.mean)} / image_std {list(self.std)} are not on the 0-1 scale "
+                "pixels are normalised on (divide 0-255 statistics by 255)"
+            )
 
     def to_json(self) -> dict[str, list[float]]:
         return {"image_mean": list(self.mean), "image_std": list(self.std)}
 
     @classmethod
     def from_json(cls, doc: dict, where: str) -> PixelStats:
-        """From a dict with ``image_mean``/``image_std`` (CLIPImageProcessor's keys); absent = CLIP's."""
+        """From a dict with ``image_mean``/``image_std`` (CLIPImageProcessor's keys); absent = CLIP's.
+
+        ``do_normalize: false`` means the model takes the 0-1 pixels as they are.
+        """
+        if doc.get("do_normalize", True) is False:
+            return cls((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         try:
-            return cls(tuple(doc.get("image_mean", CLIP_MEAN)), tuple(doc.get("image_std", CLIP_STD)))
+            return cls(doc.get("image_mean", CLIP_MEAN), doc.get("image_std", CLIP_STD))
         except (TypeError, ValueError) as exc:
             raise DatasetError(f"{where}: {exc}") from exc
 
@@ -87,6 +106,7 @@ def read_pixel_stats(source: str | os.PathLike) -> PixelStats:
             _raise_exceptions_for_connection_errors=False,
         )
         if found is None:
+            logger.info("%s: no %s in reach (cache or hub): CLIP's image statistics", source, PREPROCESSOR_NAME)
             return CLIP_PIXELS
         path = Path(found)
     elif not path.is_file():

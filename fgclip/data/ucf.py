@@ -182,8 +182,9 @@ def read_temporal_annotations(path: Path) -> dict[str, TemporalAnnotation]:
     ``-1`` marks a missing interval. Bad lines raise ``DatasetFormatError``.
     """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+        # utf-8-sig: a byte-order mark (an editor's) is not part of the first video's name.
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
         raise DatasetFormatError(f"{path}: cannot read temporal annotations: {exc}") from exc
     out: dict[str, TemporalAnnotation] = {}
     for lineno, line in enumerate(lines, start=1):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score
+from tqdm import tqdm
 
 from fgclip.data.ucf import NORMAL_LABEL
 from fgclip.eval.protocol import EvalInputError, VideoScores
@@ -87,6 +88,15 @@ def frame_level_metrics(
     }
 
 
+def _runs(labels: np.ndarray, ranking: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ranking, labels, frames)`` of each run of consecutive frames with one label and one score."""
+    if labels.size == 0:
+        return ranking, labels, np.zeros(0)
+    change = np.r_[True, (labels[1:] != labels[:-1]) | (ranking[1:] != ranking[:-1])]
+    starts = np.flatnonzero(change)
+    return ranking[starts], labels[starts], np.diff(np.r_[starts, labels.size]).astype(np.float64)
+
+
 def bootstrap_intervals(
     videos: Sequence[VideoScores],
     protocol: str = "full",
@@ -102,26 +112,31 @@ def bootstrap_intervals(
     check_protocol(protocol, "any")
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
-    labels = [v.labels for v in videos]
-    ranking = [v.ranking for v in videos]
+    # Frames of one snippet share a score: one weighted row per run of equal (label, score)
+    # gives the same AUC and AP for a sixteenth of the work (1.1 M UCF-Crime frames).
+    runs = [_runs(v.labels, v.ranking) for v in videos]
     rng = np.random.default_rng(seed)
-    metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-        "frame_auc": lambda y, s: protocol_auc(protocol, y, s),
-        "frame_ap": lambda y, s: protocol_ap(protocol, y, s),
+    metrics: dict[str, Callable[..., float]] = {
+        "frame_auc": lambda y, s, w: protocol_auc(protocol, y, s, w),
+        "frame_ap": lambda y, s, w: protocol_ap(protocol, y, s, w),
     }
     values: dict[str, list[float]] = {k: [] for k in metrics}
     redraws = 0
+    bar = tqdm(total=resamples, desc="bootstrap", unit="resample", disable=None, leave=False)
     while len(values["frame_auc"]) < resamples:
         pick = rng.integers(0, len(videos), len(videos))
-        y = np.concatenate([labels[i] for i in pick])
+        y = np.concatenate([runs[i][1] for i in pick])
         if not _defined(y):
             redraws += 1
             if redraws > 100 * resamples:
                 raise EvalInputError("bootstrap: almost every resample of the test videos has one label value")
             continue
-        s = np.concatenate([ranking[i] for i in pick])
+        s = np.concatenate([runs[i][0] for i in pick])
+        w = np.concatenate([runs[i][2] for i in pick])
         for name, fn in metrics.items():
-            values[name].append(fn(y, s))
+            values[name].append(fn(y, s, w))
+        bar.update()
+    bar.close()
     tail = 100 * (1 - level) / 2
     out: dict = {
         name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for name, v in values.items()

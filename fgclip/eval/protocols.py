@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
@@ -131,6 +131,9 @@ def _rtfm_truth(entry: TemporalAnnotation, num_snippets: int, source: str) -> np
     if not events or len(events) > 2:
         why = f"{len(events)} anomaly intervals (its .mat annotations hold one or two)"
     out: list[int] = []
+    if why is None and any(max(s, e) > n for s, e in events):
+        # The script's count check fails on these; found here before building lists of that size.
+        why = f"an interval {events} past the end of its {num_snippets} snippets ({n} frames)"
     if why is None:
         (s1, e1), rest = events[0], events[1:]
         out += [0] * max(s1, 0)
@@ -193,7 +196,17 @@ def frame_scores(protocol: str, video: SnippetScores) -> tuple[np.ndarray, np.nd
             raise EvalInputError(f"{video.video}: no whole 16-frame snippet in {n} frames")
         return np.concatenate([np.repeat(scores, SNIPPET), np.full(n - s * SNIPPET, scores[-1])]), None
     # VadCLIP and RTFM hold float32 model outputs; their ties are those of float32.
-    return np.repeat(scores.astype(np.float32).astype(np.float64), SNIPPET), None
+    return np.repeat(as_float32(scores, video.video), SNIPPET), None
+
+
+def as_float32(scores: np.ndarray, video: str) -> np.ndarray:
+    """Scores as the references rank them, float32 (held in float64); past float32's range, an error."""
+    big = np.abs(scores) > np.finfo(np.float32).max
+    if big.any():
+        raise EvalInputError(
+            f"{video}: score {scores[big][0]!r} is beyond float32's range, which this protocol ranks in"
+        )
+    return scores.astype(np.float32).astype(np.float64)
 
 
 def whole_snippets(video: SnippetScores) -> SnippetScores:
@@ -218,6 +231,10 @@ def protocol_videos(
 ) -> list[VideoScores]:
     """Every video's frame labels and scores under ``protocol``, lengths checked."""
     check_protocol(protocol)
+    if protocol == "sultani":
+        # The script concatenates the videos in dir() order, its score files sorted by name
+        # (Normal_* between Fighting* and RoadAccidents*): the order its AUC breaks ties in.
+        videos = sorted(videos, key=lambda v: PurePosixPath(v.video).name)
     out = []
     for video in videos:
         labels = ground_truth(protocol, video, source)
@@ -234,32 +251,42 @@ def protocol_videos(
 # ----------------------------------------------------------------------- metrics
 
 
-def sultani_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """``Evaluate_Anomaly_Detector.m``'s AUC: one ROC step per frame, ties in frame order."""
+def sultani_auc(labels: np.ndarray, scores: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """``Evaluate_Anomaly_Detector.m``'s AUC: one ROC step per frame, ties in frame order.
+
+    ``sample_weight`` counts a row as that many consecutive frames of one label and
+    score (their steps lie on one line, so the area is the same).
+    """
+    w = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
     hits = labels[order] > 0
-    tpr = np.cumsum(hits) / hits.sum()
-    fpr = np.cumsum(~hits) / (~hits).sum()
+    weights = w[order]
+    tpr = np.cumsum(np.where(hits, weights, 0.0)) / weights[hits].sum()
+    fpr = np.cumsum(np.where(hits, 0.0, weights)) / weights[~hits].sum()
     return float(np.trapezoid(tpr, fpr))
 
 
-def trapezoid_ap(labels: np.ndarray, scores: np.ndarray) -> float:
+def trapezoid_ap(labels: np.ndarray, scores: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
     """AP as the area under the precision-recall curve, ``auc(recall, precision)`` (RTFM's)."""
-    precision, recall, _ = precision_recall_curve(labels, scores)
+    precision, recall, _ = precision_recall_curve(labels, scores, sample_weight=sample_weight)
     return float(auc(recall, precision))
 
 
-def protocol_auc(protocol: str, labels: np.ndarray, scores: np.ndarray) -> float:
+def protocol_auc(
+    protocol: str, labels: np.ndarray, scores: np.ndarray, sample_weight: np.ndarray | None = None
+) -> float:
     """The protocol's AUC (XDVioDet reports none: scikit-learn's is given beside its AP)."""
     if protocol == "sultani":
-        return sultani_auc(labels, scores)
+        return sultani_auc(labels, scores, sample_weight)
     if protocol == "rtfm":
-        fpr, tpr, _ = roc_curve(labels, scores)
+        fpr, tpr, _ = roc_curve(labels, scores, sample_weight=sample_weight)
         return float(auc(fpr, tpr))
-    return float(roc_auc_score(labels, scores))
+    return float(roc_auc_score(labels, scores, sample_weight=sample_weight))
 
 
-def protocol_ap(protocol: str, labels: np.ndarray, scores: np.ndarray) -> float:
+def protocol_ap(
+    protocol: str, labels: np.ndarray, scores: np.ndarray, sample_weight: np.ndarray | None = None
+) -> float:
     if protocol in ("rtfm", "xdviodet"):
-        return trapezoid_ap(labels, scores)
-    return float(average_precision_score(labels, scores))
+        return trapezoid_ap(labels, scores, sample_weight)
+    return float(average_precision_score(labels, scores, sample_weight=sample_weight))

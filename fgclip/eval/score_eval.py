@@ -37,14 +37,58 @@ from fgclip.data.xd import (
 )
 from fgclip.eval.frame_metrics import bootstrap_intervals, frame_level_metrics
 from fgclip.eval.protocol import EvalInputError, VideoScores
-from fgclip.eval.protocols import SNIPPET, SnippetScores, check_protocol, ground_truth, protocol_videos
+from fgclip.eval.protocols import (
+    SNIPPET,
+    SnippetScores,
+    as_float32,
+    check_protocol,
+    ground_truth,
+    protocol_videos,
+)
 from fgclip.eval.score_files import read_snippet_scores, read_video_list, video_key
 
 log = logging.getLogger(__name__)
 
 
+RESERVED_KEYS = ("table_row", "frame_auc", "frame_ap", "headline", "dataset", "protocol", "scores",
+                 "annotations", "split")  # fmt: skip
+# More snippets than any real video has (10^7 x 16 frames is 60 days at 30 fps): a typo, not a video.
+MAX_SNIPPETS = 10**7
+
+
 def _annotations(path: Path) -> dict[str, TemporalAnnotation]:
-    return {video_key(name): entry for name, entry in read_temporal_annotations(path).items()}
+    out: dict[str, TemporalAnnotation] = {}
+    for name, entry in read_temporal_annotations(path).items():
+        key = video_key(name)
+        if key in out:
+            raise EvalInputError(f"{path}: {out[key].name} and {name} are the same video ({key})")
+        if entry.label == NORMAL_LABEL and entry.intervals:
+            raise EvalInputError(f"{path}: {name}: a Normal video cannot have anomaly intervals")
+        out[key] = entry
+    return out
+
+
+def check_out(out: Path) -> Path:
+    """An output file path: not a directory, not under a file (before any work is done)."""
+    out = Path(out)
+    if out.is_dir():
+        raise EvalInputError(f"--out {out} is a directory: give a file name")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise EvalInputError(f"--out {out}: {parent} is a file, not a directory")
+    return out
+
+
+def _counts(entries: list[tuple[str, int]], path: Path, key=video_key) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, n in entries:
+        k = key(name)
+        if k in out:
+            raise EvalInputError(f"{path}: {name} is listed twice")
+        if n > MAX_SNIPPETS * SNIPPET:
+            raise EvalInputError(f"{path}: {name}: {n} is not a plausible count")
+        out[k] = n
+    return out
 
 
 def _num_frames(path: Path | None, protocol: str, key=video_key) -> dict[str, int] | None:
@@ -54,14 +98,17 @@ def _num_frames(path: Path | None, protocol: str, key=video_key) -> dict[str, in
         raise EvalInputError(
             f"protocol {protocol} needs each video's frame count: --num-frames FILE ('NAME NUM_FRAMES' lines)"
         )
-    return {key(name): n for name, n in read_video_list(Path(path), "frame")}
+    return _counts(read_video_list(Path(path), "frame"), Path(path), key)
 
 
 def _test_videos(split_path: Path, annotations: dict[str, TemporalAnnotation], ann_path: Path):
     """The split's videos in order as ``(key, label, annotation)``, checked against the annotation."""
-    out = []
+    out, seen = [], {}
     for video in read_split(split_path):
         key = video_key(video)
+        if key in seen:
+            raise EvalInputError(f"{split_path}: {seen[key]} and {video} are the same video ({key})")
+        seen[key] = video
         if key not in annotations:
             raise EvalInputError(f"{ann_path}: no temporal annotation for test video {video} (in {split_path})")
         label = video_label(video)
@@ -108,12 +155,18 @@ def snippet_scores_for(
 
 
 def _xd_test_list(split_path: Path) -> list[str]:
-    """XD-Violence test videos in list order: names, or feature paths (5 crops per video) reduced to names."""
+    """XD-Violence test videos in list order: names, or feature paths (5 crops per video) reduced to names.
+
+    VadCLIP's ``xd_CLIP_rgbtest.csv`` (a ``path,label`` header, the path first) is read too.
+    """
     try:
-        lines = Path(split_path).read_text(encoding="utf-8").splitlines()
+        lines = Path(split_path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise EvalInputError(f"{split_path}: cannot read the test list: {exc}") from exc
-    names = list(dict.fromkeys(xd_video_key(line) for line in lines if line.strip()))
+    first = [line.split(",")[0].strip() for line in lines if line.strip()]
+    if first and first[0].lower() in ("path", "video", "name"):
+        first = first[1:]
+    names = list(dict.fromkeys(xd_video_key(entry) for entry in first))
     if not names:
         raise EvalInputError(f"empty test set: {split_path} lists no videos")
     return names
@@ -165,7 +218,7 @@ def xd_videos(
             labels = xd_frame_ground_truth(annotated.get(name, ()), len(values), protocol, num_frames=frames)
         except XDFormatError as exc:
             raise EvalInputError(f"{name}: {exc}") from exc
-        ranked = np.repeat(values.astype(np.float32).astype(np.float64), SNIPPET)
+        ranked = np.repeat(as_float32(values, name), SNIPPET)
         out.append(VideoScores(name, NORMAL_LABEL if normal else "Violent", labels, ranked))
     return out
 
@@ -192,7 +245,10 @@ def evaluate_scores(
     """
     if dataset not in ("ucf", "xd"):
         raise EvalInputError(f"dataset {dataset!r}: ucf or xd")
+    if name in RESERVED_KEYS:
+        raise EvalInputError(f"--name {name}: a key of the summary itself; choose another name")
     check_protocol(protocol, dataset)
+    check_out(out)
     scores_path, annotations_path, split_path = Path(scores_path), Path(annotations_path), Path(split_path)
     scores = read_snippet_scores(scores_path, videos=Path(videos) if videos is not None else None)
     if dataset == "xd":
@@ -210,6 +266,7 @@ def evaluate_scores(
             videos_scored, protocol, resamples=bootstrap_resamples, seed=bootstrap_seed
         )
     summary = {
+        "table_row": table_row(name, protocol, metrics),
         "frame_auc": round(metrics["frame_auc"], 4),
         # XD-Violence's headline is AP; UCF-Crime's is AUC.
         "frame_ap": round(metrics["frame_ap"], 4),
@@ -230,6 +287,22 @@ def evaluate_scores(
         metrics["num_frames"],
     )  # fmt: skip
     return summary
+
+
+TABLE_HEADER = "| Method | Protocol | AUC (%) | AP (%) |"
+
+
+def table_row(name: str, protocol: str, metrics: dict) -> str:
+    """The method's line in a published table's layout (percent, two decimals), intervals beside."""
+
+    def cell(key: str) -> str:
+        value = f"{100 * metrics[key]:.2f}"
+        if "intervals" in metrics:
+            lo, hi = metrics["intervals"][key]
+            value += f" [{100 * lo:.2f}, {100 * hi:.2f}]"
+        return value
+
+    return f"| {name} | {protocol} | {cell('frame_auc')} | {cell('frame_ap')} |"
 
 
 def _rounded(value):
@@ -260,14 +333,16 @@ def export_ground_truth(
     if dataset not in ("ucf", "xd"):
         raise EvalInputError(f"dataset {dataset!r}: ucf or xd")
     check_protocol(protocol, dataset)
-    annotations_path, videos, out = Path(annotations_path), Path(videos), Path(out)
+    annotations_path, videos, out = Path(annotations_path), Path(videos), check_out(out)
+    listed = read_video_list(videos)
+    _counts([(name, n * SNIPPET) for name, n in listed], videos)  # no video twice, no absurd count
     if dataset == "xd":
-        gt = _xd_ground_truth(annotations_path, videos, protocol, num_frames)
-        return _save_ground_truth(out, gt, protocol, read_video_list(videos))
+        gt = _xd_ground_truth(annotations_path, listed, protocol, num_frames)
+        return _save_ground_truth(out, gt, protocol, listed)
     annotations = _annotations(annotations_path)
     frames = _num_frames(num_frames, protocol)
     parts = []
-    for name, count in read_video_list(videos):
+    for name, count in listed:
         key = video_key(name)
         if key not in annotations:
             raise EvalInputError(f"{annotations_path}: no temporal annotation for {name} (listed in {videos})")
@@ -282,13 +357,15 @@ def export_ground_truth(
     return _save_ground_truth(out, np.concatenate(parts), protocol, parts)
 
 
-def _xd_ground_truth(annotations_path: Path, videos: Path, protocol: str, num_frames: Path | None) -> np.ndarray:
+def _xd_ground_truth(
+    annotations_path: Path, listed: list[tuple[str, int]], protocol: str, num_frames: Path | None
+) -> np.ndarray:
     try:
         annotated = xd_annotations_by_video(read_xd_annotations(annotations_path))
         frames = _num_frames(num_frames, protocol, xd_video_key) if protocol == "xdviodet" else None
         parts = []
-        for listed, count in read_video_list(videos):
-            name = xd_video_key(listed)
+        for entry, count in listed:
+            name = xd_video_key(entry)
             if not is_normal(name) and name not in annotated:
                 raise EvalInputError(f"{annotations_path}: no intervals for violent video {name}")
             n = None

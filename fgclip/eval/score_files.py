@@ -39,6 +39,8 @@ TABLE_SUFFIXES = (".csv", ".parquet")
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,5}$")
 # numpy dtype kinds that convert to float64 without losing meaning: bool, signed, unsigned, float.
 _NUMERIC_KINDS = "biuf"
+# A count written as a number of another kind (6.0, 1e3) is an error, never a header.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
 
 
 def video_key(name: str) -> str:
@@ -101,7 +103,13 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         # Never unpickle: a score file is untrusted input and a pickle can run code.
         array = np.load(path, allow_pickle=False)
+    except MemoryError as exc:  # a header that claims more than the file holds, or than memory
+        raise EvalInputError(f"{path}: its .npy header asks for more memory than there is") from exc
     except (ValueError, OSError, EOFError) as exc:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise EvalInputError(f"{path}: not a .npy file (no NumPy header)") from exc
         raise EvalInputError(f"{path}: cannot read as a .npy array ({_one_line(exc)})") from exc
     if not isinstance(array, np.ndarray):
         raise EvalInputError(f"{path}: holds an archive of arrays, not one .npy array")
@@ -154,12 +162,17 @@ def _read_directory(path: Path) -> dict[str, np.ndarray]:
 def _load_table(path: Path) -> pa.Table:
     try:
         if path.suffix.lower() == ".parquet":
-            return pq.read_table(path)
-        # Video names like "001" must stay text, not become integers.
-        options = pa_csv.ConvertOptions(column_types={"video": pa.string()})
-        return pa_csv.read_csv(path, convert_options=options)
+            table = pq.read_table(path)
+        else:
+            # Video names like "001" must stay text, not become integers.
+            options = pa_csv.ConvertOptions(column_types={"video": pa.string()})
+            table = pa_csv.read_csv(path, convert_options=options)
     except (pa.ArrowException, OSError) as exc:
         raise EvalInputError(f"{path}: cannot read the score table ({_one_line(exc)})") from exc
+    twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if twice:
+        raise EvalInputError(f"{path}: column(s) {', '.join(twice)} appear more than once")
+    return table
 
 
 def _read_table(path: Path) -> dict[str, np.ndarray]:
@@ -244,7 +257,7 @@ def read_video_list(path: Path, what: str = "snippet") -> list[tuple[str, int]]:
         try:
             n = int(count)
         except ValueError:
-            if is_first:  # a header such as "video,num_snippets"
+            if is_first and not _NUMBER.fullmatch(count):  # a header such as "video,num_snippets"
                 continue
             raise EvalInputError(
                 f"{path}:{lineno}: video {name!r}: the {what} count {count!r} is not an integer"

@@ -810,7 +810,7 @@ def import_weights(
         scales[name] = converted.extra[key].item() if key in converted.extra else None
     report: dict[str, Any] = {
         "source": str(src),
-        "source_stamp": source_stamp(src),
+        "source_stamp": source_stamp(src, {"format": fmt, "arch": arch, "activation": activation}),
         **converted.report,
         "scales": scales,
         "long_text_tables": all(k in converted.extra for k in EXTRA_LONG_KEYS),

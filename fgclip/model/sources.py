@@ -88,18 +88,26 @@ def conversion_needed(source: str | os.PathLike) -> str | None:
     return None
 
 
-def source_stamp(source: str | os.PathLike) -> dict[str, Any]:
-    """Where a converted model came from: resolved path, and a file's size and mtime."""
+def source_stamp(source: str | os.PathLike, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where a converted model came from: resolved path, size and mtime of the file or of each
+    file at the top of the directory (a new revision downloaded into the same directory
+    changes them), and the conversion options (format, arch, activation)."""
     path = Path(source).resolve()
     stamp: dict[str, Any] = {"path": str(path)}
     if path.is_file():
         st = path.stat()
         stamp |= {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    elif path.is_dir():
+        stamp["files"] = {
+            f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()
+        }
+    if options is not None:
+        stamp["options"] = options
     return stamp
 
 
-def check_converted(directory: Path, source: str | os.PathLike) -> Path:
-    """``directory``, made sure to hold the conversion of ``source`` as it is now."""
+def check_converted(directory: Path, source: str | os.PathLike, options: dict[str, Any]) -> Path:
+    """``directory``, made sure to hold the conversion of ``source`` as it is now, with ``options``."""
     rerun = "run the pretrain stage (dvc repro pretrain, or fgclip pretrain) to convert it"
     report_file = directory / REPORT_NAME
     try:
@@ -112,21 +120,31 @@ def check_converted(directory: Path, source: str | os.PathLike) -> Path:
         ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelSourceError(f"{report_file}: not a conversion report ({exc!r}): {rerun}") from exc
-    now = source_stamp(source)
+    now = source_stamp(source, options)
     if stamp.get("path") != now["path"]:
         raise ModelSourceError(
             f"{directory} was converted from {stamp.get('path')}, but model.pretrained = {source}: {rerun}"
+        )
+    if stamp.get("options") != now["options"]:
+        raise ModelSourceError(
+            f"{directory} was converted with {stamp.get('options')}, but params say {now['options']}: {rerun}"
         )
     if stamp != now:
         raise ModelSourceError(f"{source} changed since {directory} was converted from it: {rerun}")
     return directory
 
 
+def conversion_options(params: Params) -> dict[str, Any]:
+    """The params a conversion of ``model.pretrained`` is made with (import-weights' options)."""
+    m = params.model
+    return {"format": m.pretrained_format, "arch": m.pretrained_arch, "activation": m.pretrained_activation}
+
+
 def check_pretrained(params: Params, override: str | None = None) -> Path | str:
     """The CLIP to fine-tune from, made sure to be loadable (and, converted, current)."""
     source = params.pretrained_source(override)
     if override is None and params.model.pretrained is not None and source != params.model.pretrained:
-        check_converted(Path(source), params.model.pretrained)
+        check_converted(Path(source), params.model.pretrained, conversion_options(params))
     elif override is not None and conversion_needed(override):
         raise ModelSourceError(
             f"{override} is {conversion_needed(override)}: convert it first "

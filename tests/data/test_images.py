@@ -68,9 +68,16 @@ def test_pixel_statistics_are_read_from_the_model_directory(tmp_path: Path):
         ('{"image_std": [0.5, 0, 0.5]}', "image_std must be positive"),
         ('{"image_mean": [0.5, NaN, 0.5]}', "image_mean must be 3 finite numbers"),
         ('{"image_mean": "0.5"}', "image_mean must be 3 finite numbers"),
+        ('{"image_mean": [1' + "0" * 400 + ', 0.5, 0.5]}', "image_mean must be 3 finite numbers"),
+        ('{"image_mean": [123.675, 116.28, 103.53], "image_std": [58.395, 57.12, 57.375]}', "not on the 0-1 scale"),
     ],
 )
 def test_bad_pixel_statistics_name_their_file(tmp_path: Path, doc: str, match: str):
     (tmp_path / "preprocessor_config.json").write_text(doc)
     with pytest.raises(DatasetError, match=rf"preprocessor_config.json: .*{match}|{match}"):
         read_pixel_stats(tmp_path)
+
+
+def test_a_model_that_takes_unnormalised_pixels_says_so(tmp_path: Path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False, "image_mean": [0.5] * 3}))
+    assert read_pixel_stats(tmp_path) == PixelStats((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

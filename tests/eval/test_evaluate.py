@@ -477,6 +477,8 @@ def test_evaluate_scores_on_the_samples_finetuned_scores_equals_vadclips_rules(
     assert written["method"]["frame_ap"] == pytest.approx(want_ap, abs=1e-6)
     lo, hi = written["method"]["intervals"]["frame_auc"]
     assert lo <= written["method"]["frame_auc"] <= hi
+    auc_cell = f"{100 * want_auc:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
+    assert written["table_row"].startswith(f"| method | vadclip | {auc_cell} | {100 * want_ap:.2f} [")
 
 
 def test_evaluate_reports_its_protocol_and_intervals(

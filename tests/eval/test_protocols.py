@@ -149,9 +149,13 @@ def test_sultani_protocol_equals_the_matlab_rules(annotation_file: Path):
     # Scored as this project scores (a ragged tail of its own); Sultani takes whole snippets.
     videos = [whole_snippets(v) for v in _inputs(annotation_file, lambda n: math.ceil(n / 16))]
     got = protocol_videos("sultani", videos, annotation_file)
+    # The script walks dir(Model_Score_Folder): score files sorted by name, not the split.
+    listing = sorted(range(len(VIDEOS)), key=lambda i: Path(VIDEOS[i][0]).stem + ".mat")
+    assert [g.video for g in got] == [VIDEOS[i][0] for i in listing]
     all_gt, all_scores = [], []
-    for v, g, (_, _, frames, line) in zip(videos, got, VIDEOS):
-        gt, detection = sultani_reference(line, frames, v.scores.tolist())
+    for g, i in zip(got, listing):
+        _, _, frames, line = VIDEOS[i]
+        gt, detection = sultani_reference(line, frames, videos[i].scores.tolist())
         assert g.labels.tolist() == gt and g.scores.tolist() == detection
         all_gt += gt
         all_scores += detection
@@ -160,7 +164,8 @@ def test_sultani_protocol_equals_the_matlab_rules(annotation_file: Path):
     assert metrics["frame_ap"] == pytest.approx(average_precision_score(all_gt, all_scores), abs=1e-12)
     # Frame 0 and a start of 0 are the same frame in MATLAB's count; the 16 frames of the
     # Burglary interval past its end are clamped, not an error.
-    assert got[0].labels[:15].all() and not got[0].labels[15:].any()
+    arson = next(g for g in got if "Arson" in g.video)
+    assert arson.labels[:15].all() and not arson.labels[15:].any()
 
 
 def test_sultani_auc_keeps_ties_in_frame_order():
@@ -333,3 +338,58 @@ def test_evaluate_scores_reads_any_layout_and_says_what_is_wrong(tmp_path: Path,
     with pytest.raises(EvalInputError, match="Fighting003_x264: 80 frames make 5 snippets of 16, got"):
         evaluate_scores(scores_dir, annotation_file, split, tmp_path / "m.json", protocol="full",
                         num_frames=frames)  # fmt: skip
+
+
+def test_evaluate_scores_refuses_what_would_give_a_wrong_number(tmp_path: Path, annotation_file: Path):
+    split = _split(tmp_path)
+    scores_dir = tmp_path / "scores"
+    scores_dir.mkdir()
+    for video, _, frames, _ in VIDEOS:
+        np.save(scores_dir / f"{Path(video).stem}.npy", np.full(math.ceil(frames / 16), 0.5))
+    run = {"protocol": "vadclip", "bootstrap_resamples": 0}
+    # The same video twice in the split would count its frames twice.
+    twice = tmp_path / "twice.txt"
+    twice.write_text(split.read_text() + "Arson/old/Arson011_x264.mp4\n")
+    with pytest.raises(EvalInputError, match="Arson011_x264.mp4 and Arson/old/Arson011_x264.mp4 are the same"):
+        evaluate_scores(scores_dir, annotation_file, twice, tmp_path / "m.json", **run)
+    with pytest.raises(EvalInputError, match="--name frame_auc: a key of the summary itself"):
+        evaluate_scores(scores_dir, annotation_file, split, tmp_path / "m.json", name="frame_auc", **run)
+    with pytest.raises(EvalInputError, match="is a directory"):
+        evaluate_scores(scores_dir, annotation_file, split, tmp_path, **run)
+    with pytest.raises(EvalInputError, match="is a file, not a directory"):
+        evaluate_scores(scores_dir, annotation_file, split, split / "m.json", **run)
+    # Past float32, a reference protocol cannot rank it.
+    np.save(scores_dir / "Arson011_x264.npy", np.array([1e39, 0.5, 0.5]))
+    with pytest.raises(EvalInputError, match="Arson011_x264: score .* beyond float32's range"):
+        evaluate_scores(scores_dir, annotation_file, split, tmp_path / "m.json", **run)
+    assert not (tmp_path / "m.json").exists()  # nothing written on any of these
+
+
+def test_sultani_ties_follow_the_score_files_dir_order(annotation_file: Path):
+    """Equal scores across videos: the order they come in changes Sultani's AUC, so it is the script's."""
+    videos = [whole_snippets(v) for v in _inputs(annotation_file, lambda n: math.ceil(n / 16))]
+    flat = [SnippetScores(v.video, v.label, v.annotation, np.full(v.scores.shape, 0.5), None, v.num_frames)
+            for v in videos]  # fmt: skip
+    forward = frame_level_metrics(protocol_videos("sultani", flat, annotation_file), "sultani")["frame_auc"]
+    backward = frame_level_metrics(protocol_videos("sultani", flat[::-1], annotation_file), "sultani")
+    assert backward["frame_auc"] == forward  # the input order does not matter: dir() order does
+    gt, scores = [], []
+    for i in sorted(range(len(VIDEOS)), key=lambda i: Path(VIDEOS[i][0]).name):
+        g, d = sultani_reference(VIDEOS[i][3], VIDEOS[i][2], flat[i].scores.tolist())
+        gt, scores = gt + g, scores + d
+    assert forward == pytest.approx(sultani_reference_auc(gt, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("protocol", ["full", "sultani", "vadclip", "rtfm", "xdviodet"])
+def test_runs_of_equal_frames_weigh_as_the_frames_do(protocol: str):
+    """The bootstrap scores runs of equal (label, score) frames as one weighted row: the same figures."""
+    from fgclip.eval.frame_metrics import _runs
+    from fgclip.eval.protocols import protocol_ap, protocol_auc
+
+    rng = np.random.default_rng(7)
+    labels = np.repeat(rng.integers(0, 2, 60), rng.integers(1, 20, 60)).astype(np.int8)
+    scores = np.repeat(np.round(rng.random(labels.size // 4 + 1), 1), 4)[: labels.size]  # many ties
+    s, y, w = _runs(labels, scores)
+    assert w.sum() == labels.size and len(w) < labels.size
+    assert protocol_auc(protocol, y, s, w) == pytest.approx(protocol_auc(protocol, labels, scores), abs=1e-12)
+    assert protocol_ap(protocol, y, s, w) == pytest.approx(protocol_ap(protocol, labels, scores), abs=1e-12)

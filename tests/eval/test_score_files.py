@@ -222,7 +222,7 @@ def test_directory_rejects_a_pickle_named_npy(tmp_path: Path) -> None:
     root = tmp_path / "scores"
     root.mkdir()
     (root / "evil.npy").write_bytes(pickle.dumps([0.1, 0.2]))
-    with pytest.raises(EvalInputError, match=r"evil\.npy: cannot read"):
+    with pytest.raises(EvalInputError, match=r"evil\.npy: not a \.npy file"):
         read_snippet_scores(root)
 
 
@@ -405,3 +405,27 @@ def test_bad_video_list(tmp_path: Path, text: str, message: str) -> None:
     listing.write_text(text)
     with pytest.raises(EvalInputError, match=message):
         read_snippet_scores(npy, videos=listing)
+
+
+def test_what_once_crashed_is_a_one_line_error(tmp_path: Path):
+    (tmp_path / "dup.csv").write_text("video,snippet,score,score\na,0,0.1,0.2\n")
+    with pytest.raises(EvalInputError, match="column\\(s\\) score appear more than once"):
+        read_snippet_scores(tmp_path / "dup.csv")
+    big = tmp_path / "big"
+    big.mkdir()
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (1000000000000,), }"
+    header += " " * (117 - len(header)) + "\n"
+    (big / "a.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 8)
+    with pytest.raises(EvalInputError, match="a.npy"):
+        read_snippet_scores(big)
+    (tmp_path / "noise").mkdir()
+    (tmp_path / "noise" / "b.npy").write_bytes(b"\x00garbage\xff" * 10)
+    with pytest.raises(EvalInputError, match="b.npy: not a .npy file"):
+        read_snippet_scores(tmp_path / "noise")
+
+
+def test_a_count_that_is_not_an_integer_is_never_taken_for_a_header(tmp_path: Path):
+    np.save(tmp_path / "all.npy", np.zeros(8))
+    (tmp_path / "videos.txt").write_text("Arson011_x264 6.0\nb 2\n")
+    with pytest.raises(EvalInputError, match="videos.txt:1: video 'Arson011_x264': the snippet count '6.0'"):
+        read_snippet_scores(tmp_path / "all.npy", videos=tmp_path / "videos.txt")

@@ -635,6 +635,14 @@ def test_pretrained_fgclip_directory_is_converted_once_by_the_pretrain_stage(
     assert model.load_report["long_text"]["action"] == "loaded"
     assert f"[region] Loaded logit_scale = 3.9000 (exp=49.4) from {out / EXTRA_NAME}" in caplog.messages
 
+    # Other conversion options in params: refused (DVC would re-run pretrain; a CLI run would not).
+    with pytest.raises(ModelSourceError, match="was converted with .*'format': 'auto'.*but params say"):
+        check_pretrained(params.with_overrides(model={"pretrained_format": "fgclip"}))
+    # Another revision downloaded into the same directory: refused.
+    weights = tmp_path / "fg-clip" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ModelSourceError, match="changed since .* was converted"):
+        check_pretrained(params)
     # Another source named: the old conversion is refused, not trained from.
     fgclip_dir(tmp_path / "other", seed=5)
     with pytest.raises(ModelSourceError, match="was converted from .*fg-clip, but model.pretrained"):
