@@ -217,12 +217,13 @@ def read_temporal_annotations(path: Path) -> dict[str, TemporalAnnotation]:
 
 
 def format_temporal_line(name: str, label: str, intervals: Iterable[tuple[int, int]]) -> str:
-    """One line of the official temporal annotation format (two-space separated)."""
+    """One line of the official temporal annotation format: two-space separated, and ending in two
+    spaces as the official file's lines do (VadCLIP's parser needs them to keep the last number)."""
     flat = [v for pair in intervals for v in pair]
     if len(flat) > 4:
         raise ValueError(f"{name}: at most two intervals, got {len(flat) // 2}")
     flat += [-1] * (4 - len(flat))
-    return "  ".join([name, label, *map(str, flat)])
+    return "  ".join([name, label, *map(str, flat)]) + "  "
 
 
 def _strip_suffix(name: str) -> str:

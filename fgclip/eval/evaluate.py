@@ -163,6 +163,8 @@ def _round(value):
         return round(value, 4)
     if isinstance(value, dict):
         return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
     return value
 
 

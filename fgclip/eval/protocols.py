@@ -115,7 +115,7 @@ def _vadclip_truth(entry: TemporalAnnotation, num_snippets: int) -> np.ndarray:
     labels = np.zeros((num_snippets + 1) * SNIPPET, dtype=np.int8)
     if "Normal" not in entry.name:
         # An annotation built in code has no line: the official file's, two trailing spaces and all.
-        line = entry.line or format_temporal_line(entry.name, entry.label, entry.intervals) + "  "
+        line = entry.line or format_temporal_line(entry.name, entry.label, entry.intervals)
         for start, end in vadclip_fields(line):
             if start != -1 and end != -1:
                 labels[start:end] = 1

@@ -101,7 +101,8 @@ def test_videos_are_h264_with_ragged_lengths(tiny_params: Params, tiny_sample: P
 def test_temporal_annotation_file(tiny_params: Params, tiny_sample: Path):
     path = tiny_sample / tiny_params.data.temporal_annotations
     lines = path.read_text().splitlines()
-    assert all(re.fullmatch(r"\S+  \S+  -?\d+  -?\d+  -?\d+  -?\d+", line) for line in lines)
+    # The official layout: two-space fields and two trailing spaces (VadCLIP's parser needs them).
+    assert all(re.fullmatch(r"\S+  \S+  -?\d+  -?\d+  -?\d+  -?\d+  ", line) for line in lines)
     temporal = read_temporal_annotations(path)
     test_ids = _ids(tiny_params, tiny_sample)["test"]
     assert sorted(temporal) == sorted(v.rsplit("/", 1)[1] for v in test_ids)

@@ -123,8 +123,8 @@ def test_temporal_annotations_duplicate(tmp_path: Path):
 
 def test_format_temporal_line_round_trip(tmp_path: Path):
     line = format_temporal_line("Arson011_x264.mp4", "Arson", [(150, 420), (680, 1267)])
-    assert line == "Arson011_x264.mp4  Arson  150  420  680  1267"
-    assert format_temporal_line("N_x264.mp4", "Normal", []) == "N_x264.mp4  Normal  -1  -1  -1  -1"
+    assert line == "Arson011_x264.mp4  Arson  150  420  680  1267  "  # the official file's trailing spaces
+    assert format_temporal_line("N_x264.mp4", "Normal", []) == "N_x264.mp4  Normal  -1  -1  -1  -1  "
     (tmp_path / "t.txt").write_text(line + "\n")
     assert read_temporal_annotations(tmp_path / "t.txt")["Arson011_x264.mp4"].intervals == (
         (150, 420),
