@@ -105,3 +105,52 @@ def test_run_stage_drives_one_stage_and_names_unknown_ones(tiny_repo: Path, monk
             run_stage(tiny_repo, "validate_boxes")
     finally:
         params.write_text(good)
+
+
+def test_the_pipelines_finetuned_scores_under_vadclip_equal_its_rules_by_hand(tiny_repo: Path, tmp_path: Path):
+    """`fgclip evaluate-scores --protocol vadclip` on the fine-tuned snippet scores `dvc repro` wrote,
+    against VadCLIP's make_gt_ucf.py + ucf_test.py steps rewritten here; the MLflow run holds the
+    bootstrap interval of the fine-tuned AUC."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    _run([sys.executable, "-m", "dvc", "repro"], tiny_repo)  # a no-op after the first test
+    table = pq.read_table(tiny_repo / "data/eval/frame_scores.parquet")
+    table = table.filter(pc.equal(table["model"], "finetuned"))
+    snippets = table.group_by(["video", "snippet"], use_threads=False).aggregate([("score", "first")])
+    scores_file = tmp_path / "finetuned.parquet"
+    pq.write_table(pa.table({"video": snippets["video"], "snippet": snippets["snippet"],
+                             "score": snippets["score_first"]}), scores_file)  # fmt: skip
+    per_video: dict[str, dict[int, float]] = {}
+    for video, snippet, score in zip(*(snippets[c].to_pylist() for c in ("video", "snippet", "score_first"))):
+        per_video.setdefault(video, {})[snippet] = score
+    data = tiny_repo / "data/sample"
+    lines = (data / "Temporal_Anomaly_Annotation_for_Testing_Videos.txt").read_text().splitlines(keepends=True)
+    gt, ranked = [], []
+    for video in (data / "Anomaly_Test.txt").read_text().split():
+        scores = [per_video[video][k] for k in sorted(per_video[video])]
+        name = Path(video).stem
+        vec = np.zeros((len(scores) + 1) * 16, dtype=np.float32)
+        if "Normal" not in name:
+            content = next(line for line in lines if name in line).strip("\n").split("  ")[1:-1]
+            for i in range(1, len(content) - 1, 2):
+                if int(content[i]) != -1 and int(content[i + 1]) != -1:
+                    vec[int(content[i]) : int(content[i + 1])] = 1.0
+        gt.extend(vec[:-16])
+        ranked.extend(np.repeat(np.float32(scores).tolist(), 16))
+    out = tmp_path / "vadclip.json"
+    _run(["fgclip", "evaluate-scores", str(scores_file), "--protocol", "vadclip", "--out", str(out)], tiny_repo)
+    written = json.loads(out.read_text())["method"]
+    assert written["frame_auc"] == pytest.approx(roc_auc_score(gt, ranked), abs=1e-6)
+    assert written["frame_ap"] == pytest.approx(average_precision_score(gt, ranked), abs=1e-6)
+
+    evaluation = json.loads((tiny_repo / "metrics/eval.json").read_text())
+    run = json.loads((tiny_repo / "models/fgclip/run.json").read_text())
+    logged = MlflowClient(run["tracking_uri"]).get_run(run["run_id"]).data.metrics
+    lo, hi = evaluation["finetuned"]["intervals"]["frame_auc"]
+    assert logged["eval/finetuned/frame_auc_lo"] == pytest.approx(lo, abs=1e-4)
+    assert logged["eval/finetuned/frame_auc_hi"] == pytest.approx(hi, abs=1e-4)
