@@ -8,7 +8,7 @@ functions without weights, as a reference script would. Both must give the same
 intervals (checked); the report is seconds per resample and the ratio.
 
 The test set mimics UCF-Crime's: 140 anomalous and 150 normal videos, lengths drawn
-from 500 to 7,200 frames (about 1.1 million frames in all, as UCF-Crime's test set), one score per 16-frame
+from 500 to 7,199 frames (about 1.1 million frames in all, as UCF-Crime's test set), one score per 16-frame
 snippet. The content does not matter here, only the sizes.
 
     python benchmarks/bootstrap.py --resamples 20 --protocol full

@@ -187,6 +187,7 @@ def cmd_evaluate_scores(params: Params, args: argparse.Namespace) -> dict:
         far_threshold=cfg.far_threshold,
         bootstrap_resamples=cfg.bootstrap_resamples,
         bootstrap_seed=cfg.bootstrap_seed,
+        bootstrap_level=cfg.bootstrap_level,
     )
 
 
@@ -391,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--videos", type=Path, help="with one concatenated .npy: 'NAME NUM_SNIPPETS' lines in its order")
     p.add_argument(
-        "--num-frames", type=Path, help="'NAME NUM_FRAMES' lines: needed by the full and sultani protocols"
+        "--num-frames", type=Path, help="'NAME NUM_FRAMES' lines: needed by the full, sultani and xdviodet protocols"
     )
     p.add_argument("--name", default="method", help="the method's key in the JSON (default: method)")
     p.add_argument("--data-root", type=Path, help="dataset root for the default --annotations and --split")
@@ -407,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["ucf", "xd"], default="ucf", help=datasets_help)
     p.add_argument("--protocol", choices=protocols, default="vadclip", help="(default: vadclip)")
     p.add_argument("--videos", type=Path, required=True, help="'NAME NUM_SNIPPETS' lines: the order and lengths")
-    p.add_argument("--num-frames", type=Path, help="'NAME NUM_FRAMES' lines: for the full and sultani protocols")
+    p.add_argument(
+        "--num-frames", type=Path, help="'NAME NUM_FRAMES' lines: for the full, sultani and xdviodet protocols"
+    )
     p.add_argument("--data-root", type=Path, help="dataset root for the default --annotations")
     _path_option(p, "--annotations", "temporal_annotations", "temporal annotation file")
     p.add_argument("--out", type=Path, required=True, help=".npy file to write")

@@ -237,6 +237,7 @@ def evaluate_scores(
     far_threshold: float = 0.5,
     bootstrap_resamples: int = 1000,
     bootstrap_seed: int = 0,
+    bootstrap_level: float = 0.95,
 ) -> dict:
     """Score ``scores_path`` under ``protocol``; write and return the metrics JSON.
 
@@ -263,7 +264,7 @@ def evaluate_scores(
     metrics = frame_level_metrics(videos_scored, protocol, far_threshold=far_threshold)
     if bootstrap_resamples:
         metrics["intervals"] = bootstrap_intervals(
-            videos_scored, protocol, resamples=bootstrap_resamples, seed=bootstrap_seed
+            videos_scored, protocol, resamples=bootstrap_resamples, seed=bootstrap_seed, level=bootstrap_level
         )
     summary = {
         "table_row": table_row(name, protocol, metrics),
