@@ -53,7 +53,9 @@ def params_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
 
     def make(**sections: dict) -> Params:
         base = tmp_path_factory.mktemp("params")
-        merged = {"sample": dict(TINY_SAMPLE), "frames": {"workers": 1}}
+        # 100 bootstrap resamples, not 1,000: each costs a few ms even on the tiny sample, and the
+        # tests check the intervals' bracketing and equality by hand, not their precision.
+        merged = {"sample": dict(TINY_SAMPLE), "frames": {"workers": 1}, "evaluate": {"bootstrap_resamples": 100}}
         for name, values in sections.items():
             merged[name] = {**merged.get(name, {}), **values}
         return rebase(load_params(REPO_ROOT / "params.yaml").with_overrides(**merged), base)

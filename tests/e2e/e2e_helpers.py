@@ -56,6 +56,7 @@ def scratch_repo(
         src = PROJECT / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, repo / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["evaluate"]["bootstrap_resamples"] = 100  # as the unit tests' params: a few ms each
     for section, values in overrides.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
