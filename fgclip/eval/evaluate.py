@@ -39,7 +39,7 @@ from fgclip.config import Params, model_source
 from fgclip.data.layout import INDEX_FILE, VIDEOS_FILE, read_failures, read_frame_index, read_videos
 from fgclip.data.ucf import NORMAL_LABEL, read_split, read_temporal_annotations
 from fgclip.device import resolve_device
-from fgclip.eval.frame_metrics import bootstrap_intervals, frame_level_metrics
+from fgclip.eval.frame_metrics import bootstrap_intervals, frame_level_metrics, rounded
 from fgclip.eval.protocol import (
     AnnotatedVideo,
     EvalInputError,
@@ -156,16 +156,6 @@ def eval_frame_paths(
             )
         out[video.video] = [frames_dir / p for p in paths[start : start + count]]
     return out
-
-
-def _round(value):
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, dict):
-        return {k: _round(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_round(v) for v in value]
-    return value
 
 
 def _shown(value: float | None) -> str:
@@ -463,7 +453,7 @@ def evaluate(
             results[name].update(m)
     if PRETRAINED not in results:
         results[PRETRAINED] = {"skipped": "no pretrained CLIP given"}
-    summary = _round(
+    summary = rounded(
         {
             "frame_auc": results[FINETUNED]["frame_auc"],
             **{name: results[name] for name in (FINETUNED, PRETRAINED, UNTRAINED)},
@@ -472,7 +462,8 @@ def evaluate(
             "held_out": held_out_summary,
             "clipped_intervals": [v.video for v in test_set if v.clipped],
             "skipped_videos": skipped,
-        }
+        },
+        4,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

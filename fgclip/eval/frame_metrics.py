@@ -33,6 +33,17 @@ from fgclip.eval.protocol import EvalInputError, VideoScores
 from fgclip.eval.protocols import check_protocol, protocol_ap, protocol_auc, trapezoid_ap
 
 
+def rounded(value, digits: int):
+    """``value`` with every float in it (nested dicts and lists too) rounded to ``digits``: the reports' JSON."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 def _defined(labels: np.ndarray) -> bool:
     return labels.size > 0 and labels.min() != labels.max()
 

@@ -35,7 +35,7 @@ from fgclip.data.xd import (
     xd_frame_ground_truth,
     xd_video_key,
 )
-from fgclip.eval.frame_metrics import bootstrap_intervals, frame_level_metrics
+from fgclip.eval.frame_metrics import bootstrap_intervals, frame_level_metrics, rounded
 from fgclip.eval.protocol import EvalInputError, VideoScores
 from fgclip.eval.protocols import (
     SNIPPET,
@@ -272,7 +272,7 @@ def evaluate_scores(
         # XD-Violence's headline is AP; UCF-Crime's is AUC.
         "frame_ap": round(metrics["frame_ap"], 4),
         "headline": "frame_ap" if dataset == "xd" else "frame_auc",
-        name: _rounded(metrics),
+        name: rounded(metrics, 6),
         "dataset": dataset,
         "protocol": protocol,
         "scores": str(scores_path),
@@ -304,16 +304,6 @@ def table_row(name: str, protocol: str, metrics: dict) -> str:
         return value
 
     return f"| {name} | {protocol} | {cell('frame_auc')} | {cell('frame_ap')} |"
-
-
-def _rounded(value):
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
 
 
 def export_ground_truth(
