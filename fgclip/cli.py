@@ -154,7 +154,14 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
     from fgclip.atomic import write_text_atomic
     from fgclip.compare import compare
 
-    text = compare(params, experiment=args.experiment, runs=args.runs or (), fmt=args.format, last=args.last)
+    if args.ablation:
+        if args.runs:
+            raise FGClipError("--ablation and --runs exclude each other: an ablation's runs are its children")
+        from fgclip.compare import compare_ablation
+
+        text = compare_ablation(params, args.ablation, experiment=args.experiment, fmt=args.format)
+    else:
+        text = compare(params, experiment=args.experiment, runs=args.runs or (), fmt=args.format, last=args.last)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +169,18 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
         log.info("comparison written to %s", out)
     else:
         sys.stdout.write(text)
+
+
+def cmd_ablate(params: Params, args: argparse.Namespace) -> None:
+    from fgclip.ablation.run import AblationFailed, ablate
+
+    result = ablate(params, grid=args.grid, seeds=args.seeds, jobs=args.jobs, name=args.name)
+    sys.stdout.write(result.table_md)
+    print(f"report: {result.files[0].parent} ({', '.join(f.name for f in result.files)}); "
+          f"MLflow parent run {result.parent_run_id}")  # fmt: skip
+    if result.failed:
+        raise AblationFailed(f"{len(result.failed)} experiment(s) failed: {', '.join(result.failed)} "
+                             "(their logs: dvc queue logs NAME); rerun `fgclip ablate` to run them again")  # fmt: skip
 
 
 def cmd_import_weights(params: Params, args: argparse.Namespace) -> dict:
@@ -344,8 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", nargs="+", metavar="RUN", help="run ids, names (newest of that name) or id prefixes"
     )
     p.add_argument("--last", type=int, default=6, help="without --runs: the newest N runs (default: 6)")
+    p.add_argument("--ablation", metavar="NAME", help="an ablation's table (mean ± std over seeds) from its child runs")
     p.add_argument("--format", choices=["table", "markdown", "csv"], default="table", help="(default: table)")
     p.add_argument("--out", help="write to this file instead of stdout")
+
+    p = add("ablate", cmd_ablate, "a grid of experiments over seeds, run by DVC's queue, tabled from MLflow")
+    p.add_argument("--grid", help="a grid of ablation.grids, or a YAML file of one (default: ablation.grid)")
+    p.add_argument("--seeds", type=int, help="seeds per cell: train.seed, +1, ... (default: ablation.seeds)")
+    p.add_argument("--jobs", type=int, help="experiments at a time (default: ablation.jobs)")
+    p.add_argument("--name", help="the ablation's name: experiment names, MLflow parent run (default: the grid's)")
 
     p = add(
         "import-weights",

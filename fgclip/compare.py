@@ -70,6 +70,24 @@ def compare(
     return render(records, fmt)
 
 
+def compare_ablation(params: Params, name: str, *, experiment: str | None = None, fmt: str = "table") -> str:
+    """Ablation ``name``'s table from its MLflow child runs: Markdown (``table``, ``markdown``) or CSV."""
+    if fmt not in FORMATS:
+        raise FGClipError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    from fgclip.ablation.report import CHART_METRICS, METRICS, build_table
+    from fgclip.ablation.table import csv_text, markdown
+    from fgclip.train.tracking import ablation_runs
+
+    parent, children = ablation_runs(params.tracking_uri, experiment or params.tracking.experiment, name)
+    reference = parent.tags.get("ablation.reference")
+    if not reference:
+        raise FGClipError(f"ablation {name!r}: its parent run {parent.run_id} has no ablation.reference tag")
+    table = build_table(children, reference)
+    if fmt == "csv":
+        return csv_text(table, list(METRICS))
+    return markdown(table, list(METRICS), diff_metrics=CHART_METRICS)
+
+
 def render(records: Sequence[RunRecord], fmt: str) -> str:
     sections = build_sections(records)
     if fmt == "csv":

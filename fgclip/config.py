@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -300,6 +300,44 @@ class TrackingConfig(_Section):
     experiment: str = "fgclip-vad"
 
 
+# A cell or grid name: it becomes part of a DVC experiment name, which git must accept as a ref.
+_ABLATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+class AblationGridConfig(_Section):
+    """One ablation: named cells, each a set of param overrides (``train.region_loss_weight: 0``)."""
+
+    reference: str  # the cell every other is compared with
+    cells: dict[str, dict[str, Any]]
+
+    @model_validator(mode="after")
+    def _names(self) -> Self:
+        for name in self.cells:
+            if not _ABLATION_NAME.fullmatch(name):
+                raise ValueError(f"ablation cell {name!r}: use letters, digits, '_' and '-' only")
+        if self.reference not in self.cells:
+            raise ValueError(f"ablation reference {self.reference!r} is not one of its cells ({', '.join(self.cells)})")
+        return self
+
+
+class AblationConfig(_Section):
+    """``fgclip ablate``: grids of DVC experiments over seeds. No stage reads it."""
+
+    out: str = "reports/ablation"
+    grid: str = "default"
+    seeds: int = Field(3, ge=1)
+    jobs: int = Field(1, ge=1)
+    poll_s: float = Field(5.0, gt=0)
+    grids: dict[str, AblationGridConfig] = {}
+
+    @model_validator(mode="after")
+    def _grid_names(self) -> Self:
+        for name in self.grids:
+            if not _ABLATION_NAME.fullmatch(name):
+                raise ValueError(f"ablation grid {name!r}: use letters, digits, '_' and '-' only")
+        return self
+
+
 # Cron fields in order, with the values each accepts (day-of-week 7 is Sunday, as 0).
 _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12),
                 ("day-of-week", 0, 7))  # fmt: skip
@@ -514,6 +552,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    ablation: AblationConfig = AblationConfig()
     # Directory of the params file: relative paths above are resolved against it.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 
@@ -579,7 +618,7 @@ class Params(_Section):
             return self.tracking.uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{(self.base_dir / 'mlflow.db').resolve()}"
+        return f"sqlite:///{(repository_dir(self.base_dir) / 'mlflow.db').resolve()}"
 
     def with_overrides(self, **sections: dict) -> Params:
         """A copy with some fields of some sections replaced (validated again)."""
@@ -587,6 +626,30 @@ class Params(_Section):
         for name, values in sections.items():
             raw[name] = {**raw[name], **values}
         return Params.model_validate({**raw, "base_dir": self.base_dir})
+
+
+# Where DVC runs a queued or --temp experiment: a copy of the repository under its root.
+DVC_EXECUTOR_DIR = (".dvc", "tmp", "exps")
+
+
+def repository_dir(base_dir: Path) -> Path:
+    """``base_dir``, or its place in the user's repository when it lies in a DVC experiment's copy.
+
+    DVC runs a queued experiment in ``<repo>/.dvc/tmp/exps/<tmp>/`` and deletes that copy
+    afterwards, naming the repository in ``DVC_ROOT``: what must outlive the experiment
+    (the MLflow database) belongs in the repository itself.
+    """
+    root = os.environ.get("DVC_ROOT")
+    if not root:
+        return base_dir
+    try:
+        rel = base_dir.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return base_dir
+    n = len(DVC_EXECUTOR_DIR)
+    if rel.parts[:n] != DVC_EXECUTOR_DIR or len(rel.parts) <= n:
+        return base_dir
+    return Path(root).joinpath(*rel.parts[n + 1 :])
 
 
 def fingerprint(section: BaseModel | dict, keys: list[str] | None = None) -> str:

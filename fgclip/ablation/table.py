@@ -31,7 +31,7 @@ class AblationTableError(FGClipError, ValueError):
 
 
 @dataclass(frozen=True)
-class RunRecord:
+class SeedRun:
     cell: str
     seed: int
     metrics: Mapping[str, float | None]
@@ -54,7 +54,7 @@ def _finite(value) -> bool:
 
 
 def summarise(
-    records: Iterable[RunRecord], metrics: Sequence[str], reference: str
+    records: Iterable[SeedRun], metrics: Sequence[str], reference: str
 ) -> dict[str, dict[str, Figure]]:
     """``{cell: {metric: Figure}}`` in the order cells first appear."""
     by_cell: dict[str, dict[int, Mapping[str, float | None]]] = {}
@@ -106,14 +106,17 @@ def _diff(f: Figure, digits: int) -> str:
     return text + (f" (p={f.p_value:.2g})" if f.p_value is not None else "")
 
 
-def markdown(table: Mapping[str, Mapping[str, Figure]], metrics: Sequence[str], digits: int = 4) -> str:
-    """One row per cell: ``mean ± std`` per metric, then its difference to the reference."""
-    header = ["cell", "seeds", *metrics, *(f"Δ {m}" for m in metrics)]
+def markdown(table: Mapping[str, Mapping[str, Figure]], metrics: Sequence[str], digits: int = 4,
+             diff_metrics: Sequence[str] | None = None) -> str:  # fmt: skip
+    """One row per cell: ``mean ± std`` per metric, then its difference to the reference
+    for each of ``diff_metrics`` (default: every metric)."""
+    diffs = list(metrics if diff_metrics is None else diff_metrics)
+    header = ["cell", "seeds", *metrics, *(f"Δ {m}" for m in diffs)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cell, figures in table.items():
         seeds = max((f.n for f in figures.values()), default=0)
         row = [cell, str(seeds), *(_cell(figures[m], digits, "±") for m in metrics),
-               *(_diff(figures[m], digits) for m in metrics)]  # fmt: skip
+               *(_diff(figures[m], digits) for m in diffs)]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

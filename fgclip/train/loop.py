@@ -76,6 +76,9 @@ FAULT_ENV = "FGCLIP_FAULT_NAN_AT_STEP"
 ORCHESTRATOR_TAG_ENV = {
     "prefect.flow_run_id": "FGCLIP_FLOW_RUN_ID",
     "prefect.flow_run_name": "FGCLIP_FLOW_RUN_NAME",
+    # Set by DVC for a queued experiment (`fgclip ablate`): which experiment trained the run.
+    "dvc.experiment": "DVC_EXP_NAME",
+    "dvc.baseline_rev": "DVC_EXP_BASELINE_REV",
 }
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -316,6 +316,7 @@ class RunRecord:
     metrics: dict[str, float]  # each metric's value at its last step
     last_step: int | None  # last step logged for ``train/loss``
     health: dict[str, Any] | None  # the ``checks`` of the run's health.json artefact, if it has one
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def read_runs(
@@ -393,6 +394,7 @@ def _run_record(client: MlflowClient, run: Any) -> RunRecord:
         metrics=metrics,
         last_step=max(steps, default=None),
         health=_health_checks(client, run_id),
+        tags=dict(run.data.tags),
     )
 
 
@@ -422,3 +424,72 @@ def _no_progress_bar() -> Iterator[None]:
             os.environ.pop(PROGRESS_BAR_ENV, None)
         else:
             os.environ[PROGRESS_BAR_ENV] = previous
+
+
+# --- ablations: one parent run, the cells' runs as its children -------------------
+
+ABLATION_TAG = "ablation.name"
+ROLE_TAG = "ablation.role"
+CELL_TAG = "ablation.cell"
+SEED_TAG = "ablation.seed"
+# MLflow's own tag: the UI nests a run under the run it names.
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _parent_filter(name: str) -> str:
+    # Grid names are letters, digits, '_' and '-' (fgclip.config): nothing to escape.
+    return f"tags.`{ABLATION_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'parent'"
+
+
+def ablation_parent(tracking_uri: str, experiment: str, name: str, tags: Mapping[str, object]) -> str:
+    """The parent run of ablation ``name``: the newest one already there (a rerun resumes it), else a new one."""
+    client = _client(tracking_uri)
+    experiment_id = _experiment_id(client, experiment, tracking_uri)
+    found = client.search_runs([experiment_id], filter_string=_parent_filter(name),
+                               order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    else:
+        run_id = client.create_run(experiment_id, run_name=f"ablation-{name}").info.run_id
+    tag_run(tracking_uri, run_id, {ABLATION_TAG: name, ROLE_TAG: "parent", **tags})
+    return run_id
+
+
+def tag_run(tracking_uri: str, run_id: str, tags: Mapping[str, object], name: str | None = None) -> None:
+    """Set ``tags`` on a run (finished or not); ``name`` renames it."""
+    client = _client(tracking_uri)
+    if name is not None:
+        client.update_run(run_id, name=name)
+    items = [RunTag(k, _truncate(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in tags.items()]
+    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def ablation_runs(tracking_uri: str, experiment: str, name: str) -> tuple[RunRecord, list[RunRecord]]:
+    """Ablation ``name``'s parent run and its children (oldest first)."""
+    db = _sqlite_db(tracking_uri)
+    if db is not None and not db.is_file():
+        raise TrackingReadError(f"no MLflow database at {db} (tracking URI {tracking_uri}): run `fgclip ablate` first")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise TrackingReadError(f"experiment {experiment!r} not found in {tracking_uri}")
+    parents = client.search_runs([found.experiment_id], filter_string=_parent_filter(name),
+                                 order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    if not parents:
+        raise TrackingReadError(f"no ablation {name!r} in experiment {experiment!r} of {tracking_uri}")
+    parent = parents[0]
+    children, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"], page_token=token)  # fmt: skip
+        children.extend(page)
+        token = page.token
+        if not token:
+            break
+    return _run_record(client, parent), [_run_record(client, run) for run in children]

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fgclip.ablation.table import AblationTableError, RunRecord, csv_text, latex, markdown, summarise
+from fgclip.ablation.table import AblationTableError, SeedRun, csv_text, latex, markdown, summarise
 
 AUC = {("global only", 0): 0.70, ("global only", 1): 0.74, ("global only", 2): 0.71,
        ("+ region_loss", 0): 0.78, ("+ region_loss", 1): 0.77, ("+ region_loss", 2): 0.81}  # fmt: skip
 
 
-def _records(extra: dict | None = None) -> list[RunRecord]:
+def _records(extra: dict | None = None) -> list[SeedRun]:
     out = []
     for (cell, seed), auc in AUC.items():
         metrics = {"frame_auc": auc, "region_top1": None if cell == "global only" else 0.5 + seed / 10}
-        out.append(RunRecord(cell, seed, {**metrics, **(extra or {})}))
+        out.append(SeedRun(cell, seed, {**metrics, **(extra or {})}))
     return out
 
 
@@ -57,8 +57,8 @@ def test_writers_carry_the_same_figures():
 
 
 def test_one_seed_has_no_spread_and_identical_differences_no_p_value():
-    records = [RunRecord("a", 0, {"m": 0.5}), RunRecord("b", 0, {"m": 0.6}),
-               RunRecord("a", 1, {"m": 0.4}), RunRecord("b", 1, {"m": 0.5})]  # fmt: skip
+    records = [SeedRun("a", 0, {"m": 0.5}), SeedRun("b", 0, {"m": 0.6}),
+               SeedRun("a", 1, {"m": 0.4}), SeedRun("b", 1, {"m": 0.5})]  # fmt: skip
     table = summarise(records, ["m"], reference="a")
     assert table["b"]["m"].diff == pytest.approx(0.1) and table["b"]["m"].p_value is None  # d = 0.1, 0.1
     single = summarise(records[:2], ["m"], reference="a")
@@ -69,4 +69,4 @@ def test_bad_runs_are_one_line_errors():
     with pytest.raises(AblationTableError, match="no runs of the reference cell 'nope'"):
         summarise(_records(), ["frame_auc"], reference="nope")
     with pytest.raises(AblationTableError, match="cell 'a' has seed 0 twice"):
-        summarise([RunRecord("a", 0, {}), RunRecord("a", 0, {})], ["frame_auc"], reference="a")
+        summarise([SeedRun("a", 0, {}), SeedRun("a", 0, {})], ["frame_auc"], reference="a")

@@ -1,0 +1,140 @@
+"""DVC's experiment queue, driven through its own CLI: queue, start workers, watch, read back.
+
+DVC runs every experiment (``dvc exp run --queue`` then ``dvc queue start --jobs J``);
+this module only issues those commands and reads their state. ``dvc`` is run as
+``<this interpreter> -m dvc`` so no PATH is assumed, and the workers get this
+interpreter's ``bin`` directory first on their PATH, where the stages' ``fgclip`` lives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fgclip.errors import FGClipError
+
+# `dvc queue status` states, as it prints them.
+QUEUED, RUNNING, SUCCESS, FAILED = "Queued", "Running", "Success", "Failed"
+IN_FLIGHT = frozenset({QUEUED, RUNNING})
+DVC_TIMEOUT_S = 300
+
+
+class DvcError(FGClipError, RuntimeError):
+    """A ``dvc`` command failed; the message holds the command and the end of its output."""
+
+
+def worker_env(jobs: int) -> dict[str, str]:
+    """The environment the queue's workers inherit: this venv's tools first, the cores shared.
+
+    Each experiment's torch would otherwise start one thread per core, and J of them
+    on the same cores run slower together than one after the other.
+    """
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    return env
+
+
+def dvc(args: Sequence[str], repo: Path, env: Mapping[str, str] | None = None, check: bool = True) -> str:
+    cmd = [sys.executable, "-m", "dvc", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=repo, env=dict(env or worker_env(1)), capture_output=True, text=True,
+                              timeout=DVC_TIMEOUT_S, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise DvcError(f"dvc {' '.join(args[:3])} did not finish within {DVC_TIMEOUT_S} s") from exc
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        tail = " | ".join(line for line in out.strip().splitlines()[-5:])
+        raise DvcError(f"dvc {' '.join(args[:3])} failed (exit {proc.returncode}): {tail}")
+    return proc.stdout if check else out
+
+
+def check_repo(repo: Path) -> None:
+    """An ablation needs a git repository with a commit (the experiments' baseline) and DVC."""
+    if not (repo / ".dvc").is_dir():
+        raise DvcError(f"{repo} is not a DVC repository (no .dvc/): run `dvc init` there first")
+    proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise DvcError(f"{repo}: no git commit yet: DVC experiments start from one (git commit first)")
+
+
+def baseline(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
+
+
+def queue_status(repo: Path) -> dict[str, str]:
+    """``{experiment name: state}`` of every task DVC's queue knows (``dvc queue status``)."""
+    text = dvc(["queue", "status"], repo)
+    states: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        # "Task  Name  Created  Status": a 7-hex task id, the name, a 1-2 word time, the state.
+        if len(parts) >= 4 and parts[0] != "Task" and parts[-1] in (QUEUED, RUNNING, SUCCESS, FAILED):
+            states[parts[1]] = parts[-1]
+    return states
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished experiment of the current baseline, as ``dvc exp show`` reports it."""
+
+    name: str
+    rev: str
+    metrics: Mapping[str, Any]  # {metrics file: its JSON}
+    params: Mapping[str, Any]  # params.yaml as the experiment ran it
+
+
+def finished(repo: Path) -> dict[str, Finished]:
+    """Every experiment of HEAD that DVC committed, by name (``dvc exp show --json``)."""
+    shown = json.loads(dvc(["exp", "show", "--json"], repo) or "[]")
+    out: dict[str, Finished] = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            # A queued, running or failed one carries its executor's state; a committed one none.
+            if (exp.get("executor") or {}).get("state") not in (None, "success"):
+                continue
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                name = rev.get("name") or exp.get("name")
+                if not name or rev.get("error"):
+                    continue
+                metrics = {path: (m or {}).get("data") or {} for path, m in (data.get("metrics") or {}).items()}
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                out[name] = Finished(name, rev["rev"], metrics, params)
+    return out
+
+
+def enqueue(name: str, set_params: Sequence[str], repo: Path, env: Mapping[str, str]) -> None:
+    dvc(["exp", "run", "--queue", "--name", name, *set_params], repo, env)
+
+
+def start_workers(jobs: int, repo: Path, env: Mapping[str, str]) -> None:
+    """``dvc queue start``: its workers are daemons that keep any inherited pipe open until they
+    exit, so their output goes to DVC's own log files, not to a pipe this would wait on."""
+    cmd = [sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)]
+    code = subprocess.run(cmd, cwd=repo, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, timeout=DVC_TIMEOUT_S, check=False).returncode  # fmt: skip
+    if code != 0:
+        raise DvcError(f"dvc queue start --jobs {jobs} failed (exit {code}): run it by hand to see why")
+
+
+def remove_tasks(names: Iterable[str], repo: Path) -> None:
+    names = list(names)
+    if names:
+        dvc(["queue", "remove", *names], repo, check=False)
+
+
+def task_log(name: str, repo: Path, lines: int = 30) -> str:
+    """The end of an experiment's log (``dvc queue logs``)."""
+    text = dvc(["queue", "logs", name], repo, check=False)
+    return "\n".join(text.rstrip().splitlines()[-lines:])
