@@ -262,12 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fgclip",
         description="Fine-tune video FG-CLIP for weakly supervised video anomaly detection.",
+        allow_abbrev=False,  # `--max-step` must not quietly mean --max-steps
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.set_defaults(func=func, path_fields={})
         return p
@@ -338,10 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the whole breakdown to this JSON file")
 
     help_ = "manage training checkpoints"
-    p = sub.add_parser("checkpoints", help=help_, description=help_)
+    p = sub.add_parser("checkpoints", help=help_, description=help_, allow_abbrev=False)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     help_ = "remove the current run's stale, broken and surplus checkpoints (never a running job's)"
-    p = actions.add_parser("clean", help=help_, description=help_)
+    p = actions.add_parser("clean", help=help_, description=help_, allow_abbrev=False)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.set_defaults(func=cmd_checkpoints_clean, path_fields={})
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed, and why")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,15 +75,23 @@ def compare_ablation(params: Params, name: str, *, experiment: str | None = None
     """Ablation ``name``'s table from its MLflow child runs: Markdown (``table``, ``markdown``) or CSV."""
     if fmt not in FORMATS:
         raise FGClipError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    from fgclip.ablation.grid import check_name
     from fgclip.ablation.report import CHART_METRICS, METRICS, build_table
     from fgclip.ablation.table import csv_text, markdown
     from fgclip.train.tracking import ablation_runs
 
-    parent, children = ablation_runs(params.tracking_uri, experiment or params.tracking.experiment, name)
+    parent, children = ablation_runs(params.tracking_uri, experiment or params.tracking.experiment, check_name(name))
     reference = parent.tags.get("ablation.reference")
-    if not reference:
-        raise FGClipError(f"ablation {name!r}: its parent run {parent.run_id} has no ablation.reference tag")
-    table = build_table(children, reference)
+    try:
+        cells = list(json.loads(parent.tags.get("ablation.grid", "")))
+    except ValueError:
+        cells = []
+    if not reference or not cells:
+        raise FGClipError(f"ablation {name!r}: its parent run {parent.run_id} has no ablation.reference / ablation.grid tags")
+    # The children of the ablation's last run: same commit (a name reused on a later commit adopts anew).
+    baseline = parent.tags.get("ablation.baseline_rev")
+    children = [c for c in children if c.tags.get("ablation.baseline_rev") == baseline]
+    table = build_table(children, reference, cells)
     if fmt == "csv":
         return csv_text(table, list(METRICS))
     return markdown(table, list(METRICS), diff_metrics=CHART_METRICS)

@@ -301,7 +301,7 @@ class TrackingConfig(_Section):
 
 
 # A cell or grid name: it becomes part of a DVC experiment name, which git must accept as a ref.
-_ABLATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+ABLATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class AblationGridConfig(_Section):
@@ -313,7 +313,7 @@ class AblationGridConfig(_Section):
     @model_validator(mode="after")
     def _names(self) -> Self:
         for name in self.cells:
-            if not _ABLATION_NAME.fullmatch(name):
+            if not ABLATION_NAME.fullmatch(name):
                 raise ValueError(f"ablation cell {name!r}: use letters, digits, '_' and '-' only")
         if self.reference not in self.cells:
             raise ValueError(f"ablation reference {self.reference!r} is not one of its cells ({', '.join(self.cells)})")
@@ -333,7 +333,7 @@ class AblationConfig(_Section):
     @model_validator(mode="after")
     def _grid_names(self) -> Self:
         for name in self.grids:
-            if not _ABLATION_NAME.fullmatch(name):
+            if not ABLATION_NAME.fullmatch(name):
                 raise ValueError(f"ablation grid {name!r}: use letters, digits, '_' and '-' only")
         return self
 
@@ -649,7 +649,9 @@ def repository_dir(base_dir: Path) -> Path:
     n = len(DVC_EXECUTOR_DIR)
     if rel.parts[:n] != DVC_EXECUTOR_DIR or len(rel.parts) <= n:
         return base_dir
-    return Path(root).joinpath(*rel.parts[n + 1 :])
+    # A queued experiment's copy is exps/<tmp>/, a `dvc exp run --temp` one exps/standalone/<tmp>/.
+    skip = n + (2 if rel.parts[n] == "standalone" else 1)
+    return Path(root).joinpath(*rel.parts[skip:])
 
 
 def fingerprint(section: BaseModel | dict, keys: list[str] | None = None) -> str:
@@ -678,21 +680,68 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     try:
         return Params.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as exc:
-        raise ParamsError(f"{path}: invalid params: {describe_errors(exc)}") from exc
+        lines = describe_errors(exc, Params).splitlines()
+        if len(lines) == 1:
+            raise ParamsError(f"{path}: invalid params: {lines[0]}") from exc
+        raise ParamsError(f"{path}: {len(lines)} invalid params:\n  " + "\n  ".join(lines)) from exc
 
 
-def describe_errors(exc: ValidationError) -> str:
-    """Every error on one line, each naming its key: ``train.lr: Input should be greater than 0 (got -1.0)``.
+# pydantic error types whose own wording ("Input should be a valid integer, unable to parse
+# string as an integer") says less than what was expected.
+_EXPECTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+    "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
+    "dict_type": "a mapping of keys", "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
+    "literal_error": None,
+}  # fmt: skip
 
-    pydantic's own text spreads one error over three lines and a URL; the CLI prints one line.
+
+def _shown_input(value: object) -> str | None:
+    """A scalar input as the error shows it; a section or list is never echoed back."""
+    if isinstance(value, (dict, list, tuple)):
+        return None
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the section at ``loc`` accepts, for a 'did you mean' hint."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        sub = field.annotation if field is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        model = sub
+    return [k for k in model.model_fields if k != "base_dir"]
+
+
+def describe_errors(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per error, each naming its key: ``train.batch_size: expected an integer, got 'eight'``.
+
+    pydantic's own text spreads one error over three lines and a URL, and echoes a whole
+    section for a misspelt key in it. With ``model`` (the validated class), an unknown key
+    gets the closest known one as a hint.
     """
-    parts = []
+    import difflib
+
+    lines = []
     for err in exc.errors():
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "value_error":  # raised by a validator here: its message names the key
-            parts.append(message)
+            lines.append(message)
             continue
-        got = repr(err.get("input"))
-        got = got if len(got) <= 60 else got[:57] + "..."
-        parts.append(f"{'.'.join(str(part) for part in err['loc'])}: {message} (got {got})")
-    return "; ".join(parts)
+        loc = tuple(err["loc"])
+        key = ".".join(str(part) for part in loc)
+        got = _shown_input(err.get("input"))
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(model, loc[:-1]) if model is not None else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            lines.append(f"{key}: unknown key" + (f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?)" if close else ""))
+        elif err["type"] == "missing":
+            lines.append(f"{key}: missing")
+        elif _EXPECTED.get(err["type"]):
+            lines.append(f"{key}: expected {_EXPECTED[err['type']]}" + (f", got {got}" if got else ""))
+        else:
+            lines.append(f"{key}: {message}" + (f" (got {got})" if got else ""))
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ from typing import Any
 
 from fgclip.errors import FGClipError
 
-# `dvc queue status` states, as it prints them.
+# Queue task states, as `dvc queue status` prints them.
 QUEUED, RUNNING, SUCCESS, FAILED = "Queued", "Running", "Success", "Failed"
 IN_FLIGHT = frozenset({QUEUED, RUNNING})
 DVC_TIMEOUT_S = 300
@@ -67,21 +67,45 @@ def check_repo(repo: Path) -> None:
         raise DvcError(f"{repo}: no git commit yet: DVC experiments start from one (git commit first)")
 
 
+def uncommitted(repo: Path) -> list[str]:
+    """Tracked files with changes: DVC stashes them into every queued experiment."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                         text=True, check=False).stdout  # fmt: skip
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def baseline(repo: Path) -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                           check=True).stdout.strip()  # fmt: skip
 
 
-def queue_status(repo: Path) -> dict[str, str]:
-    """``{experiment name: state}`` of every task DVC's queue knows (``dvc queue status``)."""
-    text = dvc(["queue", "status"], repo)
-    states: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        # "Task  Name  Created  Status": a 7-hex task id, the name, a 1-2 word time, the state.
-        if len(parts) >= 4 and parts[0] != "Task" and parts[-1] in (QUEUED, RUNNING, SUCCESS, FAILED):
-            states[parts[1]] = parts[-1]
-    return states
+@dataclass(frozen=True)
+class Task:
+    name: str
+    state: str  # QUEUED, RUNNING, SUCCESS or FAILED
+    rev: str  # the queue entry's stash commit: `dvc queue remove` / `logs` take it
+
+
+def queue_status(repo: Path, baseline_rev: str) -> dict[str, Task]:
+    """``{experiment name: task}`` of the queue's tasks started from ``baseline_rev``.
+
+    Read through DVC's own queue API (what ``dvc queue status`` prints), because its table
+    has no commit column: experiment names are unique per commit only, and a finished
+    task of another commit stays listed under the same name. For several tasks of one
+    name and commit, a live one wins over a finished one, a success over a failure.
+    """
+    from dvc.repo import Repo
+
+    tasks: dict[str, Task] = {}
+    with Repo(str(repo)) as dvc_repo:
+        queue = dvc_repo.experiments.celery_queue
+        listings = (((e, FAILED) for e, _ in queue.iter_failed()), ((e, SUCCESS) for e, _ in queue.iter_success()),
+                    ((e, QUEUED) for e in queue.iter_queued()), ((e, RUNNING) for e in queue.iter_active()))  # fmt: skip
+        for listing in listings:
+            for entry, state in listing:
+                if entry.name and entry.baseline_rev == baseline_rev:
+                    tasks[entry.name] = Task(entry.name, state, entry.stash_rev)
+    return tasks
 
 
 @dataclass(frozen=True)
@@ -128,13 +152,13 @@ def start_workers(jobs: int, repo: Path, env: Mapping[str, str]) -> None:
         raise DvcError(f"dvc queue start --jobs {jobs} failed (exit {code}): run it by hand to see why")
 
 
-def remove_tasks(names: Iterable[str], repo: Path) -> None:
-    names = list(names)
-    if names:
-        dvc(["queue", "remove", *names], repo, check=False)
+def remove_tasks(tasks: Iterable[Task], repo: Path) -> None:
+    revs = [t.rev for t in tasks]
+    if revs:
+        dvc(["queue", "remove", *revs], repo)
 
 
-def task_log(name: str, repo: Path, lines: int = 30) -> str:
-    """The end of an experiment's log (``dvc queue logs``)."""
-    text = dvc(["queue", "logs", name], repo, check=False)
+def task_log(task: Task, repo: Path, lines: int = 30) -> str:
+    """The end of a task's log (``dvc queue logs``)."""
+    text = dvc(["queue", "logs", task.rev], repo, check=False)
     return "\n".join(text.rstrip().splitlines()[-lines:])

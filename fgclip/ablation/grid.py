@@ -25,12 +25,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fgclip.config import AblationGridConfig, Params, describe_errors
+from fgclip.config import ABLATION_NAME, AblationGridConfig, Params, describe_errors
 from fgclip.errors import FGClipError
 
 SEED_KEY = "train.seed"
 # Set by the ablation itself (the seed) or shared by every cell for the MLflow tree to hold.
 FORBIDDEN_PREFIXES = (SEED_KEY, "tracking.", "ablation.", "orchestration.")
+# Sections no stage reads as an experiment's input, left out when experiments are compared.
+SHARED_SECTIONS = {"base_dir", "tracking", "ablation", "orchestration"}
 
 
 class GridError(FGClipError, ValueError):
@@ -45,6 +47,7 @@ class Experiment:
     seed: int
     name: str  # the DVC experiment's name
     overrides: Mapping[str, Any]  # the cell's overrides plus train.seed
+    resolved: Params  # the params it runs with
 
     def set_params(self) -> list[str]:
         """``dvc exp run`` arguments that set this experiment's params."""
@@ -71,14 +74,26 @@ class Grid:
             for seed in range(base_seed, base_seed + seeds):
                 full = {**overrides, SEED_KEY: seed}
                 resolved = apply_overrides(params, full, f"cell {cell!r}")
-                key = json.dumps(resolved.model_dump(mode="json", exclude={"base_dir"}), sort_keys=True)
-                exp = Experiment(cell, seed, f"{prefix}-{cell}-s{seed}", full)
+                key = comparable(resolved)
+                exp = Experiment(cell, seed, f"{prefix}-{cell}-s{seed}", full, resolved)
                 if key in seen:
                     raise GridError(f"cells {seen[key]} and {exp.name} have the same params: one would "
                                     "stand for both (change one, or drop it)")  # fmt: skip
                 seen[key] = exp.name
                 out.append(exp)
         return out
+
+
+def comparable(params: Params) -> str:
+    """What makes two experiments the same: every param the stages read, as canonical JSON."""
+    return json.dumps(params.model_dump(mode="json", exclude=SHARED_SECTIONS), sort_keys=True)
+
+
+def check_name(name: str) -> str:
+    """An ablation's name becomes part of DVC experiment names and of MLflow filter strings."""
+    if not ABLATION_NAME.fullmatch(name):
+        raise GridError(f"ablation name {name!r}: use letters, digits, '_' and '-' only")
+    return name
 
 
 def load_grid(params: Params, grid: str) -> Grid:
@@ -150,7 +165,12 @@ def override_text(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        # Hydra's quoted strings know no escapes but \' and \", and resolve ${...}: refuse what
+        # would not arrive as written rather than validate one value and run another.
+        if any(c in value for c in '\\"\n\r\t') or "${" in value:
+            raise GridError(f"cannot pass {value!r} through dvc exp run --set-param: no quotes, "
+                            "backslashes, control characters or ${...} in a string value")  # fmt: skip
+        return f'"{value}"'
     if isinstance(value, list):
         return "[" + ",".join(override_text(v) for v in value) + "]"
     raise GridError(f"cannot set a param to {value!r}: use a number, a string, true/false, null or a list")

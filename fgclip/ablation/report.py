@@ -18,7 +18,7 @@ from matplotlib.figure import Figure as MplFigure
 
 from fgclip.ablation.table import Figure, SeedRun, csv_text, latex, markdown, summarise
 from fgclip.atomic import atomic_path, write_text_atomic
-from fgclip.train.tracking import CELL_TAG, SEED_TAG, RunRecord
+from fgclip.train.tracking import CELL_TAG, EXPERIMENT_TAG, SEED_TAG, RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def runs_csv(children: Sequence[RunRecord]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["cell", "seed", "dvc_experiment", "mlflow_run_id", *METRICS])
     for run in children:
-        writer.writerow([run.tags.get(CELL_TAG, ""), run.tags.get(SEED_TAG, ""), run.tags.get("dvc.experiment", ""),
+        writer.writerow([run.tags.get(CELL_TAG, ""), run.tags.get(SEED_TAG, ""), run.tags.get(EXPERIMENT_TAG, ""),
                          run.run_id, *("" if run.metrics.get(k) is None else repr(run.metrics[k])
                                        for k in METRICS.values())])  # fmt: skip
     return buf.getvalue()

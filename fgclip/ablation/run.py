@@ -1,13 +1,14 @@
 """``fgclip ablate``: a grid × seeds as DVC experiments, run by DVC's queue, gathered in MLflow.
 
 1. The grid is expanded and checked (``grid.py``): nothing is queued for a typo.
-2. Experiments the current commit already finished are kept (a rerun resumes), any
-   still queued or running are waited for, failed ones are removed from the queue and
-   queued again, and the rest are queued: ``dvc exp run --queue --name <ablation>-<cell>-s<seed>``.
+2. Experiments the current commit already finished with the same params are kept (a rerun
+   resumes), any of this commit still queued or running are waited for, failed ones are
+   removed from the queue and queued again, and the rest are queued:
+   ``dvc exp run --queue --name <ablation>-<cell>-s<seed> --set-param ...``.
 3. ``dvc queue start --jobs J`` runs them; this waits with a progress bar, and prints
    the end of each failed experiment's log as it fails (the others go on).
-4. Each finished experiment's MLflow run (``run_id`` of its ``metrics/train.json``) is
-   tagged as a child of the ablation's parent run, with its cell and seed.
+4. Each finished experiment's MLflow run (``run_id`` of its ``train.metrics``) is tagged
+   as a child of the ablation's parent run, with its cell and seed.
 5. The table is built from those children and written, with the bar chart, under
    ``ablation.out/<name>/`` and as artefacts of the parent run.
 """
@@ -16,17 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from fgclip.ablation import dvc_queue
-from fgclip.ablation.grid import Experiment, Grid, GridError, load_grid
+from fgclip.ablation.grid import Experiment, Grid, GridError, check_name, comparable, load_grid
 from fgclip.ablation.report import build_table, write_report
+from fgclip.ablation.table import AblationTableError
 from fgclip.config import Params
 from fgclip.errors import FGClipError
 
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # Polls in a row with our experiments queued and no worker before the workers are started again.
 IDLE_POLLS_BEFORE_RESTART = 3
+# A queue look costs about a second of CPU: the wait between looks grows to this while nothing changes.
+MAX_POLL_S = 60.0
 
 
 class AblationFailed(FGClipError, RuntimeError):
@@ -46,18 +51,18 @@ class AblationResult:
     parent_run_id: str
     table_md: str
     files: list[Path]
-    failed: dict[str, str] = field(default_factory=dict)  # experiment name -> end of its log
+    failed: dict[str, str] = field(default_factory=dict)  # experiment name -> why (the end of its log)
     reused: list[str] = field(default_factory=list)  # finished before this run
 
 
 def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jobs: int | None = None,
            name: str | None = None) -> AblationResult:  # fmt: skip
-    from fgclip.train.tracking import ablation_parent, ablation_runs, check_tracking, end_run, log_to_run
+    from fgclip.train.tracking import ablation_parent, check_tracking, end_run
 
     repo = params.base_dir
     dvc_queue.check_repo(repo)
     spec = load_grid(params, grid or params.ablation.grid)
-    name = name or spec.name
+    name = check_name(name or spec.name)
     seeds = params.ablation.seeds if seeds is None else seeds
     jobs = params.ablation.jobs if jobs is None else jobs
     if seeds < 1 or jobs < 1:
@@ -65,99 +70,135 @@ def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jo
     experiments = spec.experiments(params, seeds, name)
     tracking_uri = params.tracking_uri
     check_tracking(tracking_uri)
-    env = dvc_queue.worker_env(jobs)
-
+    baseline = dvc_queue.baseline(repo)
+    changed = dvc_queue.uncommitted(repo)
+    if changed:
+        logger.warning("uncommitted changes go into every experiment queued now, while the MLflow runs name "
+                       "commit %s only: %s", baseline[:8], ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))  # fmt: skip
     done = dvc_queue.finished(repo)
-    _check_finished_params(experiments, done)
-    states = dvc_queue.queue_status(repo)
-    reused = [e.name for e in experiments if e.name in done]
-    waiting = [e.name for e in experiments if e.name not in done and states.get(e.name) in dvc_queue.IN_FLIGHT]
-    todo = [e for e in experiments if e.name not in done and e.name not in waiting]
-    logger.info("ablation %s: %d experiments (%d cells x %d seeds): %d finished before, %d in the queue, %d to queue",
-                name, len(experiments), len(spec.cells), seeds, len(reused), len(waiting), len(todo))  # fmt: skip
+    _check_finished_params(experiments, done, params)
+
     parent = ablation_parent(tracking_uri, params.tracking.experiment, name, {
         "ablation.reference": spec.reference, "ablation.seeds": seeds, "ablation.grid": json.dumps(spec.cells),
-        "ablation.baseline_rev": dvc_queue.baseline(repo)})  # fmt: skip
-    dvc_queue.remove_tasks([e.name for e in todo if states.get(e.name) == dvc_queue.FAILED], repo)
-    for exp in tqdm(todo, desc="queueing", unit="exp", disable=not todo):
-        dvc_queue.enqueue(exp.name, exp.set_params(), repo, env)
-    failed: dict[str, str] = {}
-    if todo or waiting:
-        dvc_queue.start_workers(jobs, repo, env)
-        failed = _wait(experiments, set(reused), repo, jobs, env, params.ablation.poll_s)
-
-    done = dvc_queue.finished(repo)
-    _adopt(experiments, done, params, tracking_uri, parent, name)
-    _, children = ablation_runs(tracking_uri, params.tracking.experiment, name)
-    ours = {e.name for e in experiments}
-    children = [c for c in children if c.tags.get("dvc.experiment") in ours]
-    table = build_table(children, spec.reference, list(spec.cells))
-    out_dir = params.path(params.ablation.out) / name
-    files = write_report(out_dir, name, table, children)
-    log_to_run(tracking_uri, parent, {}, files)
-    end_run(tracking_uri, parent, "FAILED" if failed else "FINISHED")
+        "ablation.baseline_rev": baseline})  # fmt: skip
+    status = "FAILED"
+    try:
+        failed = _run_queue(experiments, done, repo, baseline, jobs, params.ablation.poll_s)
+        done = dvc_queue.finished(repo)
+        for exp in experiments:  # removed from the queue, or DVC could not collect its results
+            if exp.name not in done and exp.name not in failed:
+                failed[exp.name] = "neither finished nor failed in DVC's queue (removed, or not collected)"
+        children = _adopt(experiments, done, tracking_uri, parent, name, baseline)
+        try:
+            table = build_table(children, spec.reference, list(spec.cells))
+        except AblationTableError as exc:
+            raise AblationFailed(f"no table: {exc}; failed: {', '.join(failed) or 'none'}") from exc
+        out_dir = params.path(params.ablation.out) / name
+        files = write_report(out_dir, name, table, children)
+        _log_report(tracking_uri, parent, files)
+        status = "FAILED" if failed else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise AblationFailed("stopped waiting (Ctrl-C); the queue runs on: `dvc queue status` shows it, "
+                             "`fgclip ablate` again waits for it and tables it, `dvc queue kill` stops it") from None  # fmt: skip
+    finally:
+        end_run(tracking_uri, parent, status)
+    reused = [e.name for e in experiments if e.name in done and e.name not in failed]
     return AblationResult(name, parent, (out_dir / "table.md").read_text(encoding="utf-8"), files, failed, reused)
 
 
-def _check_finished_params(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished]) -> None:
-    """A finished experiment of the same name must have this grid's values: else it stands for another cell."""
+def _log_report(tracking_uri: str, parent: str, files: list[Path]) -> None:
+    from fgclip.train.tracking import log_to_run
+
+    log_to_run(tracking_uri, parent, {}, files)
+
+
+def _run_queue(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished], repo: Path, baseline: str,
+               jobs: int, poll_s: float) -> dict[str, str]:  # fmt: skip
+    """Queue what is missing, start the workers, wait; the failed experiments with the end of their logs."""
+    tasks = dvc_queue.queue_status(repo, baseline)
+    live = {n for n, t in tasks.items() if t.state in dvc_queue.IN_FLIGHT}
+    finished_before = [e.name for e in experiments if e.name in done]
+    waiting = [e.name for e in experiments if e.name not in done and e.name in live]
+    todo = [e for e in experiments if e.name not in done and e.name not in live]
+    logger.info("%d experiments: %d finished before, %d in the queue, %d to queue",
+                len(experiments), len(finished_before), len(waiting), len(todo))  # fmt: skip
+    # A failed task of the same name would read as this run's failure the moment it is queued again.
+    dvc_queue.remove_tasks([tasks[e.name] for e in todo if e.name in tasks], repo)
+    env = dvc_queue.worker_env(jobs)
+    for exp in tqdm(todo, desc="queueing", unit="exp", disable=not todo):
+        dvc_queue.enqueue(exp.name, exp.set_params(), repo, env)
+    if not todo and not waiting:
+        return {}
+    dvc_queue.start_workers(jobs, repo, env)
+    return _wait(experiments, set(finished_before), repo, baseline, jobs, env, poll_s)
+
+
+def _check_finished_params(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished],
+                           params: Params) -> None:  # fmt: skip
+    """A finished experiment of the same name must have run with exactly these params, else it is another cell."""
     for exp in experiments:
         if exp.name not in done:
             continue
-        have = done[exp.name].params
-        for key, want in exp.overrides.items():
-            value: Any = have
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
-            if value != want:
-                raise GridError(f"experiment {exp.name} already exists with {key}={value!r}, not {want!r}: "
-                                f"remove it (dvc exp remove {exp.name}) or name this ablation otherwise (--name)")  # fmt: skip
+        try:
+            ran = comparable(Params.model_validate({**done[exp.name].params, "base_dir": params.base_dir}))
+        except ValidationError:
+            ran = None
+        if ran != comparable(exp.resolved):
+            raise GridError(f"experiment {exp.name} of this commit ran with other params than this grid gives it "
+                            f"(an edited params.yaml or cell): remove it (dvc exp remove {exp.name}) or "
+                            "name this ablation otherwise (--name)")  # fmt: skip
 
 
-def _wait(experiments: list[Experiment], finished_before: set[str], repo: Path, jobs: int,
+def _wait(experiments: list[Experiment], finished_before: set[str], repo: Path, baseline: str, jobs: int,
           env: Mapping[str, str], poll_s: float) -> dict[str, str]:  # fmt: skip
     """Until none of ``experiments`` is queued or running; the failed ones with the end of their logs."""
     names = [e.name for e in experiments]
     failed: dict[str, str] = {}
-    seen_done: set[str] = set(finished_before)
+    seen_done = set(finished_before)
     idle = 0
+    interval = poll_s
+    previous: dict[str, str | None] = {}
     with tqdm(total=len(names), initial=len(seen_done), desc="ablation", unit="exp") as bar:
         while True:
-            states = dvc_queue.queue_status(repo)
-            for n in names:
-                state = states.get(n)
+            tasks = dvc_queue.queue_status(repo, baseline)
+            now = {n: (tasks[n].state if n in tasks else None) for n in names}
+            for n, state in now.items():
                 if n in seen_done or n in failed:
                     continue
                 if state == dvc_queue.SUCCESS:
                     seen_done.add(n)
                     bar.update(1)
                 elif state == dvc_queue.FAILED:
-                    failed[n] = dvc_queue.task_log(n, repo)
+                    failed[n] = dvc_queue.task_log(tasks[n], repo)
                     bar.update(1)
-                    tqdm.write(f"experiment {n} failed; the end of its log (dvc queue logs {n}):\n{failed[n]}")
-            running = sum(states.get(n) == dvc_queue.RUNNING for n in names)
-            queued = sum(states.get(n) == dvc_queue.QUEUED for n in names)
+                    tqdm.write(f"experiment {n} failed; the end of its log (dvc queue logs {n}):\n{failed[n]}",
+                               file=sys.stderr)  # fmt: skip
+            running = sum(s == dvc_queue.RUNNING for s in now.values())
+            queued = sum(s == dvc_queue.QUEUED for s in now.values())
             bar.set_postfix(running=running, queued=queued, failed=len(failed), refresh=True)
             if not running and not queued:
                 return failed
-            # DVC's workers stop when the queue is empty; another `dvc queue stop` may have stopped them too.
+            # DVC's workers stop when the queue is empty; a `dvc queue stop` elsewhere stops them too.
             idle = idle + 1 if queued and not running else 0
             if idle >= IDLE_POLLS_BEFORE_RESTART:
                 dvc_queue.start_workers(jobs, repo, env)
                 idle = 0
-            time.sleep(poll_s)
+            interval = poll_s if now != previous else min(interval * 1.5, MAX_POLL_S)
+            previous = now
+            time.sleep(interval)
 
 
-def _adopt(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished], params: Params,
-           tracking_uri: str, parent: str, name: str) -> None:  # fmt: skip
-    """Tag each finished experiment's MLflow run as a child of ``parent``."""
-    from fgclip.train.tracking import ABLATION_TAG, CELL_TAG, PARENT_TAG, SEED_TAG, tag_run
+def _adopt(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished], tracking_uri: str,
+           parent: str, name: str, baseline: str) -> list:  # fmt: skip
+    """Tag each finished experiment's MLflow run as a child of ``parent``; returns those runs."""
+    from fgclip.train.tracking import ABLATION_TAG, BASELINE_TAG, CELL_TAG, SEED_TAG, adopt_child, read_run
 
-    metrics_file = Path(params.train.metrics).as_posix()
-    seen: dict[str, str] = {}
+    children, seen = [], {}
     for exp in experiments:
         if exp.name not in done:
             continue
+        metrics_file = Path(exp.resolved.train.metrics).as_posix()
         run_id = (done[exp.name].metrics.get(metrics_file) or {}).get("run_id")
         if not run_id:
             logger.warning("experiment %s: no run_id in its %s: not in the table", exp.name, metrics_file)
@@ -165,10 +206,14 @@ def _adopt(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished]
         if run_id in seen:
             logger.warning("experiments %s and %s share MLflow run %s: DVC reused one's outputs for the other",
                            seen[run_id], exp.name, run_id)  # fmt: skip
+            continue
         seen[run_id] = exp.name
-        tag_run(tracking_uri, run_id, {PARENT_TAG: parent, ABLATION_TAG: name, CELL_TAG: exp.cell,
-                                       SEED_TAG: exp.seed, "dvc.experiment": exp.name,
-                                       "dvc.experiment_rev": done[exp.name].rev}, name=exp.name)  # fmt: skip
+        tags = {ABLATION_TAG: name, CELL_TAG: exp.cell, SEED_TAG: exp.seed, BASELINE_TAG: baseline,
+                "dvc.experiment_rev": done[exp.name].rev}  # fmt: skip
+        for note in adopt_child(tracking_uri, run_id, parent, exp.name, tags):
+            logger.warning("%s", note)
+        children.append(read_run(tracking_uri, run_id))
+    return children
 
 
 __all__ = ["AblationFailed", "AblationResult", "Grid", "ablate"]

@@ -456,18 +456,48 @@ def ablation_parent(tracking_uri: str, experiment: str, name: str, tags: Mapping
     return run_id
 
 
-def tag_run(tracking_uri: str, run_id: str, tags: Mapping[str, object], name: str | None = None) -> None:
-    """Set ``tags`` on a run (finished or not); ``name`` renames it."""
+def tag_run(tracking_uri: str, run_id: str, tags: Mapping[str, object]) -> None:
+    """Set ``tags`` on a run, finished or not."""
     client = _client(tracking_uri)
-    if name is not None:
-        client.update_run(run_id, name=name)
     items = [RunTag(k, _truncate(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in tags.items()]
     for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
 
+EXPERIMENT_TAG = "ablation.experiment"
+BASELINE_TAG = "ablation.baseline_rev"
+TRAINED_BY_TAG = "dvc.experiment"  # set by the training run itself, from DVC's DVC_EXP_NAME
+
+
+def adopt_child(tracking_uri: str, run_id: str, parent_id: str, experiment: str, tags: Mapping[str, object]) -> list[str]:
+    """Make ``run_id`` a child of ``parent_id``; returns warnings worth showing.
+
+    The run is renamed after the experiment only when that experiment trained it: a run
+    DVC handed over unchanged (the workspace's own, or one from its run cache) keeps its name.
+    """
+    client = _client(tracking_uri)
+    run = client.get_run(run_id)
+    notes = []
+    old_parent = run.data.tags.get(PARENT_TAG)
+    if old_parent and old_parent != parent_id:
+        notes.append(f"MLflow run {run_id} was a child of run {old_parent}, now of {parent_id}: a run has one parent")
+    if run.data.tags.get(TRAINED_BY_TAG) == experiment:
+        if run.info.run_name != experiment:
+            client.update_run(run_id, name=experiment)
+    else:
+        notes.append(f"experiment {experiment} reuses MLflow run {run_id} ({run.info.run_name}): DVC found its "
+                     "outputs up to date or in its run cache, so nothing was trained again")  # fmt: skip
+    tag_run(tracking_uri, run_id, {PARENT_TAG: parent_id, EXPERIMENT_TAG: experiment, **tags})
+    return notes
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def read_run(tracking_uri: str, run_id: str) -> RunRecord:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    return _run_record(client, client.get_run(run_id))
 
 
 def ablation_runs(tracking_uri: str, experiment: str, name: str) -> tuple[RunRecord, list[RunRecord]]:

@@ -15,8 +15,28 @@ from typing import Any
 
 import pytest
 import yaml
+from tiny_config import TINY_MODEL, TINY_REPO_SAMPLE
 
 PROJECT = Path(__file__).resolve().parents[2]
+
+# The whole pipeline in about a minute on 2 cores: a tiny sample, model and training.
+TINY_PIPELINE = {
+    "sample": {**TINY_REPO_SAMPLE, "test_per_class": 2, "test_normal": 2},
+    "frames": {"workers": 1, "train_frames_per_video": 8},
+    "model": dict(TINY_MODEL),
+    "pretrain": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
+    "train": {
+        "max_steps": 6,
+        "batch_size": 4,
+        "num_frames": 4,
+        "memory_bank_warmup_steps": 3,
+        "memory_bank_size": 16,
+        "checkpoint_every": 3,
+        "num_workers": 0,
+        "warmup_steps": 1,
+        "diag_every": 2,
+    },
+}
 
 
 def free_port() -> int:

@@ -10,31 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from e2e_helpers import TINY_PIPELINE as TINY
 from e2e_helpers import scratch_repo
-from tiny_config import TINY_MODEL, TINY_REPO_SAMPLE
 
 from pipeline.stages import StageFailed, run_stage, stage_order
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
-TINY = {
-    "sample": {**TINY_REPO_SAMPLE, "test_per_class": 2, "test_normal": 2},
-    "frames": {"workers": 1, "train_frames_per_video": 8},
-    "model": dict(TINY_MODEL),
-    "pretrain": {"steps": 10, "batch_size": 16, "warmup_steps": 2},
-    "train": {
-        "max_steps": 6,
-        "batch_size": 4,
-        "num_frames": 4,
-        "memory_bank_warmup_steps": 3,
-        "memory_bank_size": 16,
-        "checkpoint_every": 3,
-        "num_workers": 0,
-        "warmup_steps": 1,
-        "diag_every": 2,
-    },
-}
 
 
 def _env() -> dict[str, str]:
