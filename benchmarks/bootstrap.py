@@ -73,7 +73,7 @@ def _cpu_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--resamples", type=int, default=20)
     parser.add_argument("--protocol", default="full")
     parser.add_argument("--seed", type=int, default=0)

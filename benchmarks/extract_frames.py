@@ -228,7 +228,7 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "extract_frames")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, for both tools")
     ap.add_argument("--repeats", type=int, default=3)

@@ -613,7 +613,7 @@ def best_and_median(runs: list[dict], key: str = "seconds") -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "validate_boxes")
     ap.add_argument("--raw-rows", type=int, default=10_000_000, help="rows of the generated raw-box file")
     ap.add_argument("--row-group", type=int, default=250_000, help="rows per row group = per streamed batch")

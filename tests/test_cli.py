@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -49,7 +50,7 @@ def test_misspelt_knob_is_a_clear_error(tmp_path, capsys):
     bad.write_text("train:\n  memory_bank_warmup_step: 50\n")
     assert main(["train", "--params", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "memory_bank_warmup_step" in err and "Extra inputs are not permitted" in err
+    assert "train.memory_bank_warmup_step: unknown key (did you mean train.memory_bank_warmup_steps?)" in err
 
 
 def test_missing_params_file_is_a_clear_error(tmp_path, capsys):
@@ -291,3 +292,23 @@ def test_evaluate_checks_the_training_runs_server_first(local_params, capsys):
     )
     assert f"set the tracking_uri of {model_dir / 'run.json'}" in line
     assert time.monotonic() - start < 10
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_no_parser_accepts_an_abbreviated_option(capsys):
+    from fgclip.cli import build_parser
+
+    parsers = list(_parsers(build_parser()))
+    assert len(parsers) > 10
+    assert [p.prog for p in parsers if p.allow_abbrev] == []
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", "--max-step", "3"])  # once it meant --max-steps and trained
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --max-step" in capsys.readouterr().err

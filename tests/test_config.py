@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fgclip.config import Params, Paths, load_params, model_source
+from fgclip.config import Params, ParamsError, Paths, load_params, model_source
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "openai/clip-vit-base-patch32"
@@ -298,3 +298,26 @@ def test_the_ucf_crime_vitb32_params_load_with_their_documented_values(monkeypat
     # model.pretrained is read from the working directory: the repository root's models/.
     monkeypatch.chdir(REPO)
     assert Path(model_source(params.pretrained_source())).resolve() == REPO / "models" / "openai-vitb32"
+
+
+def test_validation_errors_are_one_line_each_and_never_echo_a_section(tmp_path: Path):
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["train"]["batch_size"] = "eight"
+    raw["evaluate"]["protocl"] = "full"
+    raw["trian"] = {"lr": 1}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: 3 invalid params:"
+    assert sorted(line.strip() for line in lines[1:]) == [
+        "evaluate.protocl: unknown key (did you mean evaluate.protocol?)",
+        "train.batch_size: expected an integer, got 'eight'",
+        "trian: unknown key (did you mean train?)",
+    ]
+    raw.pop("trian")
+    raw["evaluate"].pop("protocl")
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"invalid params: train\.batch_size: expected an integer, got 'eight'$"):
+        load_params(path)
