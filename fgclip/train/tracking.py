@@ -129,12 +129,22 @@ def check_tracking(tracking_uri: str, origin: str = "tracking.uri or MLFLOW_TRAC
         raise TrackingUnavailable(f"tracking URI {tracking_uri}: {db} is not a writable file: {fix}")
 
 
+# MLflow 3's UI opens an experiment by this tag: without it, it guesses, and a run with no
+# models logged opens on the empty GenAI views. "custom_model_development" is the UI's
+# "Machine learning" kind (its bundle's experiment-kind enum), whose page is the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag, or by another tool
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri))
+        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})  # fmt: skip
     except MlflowException:
         # Another process created it between the lookup and the create.
         experiment = client.get_experiment_by_name(name)

@@ -62,6 +62,8 @@ def test_params_metrics_and_artifacts_round_trip(store, tmp_path: Path) -> None:
     # Artefacts live next to the db, whatever the current directory was.
     assert experiment.artifact_location == (base / "mlartifacts").resolve().as_uri()
     assert [a.path for a in client.list_artifacts(run_id)] == ["health.json"]
+    # MLflow 3's UI opens a "Machine learning" experiment on its runs table, not the GenAI views.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_resume_never_logs_a_step_twice(store) -> None:
@@ -194,3 +196,11 @@ def test_a_local_store_needs_a_writable_directory(tmp_path: Path) -> None:
     for uri in (f"sqlite:///{tmp_path / 'new' / 'deeper' / 'mlflow.db'}", str(tmp_path / "mlruns")):
         tracking.check_tracking(uri)
     tracking.check_tracking("postgresql://user@db.invalid/mlflow")  # other stores: left to MLflow
+
+
+def test_an_experiment_made_without_a_kind_gets_the_runs_table_kind(store) -> None:
+    params, client, _ = store
+    client.create_experiment("made-elsewhere")
+    with Tracker(params.with_overrides(tracking={"experiment": "made-elsewhere"}), "kind"):
+        pass
+    assert client.get_experiment_by_name("made-elsewhere").tags["mlflow.experimentKind"] == "custom_model_development"
