@@ -16,7 +16,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
-from fgclip.ablation.table import Figure, SeedRun, csv_text, latex, markdown, summarise
+from fgclip.ablation.table import Figure, SeedRun, csv_text, latex, markdown, read_csv_text, summarise
 from fgclip.atomic import atomic_path, write_text_atomic
 from fgclip.train.tracking import CELL_TAG, EXPERIMENT_TAG, SEED_TAG, RunRecord
 
@@ -38,6 +38,10 @@ METRICS: dict[str, str] = {
 }
 # The bar chart: the evaluation figures, on one 0-1 axis each.
 CHART_METRICS = ("frame_auc", "frame_ap", "region_top1", "hardneg_acc", "cap2vid_r1")
+# The README's table of an ablation (README_BLOCK markers around it): fewer columns, 3 digits.
+README_METRICS = ("frame_auc", "frame_ap", "region_top1", "hardneg_acc", "cap2vid_r1", "loss_region",
+                  "temp_global", "temp_region")  # fmt: skip
+README_DIFFS = ("frame_auc", "region_top1", "hardneg_acc")
 REPORT_FILES = ("table.md", "table.tex", "table.csv", "runs.csv", "bars.png")
 
 
@@ -110,3 +114,8 @@ def write_report(out_dir: Path, name: str, table: Mapping[str, Mapping[str, Figu
     seeds = max((f.n for figs in table.values() for f in figs.values()), default=0)
     write_bar_chart(out_dir / "bars.png", table, f"ablation {name}: mean ± std over {seeds} seeds")
     return [out_dir / f for f in REPORT_FILES]
+
+
+def readme_table(table_csv: str) -> str:
+    """The README's Markdown table from a report's ``table.csv``: a test keeps the two equal."""
+    return markdown(read_csv_text(table_csv), README_METRICS, digits=3, diff_metrics=README_DIFFS)

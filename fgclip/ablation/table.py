@@ -153,3 +153,16 @@ def csv_text(table: Mapping[str, Mapping[str, Figure]], metrics: Sequence[str]) 
             writer.writerow([cell, metric, f.n, *("" if v is None else repr(v) for v in
                                                   (f.mean, f.std, f.diff, f.p_value)), f.pairs])  # fmt: skip
     return buf.getvalue()
+
+
+def read_csv_text(text: str) -> dict[str, dict[str, Figure]]:
+    """The table back from :func:`csv_text`'s output (cells and metrics in file order)."""
+    def number(value: str) -> float | None:
+        return float(value) if value else None
+
+    out: dict[str, dict[str, Figure]] = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        out.setdefault(row["cell"], {})[row["metric"]] = Figure(
+            n=int(row["seeds"]), mean=number(row["mean"]), std=number(row["std"]), diff=number(row["diff"]),
+            p_value=number(row["p_value"]), pairs=int(row["pairs"]))  # fmt: skip
+    return out

@@ -70,3 +70,11 @@ def test_bad_runs_are_one_line_errors():
         summarise(_records(), ["frame_auc"], reference="nope")
     with pytest.raises(AblationTableError, match="cell 'a' has seed 0 twice"):
         summarise([SeedRun("a", 0, {}), SeedRun("a", 0, {})], ["frame_auc"], reference="a")
+
+
+def test_the_csv_reads_back_to_the_same_table():
+    from fgclip.ablation.table import read_csv_text
+
+    metrics = ["frame_auc", "region_top1"]
+    table = summarise(_records(), metrics, "global only")
+    assert read_csv_text(csv_text(table, metrics)) == table  # repr() of a float reads back exactly
