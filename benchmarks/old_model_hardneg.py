@@ -1,4 +1,6 @@
-"""Hard-negative accuracy of a model trained before hard negatives existed (README's before/after).
+"""Hard-negative accuracy of a model trained before hard negatives existed (session 5's before/after
+comparison, since replaced in the README by the ablation grid, whose global-only and memory-bank cells
+are trained without the hard-negative loss and scored by the evaluate stage itself).
 
 Run it with the OLD code on the path, from a clone at f6e31bd that has run `dvc repro`:
 

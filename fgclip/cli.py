@@ -174,6 +174,9 @@ def cmd_compare(params: Params, args: argparse.Namespace) -> None:
 def cmd_ablate(params: Params, args: argparse.Namespace) -> None:
     from fgclip.ablation.run import AblationFailed, ablate
 
+    if Path(args.params).resolve() != params.base_dir / "params.yaml":
+        raise FGClipError(f"--params {args.params}: the experiments run the repository's params.yaml "
+                          f"({params.base_dir / 'params.yaml'}): give that one")  # fmt: skip
     result = ablate(params, grid=args.grid, seeds=args.seeds, jobs=args.jobs, name=args.name)
     sys.stdout.write(result.table_md)
     print(f"report: {result.files[0].parent} ({', '.join(f.name for f in result.files)}); "

@@ -84,13 +84,18 @@ def compare_ablation(params: Params, name: str, *, experiment: str | None = None
     reference = parent.tags.get("ablation.reference")
     try:
         cells = list(json.loads(parent.tags.get("ablation.grid", "")))
-    except ValueError:
+    except (ValueError, TypeError):
         cells = []
     if not reference or not cells:
         raise FGClipError(f"ablation {name!r}: its parent run {parent.run_id} has no ablation.reference / ablation.grid tags")
     # The children of the ablation's last run: same commit (a name reused on a later commit adopts anew).
     baseline = parent.tags.get("ablation.baseline_rev")
-    children = [c for c in children if c.tags.get("ablation.baseline_rev") == baseline]
+    try:
+        seeds = {str(seed) for seed in json.loads(parent.tags.get("ablation.seeds", ""))}
+    except (ValueError, TypeError):
+        seeds = None  # a parent tagged before the seed list: every seed
+    children = [c for c in children if c.tags.get("ablation.baseline_rev") == baseline
+                and (seeds is None or c.tags.get("ablation.seed") in seeds)]  # fmt: skip
     table = build_table(children, reference, cells)
     if fmt == "csv":
         return csv_text(table, list(METRICS))

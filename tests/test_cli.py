@@ -312,3 +312,10 @@ def test_no_parser_accepts_an_abbreviated_option(capsys):
         build_parser().parse_args(["train", "--max-step", "3"])  # once it meant --max-steps and trained
     assert exit_.value.code == 2
     assert "unrecognized arguments: --max-step" in capsys.readouterr().err
+
+
+def test_ablate_refuses_a_params_file_the_experiments_would_not_run(tmp_path, capsys):
+    other = tmp_path / "other.yaml"
+    other.write_text((REPO / "params.yaml").read_text())
+    assert main(["ablate", "--params", str(other), "--grid", "tiny"]) == 1
+    assert "the experiments run the repository's params.yaml" in capsys.readouterr().err

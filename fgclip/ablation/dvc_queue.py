@@ -43,13 +43,14 @@ def worker_env(jobs: int) -> dict[str, str]:
     return env
 
 
-def dvc(args: Sequence[str], repo: Path, env: Mapping[str, str] | None = None, check: bool = True) -> str:
+def dvc(args: Sequence[str], repo: Path, env: Mapping[str, str] | None = None, check: bool = True,
+        timeout: float | None = DVC_TIMEOUT_S) -> str:  # fmt: skip
     cmd = [sys.executable, "-m", "dvc", *args]
     try:
         proc = subprocess.run(cmd, cwd=repo, env=dict(env or worker_env(1)), capture_output=True, text=True,
-                              timeout=DVC_TIMEOUT_S, check=False)  # fmt: skip
+                              timeout=timeout, check=False)  # fmt: skip
     except subprocess.TimeoutExpired as exc:
-        raise DvcError(f"dvc {' '.join(args[:3])} did not finish within {DVC_TIMEOUT_S} s") from exc
+        raise DvcError(f"dvc {' '.join(args[:3])} did not finish within {timeout} s") from exc
     out = proc.stdout + proc.stderr
     if check and proc.returncode != 0:
         tail = " | ".join(line for line in out.strip().splitlines()[-5:])
@@ -75,8 +76,10 @@ def uncommitted(repo: Path) -> list[str]:
 
 
 def baseline(repo: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise DvcError(f"{repo}: git rev-parse HEAD failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
 
 
 @dataclass(frozen=True)
@@ -86,26 +89,35 @@ class Task:
     rev: str  # the queue entry's stash commit: `dvc queue remove` / `logs` take it
 
 
-def queue_status(repo: Path, baseline_rev: str) -> dict[str, Task]:
-    """``{experiment name: task}`` of the queue's tasks started from ``baseline_rev``.
+def queue_tasks(repo: Path, baseline_rev: str) -> list[Task]:
+    """Every task of the queue started from ``baseline_rev``, least telling first: failed,
+    succeeded, queued, running.
 
     Read through DVC's own queue API (what ``dvc queue status`` prints), because its table
     has no commit column: experiment names are unique per commit only, and a finished
-    task of another commit stays listed under the same name. For several tasks of one
-    name and commit, a live one wins over a finished one, a success over a failure.
+    task of another commit stays listed under the same name.
     """
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    tasks: dict[str, Task] = {}
-    with Repo(str(repo)) as dvc_repo:
-        queue = dvc_repo.experiments.celery_queue
-        listings = (((e, FAILED) for e, _ in queue.iter_failed()), ((e, SUCCESS) for e, _ in queue.iter_success()),
-                    ((e, QUEUED) for e in queue.iter_queued()), ((e, RUNNING) for e in queue.iter_active()))  # fmt: skip
-        for listing in listings:
-            for entry, state in listing:
-                if entry.name and entry.baseline_rev == baseline_rev:
-                    tasks[entry.name] = Task(entry.name, state, entry.stash_rev)
+    tasks: list[Task] = []
+    try:
+        with Repo(str(repo)) as dvc_repo:
+            queue = dvc_repo.experiments.celery_queue
+            listings = (((e, FAILED) for e, _ in queue.iter_failed()), ((e, SUCCESS) for e, _ in queue.iter_success()),
+                        ((e, QUEUED) for e in queue.iter_queued()), ((e, RUNNING) for e in queue.iter_active()))  # fmt: skip
+            for listing in listings:
+                tasks += [Task(e.name, state, e.stash_rev) for e, state in listing
+                          if e.name and e.baseline_rev == baseline_rev]  # fmt: skip
+    except DvcException as exc:
+        raise DvcError(f"{repo}: cannot read DVC's experiment queue: {exc}") from exc
     return tasks
+
+
+def queue_status(repo: Path, baseline_rev: str) -> dict[str, Task]:
+    """``{experiment name: task}`` for this commit; of several tasks of one name, a live one
+    wins over a finished one, a success over a failure."""
+    return {t.name: t for t in queue_tasks(repo, baseline_rev)}
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,10 @@ class Finished:
 
 def finished(repo: Path) -> dict[str, Finished]:
     """Every experiment of HEAD that DVC committed, by name (``dvc exp show --json``)."""
-    shown = json.loads(dvc(["exp", "show", "--json"], repo) or "[]")
+    try:
+        shown = json.loads(dvc(["exp", "show", "--json"], repo) or "[]")
+    except json.JSONDecodeError as exc:
+        raise DvcError(f"{repo}: dvc exp show --json printed no JSON ({exc})") from exc
     out: dict[str, Finished] = {}
     for entry in shown:
         for exp in entry.get("experiments") or []:
@@ -139,15 +154,20 @@ def finished(repo: Path) -> dict[str, Finished]:
 
 
 def enqueue(name: str, set_params: Sequence[str], repo: Path, env: Mapping[str, str]) -> None:
-    dvc(["exp", "run", "--queue", "--name", name, *set_params], repo, env)
+    # No timeout: DVC stashes the workspace and detaches HEAD while it queues, and a kill
+    # mid-way would leave both so; hashing a large dataset the first time takes minutes.
+    dvc(["exp", "run", "--queue", "--name", name, *set_params], repo, env, timeout=None)
 
 
 def start_workers(jobs: int, repo: Path, env: Mapping[str, str]) -> None:
     """``dvc queue start``: its workers are daemons that keep any inherited pipe open until they
     exit, so their output goes to DVC's own log files, not to a pipe this would wait on."""
     cmd = [sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)]
-    code = subprocess.run(cmd, cwd=repo, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, timeout=DVC_TIMEOUT_S, check=False).returncode  # fmt: skip
+    try:
+        code = subprocess.run(cmd, cwd=repo, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=DVC_TIMEOUT_S, check=False).returncode  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise DvcError(f"dvc queue start did not return within {DVC_TIMEOUT_S} s") from exc
     if code != 0:
         raise DvcError(f"dvc queue start --jobs {jobs} failed (exit {code}): run it by hand to see why")
 

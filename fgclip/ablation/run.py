@@ -78,9 +78,11 @@ def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jo
     done = dvc_queue.finished(repo)
     _check_finished_params(experiments, done, params)
 
+    finished_before = [e.name for e in experiments if e.name in done]
+    seed_list = sorted({e.seed for e in experiments})
     parent = ablation_parent(tracking_uri, params.tracking.experiment, name, {
-        "ablation.reference": spec.reference, "ablation.seeds": seeds, "ablation.grid": json.dumps(spec.cells),
-        "ablation.baseline_rev": baseline})  # fmt: skip
+        "ablation.reference": spec.reference, "ablation.seeds": json.dumps(seed_list),
+        "ablation.grid": json.dumps(list(spec.cells)), "ablation.baseline_rev": baseline})  # fmt: skip
     status = "FAILED"
     try:
         failed = _run_queue(experiments, done, repo, baseline, jobs, params.ablation.poll_s)
@@ -103,8 +105,8 @@ def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jo
                              "`fgclip ablate` again waits for it and tables it, `dvc queue kill` stops it") from None  # fmt: skip
     finally:
         end_run(tracking_uri, parent, status)
-    reused = [e.name for e in experiments if e.name in done and e.name not in failed]
-    return AblationResult(name, parent, (out_dir / "table.md").read_text(encoding="utf-8"), files, failed, reused)
+    return AblationResult(name, parent, (out_dir / "table.md").read_text(encoding="utf-8"), files, failed,
+                          finished_before)  # fmt: skip
 
 
 def _log_report(tracking_uri: str, parent: str, files: list[Path]) -> None:
@@ -116,15 +118,17 @@ def _log_report(tracking_uri: str, parent: str, files: list[Path]) -> None:
 def _run_queue(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished], repo: Path, baseline: str,
                jobs: int, poll_s: float) -> dict[str, str]:  # fmt: skip
     """Queue what is missing, start the workers, wait; the failed experiments with the end of their logs."""
-    tasks = dvc_queue.queue_status(repo, baseline)
-    live = {n for n, t in tasks.items() if t.state in dvc_queue.IN_FLIGHT}
+    all_tasks = dvc_queue.queue_tasks(repo, baseline)
+    live = {t.name for t in all_tasks if t.state in dvc_queue.IN_FLIGHT}
     finished_before = [e.name for e in experiments if e.name in done]
     waiting = [e.name for e in experiments if e.name not in done and e.name in live]
     todo = [e for e in experiments if e.name not in done and e.name not in live]
     logger.info("%d experiments: %d finished before, %d in the queue, %d to queue",
                 len(experiments), len(finished_before), len(waiting), len(todo))  # fmt: skip
-    # A failed task of the same name would read as this run's failure the moment it is queued again.
-    dvc_queue.remove_tasks([tasks[e.name] for e in todo if e.name in tasks], repo)
+    # An old task of the same name (failed, or a success whose experiment was removed since)
+    # would read as this run's result the moment it is queued again.
+    names = {e.name for e in todo}
+    dvc_queue.remove_tasks([t for t in all_tasks if t.name in names], repo)
     env = dvc_queue.worker_env(jobs)
     for exp in tqdm(todo, desc="queueing", unit="exp", disable=not todo):
         dvc_queue.enqueue(exp.name, exp.set_params(), repo, env)

@@ -491,7 +491,11 @@ def adopt_child(tracking_uri: str, run_id: str, parent_id: str, experiment: str,
     old_parent = run.data.tags.get(PARENT_TAG)
     if old_parent and old_parent != parent_id:
         notes.append(f"MLflow run {run_id} was a child of run {old_parent}, now of {parent_id}: a run has one parent")
-    if run.data.tags.get(TRAINED_BY_TAG) == experiment:
+    trained_on = run.data.tags.get("dvc.baseline_rev")
+    if run.data.tags.get(TRAINED_BY_TAG) == experiment and trained_on and trained_on != tags.get(BASELINE_TAG):
+        notes.append(f"experiment {experiment} reuses MLflow run {run_id}, trained on commit {trained_on[:8]}: "
+                     "DVC restored its outputs from its run cache")  # fmt: skip
+    elif run.data.tags.get(TRAINED_BY_TAG) == experiment:
         if run.info.run_name != experiment:
             client.update_run(run_id, name=experiment)
     else:

@@ -31,7 +31,7 @@ def test_the_default_grid_is_the_issue_s_six_cells_times_seeds(params: Params):
     users = next(e for e in exps if e.cell == "users_old")
     resolved = apply_overrides(params, users.overrides, "users_old")
     assert resolved.model.logit_scale_init_value == pytest.approx(2.6592)
-    assert resolved.train.warmup_steps == 400
+    assert resolved.train.memory_bank_warmup_steps == 400  # the notes' bank warm-up, in forward passes
     off = apply_overrides(params, grid.cells["global_only"], "global_only").train
     assert (off.region_loss_weight, off.hardneg_loss_weight, off.memory_bank_size) == (0, 0, 0)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from fgclip.ablation.report import readme_table
 
 REPO = Path(__file__).resolve().parents[2]
-BLOCK = re.compile(r"<!-- ablation:(\w+) -->\n(.*?)<!-- /ablation -->", re.S)
+BLOCK = re.compile(r"<!-- ablation:(\w+) -->\n(.*?)<!-- /ablation -->", re.DOTALL)
 
 
 def test_every_ablation_table_in_the_readme_is_generated_from_its_report():

@@ -204,3 +204,28 @@ def test_an_experiment_made_without_a_kind_gets_the_runs_table_kind(store) -> No
     with Tracker(params.with_overrides(tracking={"experiment": "made-elsewhere"}), "kind"):
         pass
     assert client.get_experiment_by_name("made-elsewhere").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_adopting_a_child_renames_only_a_run_its_experiment_trained(store) -> None:
+    params, client, _ = store
+    parent = tracking.ablation_parent(params.tracking_uri, params.tracking.experiment, "adopt", {})
+    exp_id = client.get_experiment_by_name(params.tracking.experiment).experiment_id
+
+    def run(name: str, tags: dict) -> str:
+        return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+    trained = run("fgclip-sample", {"dvc.experiment": "adopt-a-s0", "dvc.baseline_rev": "c1"})
+    cached = run("fgclip-sample", {"dvc.experiment": "adopt-b-s0", "dvc.baseline_rev": "c0"})
+    workspace = run("fgclip-sample", {})
+    other = client.create_run(exp_id, run_name="o", tags={"mlflow.parentRunId": "someone-else"}).info.run_id
+    notes = {rid: tracking.adopt_child(params.tracking_uri, rid, parent, exp, {tracking.BASELINE_TAG: "c1"})
+             for rid, exp in ((trained, "adopt-a-s0"), (cached, "adopt-b-s0"), (workspace, "adopt-c-s0"),
+                              (other, "adopt-d-s0"))}  # fmt: skip
+    assert notes[trained] == [] and client.get_run(trained).info.run_name == "adopt-a-s0"
+    assert "trained on commit c0" in notes[cached][0] and client.get_run(cached).info.run_name == "fgclip-sample"
+    assert "nothing was trained again" in notes[workspace][0]
+    assert client.get_run(workspace).info.run_name == "fgclip-sample"
+    assert any("was a child of run someone-else" in n for n in notes[other])
+    for rid in (trained, cached, workspace, other):
+        tags = client.get_run(rid).data.tags
+        assert tags["mlflow.parentRunId"] == parent and tags[tracking.BASELINE_TAG] == "c1"
