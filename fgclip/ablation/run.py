@@ -90,7 +90,7 @@ def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jo
         for exp in experiments:  # removed from the queue, or DVC could not collect its results
             if exp.name not in done and exp.name not in failed:
                 failed[exp.name] = "neither finished nor failed in DVC's queue (removed, or not collected)"
-        children = _adopt(experiments, done, tracking_uri, parent, name, baseline)
+        children = _adopt(experiments, done, tracking_uri, params.tracking.experiment, parent, name, baseline)
         try:
             table = build_table(children, spec.reference, list(spec.cells))
         except AblationTableError as exc:
@@ -194,9 +194,18 @@ def _wait(experiments: list[Experiment], finished_before: set[str], repo: Path, 
 
 
 def _adopt(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished], tracking_uri: str,
-           parent: str, name: str, baseline: str) -> list:  # fmt: skip
+           experiment: str, parent: str, name: str, baseline: str) -> list:  # fmt: skip
     """Tag each finished experiment's MLflow run as a child of ``parent``; returns those runs."""
-    from fgclip.train.tracking import ABLATION_TAG, BASELINE_TAG, CELL_TAG, SEED_TAG, adopt_child, read_run
+    from fgclip.train.tracking import (
+        ABLATION_TAG,
+        BASELINE_TAG,
+        CELL_TAG,
+        SEED_TAG,
+        ablation_runs,
+        adopt_child,
+        read_run,
+        release_child,
+    )
 
     children, seen = [], {}
     for exp in experiments:
@@ -217,6 +226,14 @@ def _adopt(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished]
         for note in adopt_child(tracking_uri, run_id, parent, exp.name, tags):
             logger.warning("%s", note)
         children.append(read_run(tracking_uri, run_id))
+    # An experiment removed and run again leaves its old run under the parent: release it,
+    # so the MLflow UI shows one child per cell and seed, as the table does.
+    adopted = {(c.tags[CELL_TAG], c.tags[SEED_TAG]): c.run_id for c in children}
+    _, current = ablation_runs(tracking_uri, experiment, name)
+    for old in current:
+        key = (old.tags.get(CELL_TAG), old.tags.get(SEED_TAG))
+        if key in adopted and adopted[key] != old.run_id:
+            release_child(tracking_uri, old.run_id, adopted[key])
     return children
 
 

@@ -505,6 +505,13 @@ def adopt_child(tracking_uri: str, run_id: str, parent_id: str, experiment: str,
     return notes
 
 
+def release_child(tracking_uri: str, run_id: str, superseded_by: str) -> None:
+    """Take a run out of its ablation: another run now stands for its cell and seed."""
+    client = _client(tracking_uri)
+    client.delete_tag(run_id, PARENT_TAG)
+    client.set_tag(run_id, "ablation.superseded_by", superseded_by)
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(tracking_uri).set_terminated(run_id, status=status)
 

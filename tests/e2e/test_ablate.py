@@ -82,7 +82,7 @@ def test_the_tiny_grid_runs_through_dvc_s_queue_and_its_table_is_the_children_s_
         assert float(kid.data.params["train.region_loss_weight"]) == (0.0 if cell == "global_only" else 0.5)
         assert int(kid.data.params["train.max_steps"]) == 4
         assert kid.data.tags["dvc.experiment"] == f"tiny-{cell}-s{seed}"
-    assert len({k.info.run_id for k in kids}) == 4
+    assert len({k.info.run_id for k in kids}) == 4 == len(kids)
 
     # The table, by hand from the children's metrics: mean, sample std, paired difference and t-test.
     report = repo / "reports" / "ablation" / "tiny"

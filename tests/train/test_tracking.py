@@ -229,3 +229,15 @@ def test_adopting_a_child_renames_only_a_run_its_experiment_trained(store) -> No
     for rid in (trained, cached, workspace, other):
         tags = client.get_run(rid).data.tags
         assert tags["mlflow.parentRunId"] == parent and tags[tracking.BASELINE_TAG] == "c1"
+
+
+def test_a_released_child_leaves_the_ablation(store) -> None:
+    params, client, _ = store
+    uri, experiment = params.tracking_uri, params.tracking.experiment
+    parent = tracking.ablation_parent(uri, experiment, "release", {})
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    old, new = (client.create_run(exp_id, tags={"mlflow.parentRunId": parent}).info.run_id for _ in range(2))
+    tracking.release_child(uri, old, new)
+    _, children = tracking.ablation_runs(uri, experiment, "release")
+    assert [c.run_id for c in children] == [new]
+    assert client.get_run(old).data.tags["ablation.superseded_by"] == new
