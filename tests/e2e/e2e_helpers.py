@@ -68,6 +68,15 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
+def pipeline_env() -> dict[str, str]:
+    """The environment a pipeline command runs in: this venv's tools first, the repository's own mlflow.db."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def scratch_repo(
     repo: Path, overrides: dict[str, dict], copy: tuple[str, ...] = ("dvc.yaml", "fgclip", "pipeline")
 ) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from e2e_helpers import TINY_PIPELINE, scratch_repo
+from e2e_helpers import TINY_PIPELINE, pipeline_env, scratch_repo
 from mlflow import MlflowClient
 from scipy import stats
 
@@ -22,16 +21,8 @@ pytestmark = pytest.mark.e2e
 FGCLIP = Path(sys.executable).with_name("fgclip")
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def _run(cmd: list, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=pipeline_env(), capture_output=True, text=True,
                           timeout=900, check=False)  # fmt: skip
     if ok:
         assert proc.returncode == 0, f"{cmd} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"

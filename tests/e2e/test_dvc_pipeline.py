@@ -4,14 +4,13 @@ then a second `dvc repro` that must be a no-op."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from e2e_helpers import TINY_PIPELINE as TINY
-from e2e_helpers import scratch_repo
+from e2e_helpers import pipeline_env, scratch_repo
 
 from pipeline.stages import StageFailed, run_stage, stage_order
 
@@ -20,16 +19,8 @@ pytestmark = pytest.mark.e2e
 
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(cmd, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=600, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
     return out
@@ -73,7 +64,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_noop(tiny_repo: Path):
 
 def test_run_stage_drives_one_stage_and_names_unknown_ones(tiny_repo: Path, monkeypatch):
     """The orchestration entry point (pipeline.stages.run_stage) over the same repository."""
-    monkeypatch.setenv("PATH", _env()["PATH"])
+    monkeypatch.setenv("PATH", pipeline_env()["PATH"])
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     run_stage(tiny_repo)  # a no-op after the test above; the whole pipeline when run alone
     out = run_stage(tiny_repo, "validate_boxes")
