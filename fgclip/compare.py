@@ -78,24 +78,31 @@ def compare_ablation(params: Params, name: str, *, experiment: str | None = None
     from fgclip.ablation.grid import check_name
     from fgclip.ablation.report import CHART_METRICS, METRICS, build_table
     from fgclip.ablation.table import csv_text, markdown
-    from fgclip.train.tracking import ablation_runs
+    from fgclip.train.tracking import (
+        BASELINE_TAG,
+        GRID_TAG,
+        REFERENCE_TAG,
+        SEED_TAG,
+        SEEDS_TAG,
+        ablation_runs,
+    )
 
     parent, children = ablation_runs(params.tracking_uri, experiment or params.tracking.experiment, check_name(name))
-    reference = parent.tags.get("ablation.reference")
+    reference = parent.tags.get(REFERENCE_TAG)
     try:
-        cells = list(json.loads(parent.tags.get("ablation.grid", "")))
+        cells = list(json.loads(parent.tags.get(GRID_TAG, "")))
     except (ValueError, TypeError):
         cells = []
     if not reference or not cells:
         raise FGClipError(f"ablation {name!r}: its parent run {parent.run_id} has no ablation.reference / ablation.grid tags")
     # The children of the ablation's last run: same commit (a name reused on a later commit adopts anew).
-    baseline = parent.tags.get("ablation.baseline_rev")
+    baseline = parent.tags.get(BASELINE_TAG)
     try:
-        seeds = {str(seed) for seed in json.loads(parent.tags.get("ablation.seeds", ""))}
+        seeds = {str(seed) for seed in json.loads(parent.tags.get(SEEDS_TAG, ""))}
     except (ValueError, TypeError):
         seeds = None  # a parent tagged before the seed list: every seed
-    children = [c for c in children if c.tags.get("ablation.baseline_rev") == baseline
-                and (seeds is None or c.tags.get("ablation.seed") in seeds)]  # fmt: skip
+    children = [c for c in children if c.tags.get(BASELINE_TAG) == baseline
+                and (seeds is None or c.tags.get(SEED_TAG) in seeds)]  # fmt: skip
     table = build_table(children, reference, cells)
     if fmt == "csv":
         return csv_text(table, list(METRICS))

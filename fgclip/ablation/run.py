@@ -57,7 +57,15 @@ class AblationResult:
 
 def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jobs: int | None = None,
            name: str | None = None) -> AblationResult:  # fmt: skip
-    from fgclip.train.tracking import ablation_parent, check_tracking, end_run
+    from fgclip.train.tracking import (
+        BASELINE_TAG,
+        GRID_TAG,
+        REFERENCE_TAG,
+        SEEDS_TAG,
+        ablation_parent,
+        check_tracking,
+        end_run,
+    )
 
     repo = params.base_dir
     dvc_queue.check_repo(repo)
@@ -81,8 +89,8 @@ def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jo
     finished_before = [e.name for e in experiments if e.name in done]
     seed_list = sorted({e.seed for e in experiments})
     parent = ablation_parent(tracking_uri, params.tracking.experiment, name, {
-        "ablation.reference": spec.reference, "ablation.seeds": json.dumps(seed_list),
-        "ablation.grid": json.dumps(list(spec.cells)), "ablation.baseline_rev": baseline})  # fmt: skip
+        REFERENCE_TAG: spec.reference, SEEDS_TAG: json.dumps(seed_list), GRID_TAG: json.dumps(list(spec.cells)),
+        BASELINE_TAG: baseline})  # fmt: skip
     status = "FAILED"
     try:
         failed = _run_queue(experiments, done, repo, baseline, jobs, params.ablation.poll_s)

@@ -153,6 +153,12 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
         return experiment.experiment_id
 
 
+def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, object]) -> None:
+    items = [RunTag(k, _truncate(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in tags.items()]
+    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+
 class Tracker:
     """One MLflow run, started or resumed; a no-op when ``enabled`` is false.
 
@@ -244,9 +250,7 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, object]) -> None:
         if not self.enabled:
             return
-        items = [RunTag(k, _truncate(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in tags.items()]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self.run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        _log_tags(self._client, self.run_id, tags)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer metric points for ``step``; flushed every few steps and on close."""
@@ -329,6 +333,31 @@ class RunRecord:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+def _open_experiment(tracking_uri: str, experiment: str, hint: str) -> tuple[MlflowClient, Any]:
+    """A reading client and the experiment, or an error naming what is there; ``hint`` says what to do."""
+    db = _sqlite_db(tracking_uri)
+    # Checked first: MLflow would silently create an empty database at a mistyped path.
+    if db is not None and not db.is_file():
+        raise TrackingReadError(f"no MLflow database at {db} (tracking URI {tracking_uri}); {hint}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise TrackingReadError(f"experiment {experiment!r} not found in {tracking_uri} (experiments: {names})")
+    return client, found
+
+
+def _search_all(client: MlflowClient, experiment_id: str, order_by: str, filter_string: str = "") -> list:
+    """Every run of the search, all pages."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, order_by=[order_by], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def read_runs(
     tracking_uri: str, experiment: str, selectors: Sequence[str] = (), last: int | None = None
 ) -> list[RunRecord]:
@@ -338,28 +367,8 @@ def read_runs(
     with changed params starts a new run under the same name) or a unique id
     prefix. Without selectors the runs come oldest first, so columns read as a timeline.
     """
-    db = _sqlite_db(tracking_uri)
-    # Checked first: MLflow would silently create an empty database at a mistyped path.
-    if db is not None and not db.is_file():
-        raise TrackingReadError(
-            f"no MLflow database at {db} (tracking URI {tracking_uri}); train a model first"
-        )
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise TrackingReadError(
-            f"experiment {experiment!r} not found in {tracking_uri} (experiments: {names})"
-        )
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [found.experiment_id], order_by=["attributes.start_time DESC"], page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    client, found = _open_experiment(tracking_uri, experiment, "train a model first")
+    runs = _search_all(client, found.experiment_id, order_by="attributes.start_time DESC")
     if not runs:
         raise TrackingReadError(f"experiment {experiment!r} in {tracking_uri} has no runs")
     if selectors:
@@ -442,6 +451,10 @@ ABLATION_TAG = "ablation.name"
 ROLE_TAG = "ablation.role"
 CELL_TAG = "ablation.cell"
 SEED_TAG = "ablation.seed"
+# The parent's record of the grid: its reference cell, cells (JSON list) and seeds (JSON list).
+REFERENCE_TAG = "ablation.reference"
+GRID_TAG = "ablation.grid"
+SEEDS_TAG = "ablation.seeds"
 # MLflow's own tag: the UI nests a run under the run it names.
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -468,10 +481,7 @@ def ablation_parent(tracking_uri: str, experiment: str, name: str, tags: Mapping
 
 def tag_run(tracking_uri: str, run_id: str, tags: Mapping[str, object]) -> None:
     """Set ``tags`` on a run, finished or not."""
-    client = _client(tracking_uri)
-    items = [RunTag(k, _truncate(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in tags.items()]
-    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+    _log_tags(_client(tracking_uri), run_id, tags)
 
 
 EXPERIMENT_TAG = "ablation.experiment"
@@ -523,24 +533,12 @@ def read_run(tracking_uri: str, run_id: str) -> RunRecord:
 
 def ablation_runs(tracking_uri: str, experiment: str, name: str) -> tuple[RunRecord, list[RunRecord]]:
     """Ablation ``name``'s parent run and its children (oldest first)."""
-    db = _sqlite_db(tracking_uri)
-    if db is not None and not db.is_file():
-        raise TrackingReadError(f"no MLflow database at {db} (tracking URI {tracking_uri}): run `fgclip ablate` first")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise TrackingReadError(f"experiment {experiment!r} not found in {tracking_uri}")
+    client, found = _open_experiment(tracking_uri, experiment, "run `fgclip ablate` first")
     parents = client.search_runs([found.experiment_id], filter_string=_parent_filter(name),
                                  order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
     if not parents:
         raise TrackingReadError(f"no ablation {name!r} in experiment {experiment!r} of {tracking_uri}")
     parent = parents[0]
-    children, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-                                  order_by=["attributes.start_time ASC"], page_token=token)  # fmt: skip
-        children.extend(page)
-        token = page.token
-        if not token:
-            break
+    children = _search_all(client, found.experiment_id, order_by="attributes.start_time ASC",
+                           filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")  # fmt: skip
     return _run_record(client, parent), [_run_record(client, run) for run in children]
