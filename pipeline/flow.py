@@ -14,27 +14,39 @@ make ``train`` refuse to start, and after it. A retried ``train`` task resumes
 from the last good checkpoint: ``checkpoints/`` is not a DVC output, so ``dvc
 repro`` leaves it in place and the training loop picks up its newest checkpoint.
 
+A failure that a retry would repeat (a missing executable, invalid params, a
+stage's own one-line user error: :func:`pipeline.stages.is_permanent`) fails its
+task at once; DVC's lock error, a killed or timed-out stage and a traceback are
+retried.
+
 The flow run's id and name reach the training run's MLflow tags through the
 environment (``dvc repro`` passes it to the stage command): see
-``fgclip.train.loop.ORCHESTRATOR_TAG_ENV``.
+``fgclip.train.loop.ORCHESTRATOR_TAG_ENV``. A completed run publishes the Markdown
+artefact ``fgclip-run-summary`` (:func:`summary_markdown`): the key metrics, the
+health checks and the link to the MLflow run, read from the metrics files.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
 from fgclip.config import Params, load_params
 from fgclip.errors import FGClipError
-from pipeline.stages import DVC_FILE, run_stage, stage_order
+from pipeline.stages import DVC_FILE, is_permanent, run_stage, stage_order
 
 if TYPE_CHECKING:
+    from prefect import Task
+    from prefect.client.schemas.objects import TaskRun
     from prefect.deployments.runner import RunnerDeployment
+    from prefect.states import State
 
 FLOW_NAME = "fgclip-pipeline"
 # Read by fgclip.train.loop (ORCHESTRATOR_TAG_ENV): the MLflow run's prefect.* tags.
@@ -42,9 +54,36 @@ FLOW_RUN_ID_ENV = "FGCLIP_FLOW_RUN_ID"
 FLOW_RUN_NAME_ENV = "FGCLIP_FLOW_RUN_NAME"
 # Lines of a stage's output copied into the Prefect log (the [LOSS] lines of a long run are in MLflow).
 LOG_TAIL_LINES = 200
+# The flow run's summary artefact (Prefect: lowercase letters, digits and dashes).
+ARTIFACT_KEY = "fgclip-run-summary"
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
+def retry_wanted(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect's ``retry_condition_fn``: False for a failure that a retry would only repeat."""
+    exc = state.data  # the task engine hands the raised exception over as Failed(data=exc)
+    if isinstance(exc, BaseException) and is_permanent(exc):
+        _run_logger().error(
+            "not retried: a %s cannot pass on a retry; fix its cause, then run again", type(exc).__name__
+        )
+        return False
+    return True
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    # The engine asks the retry condition inside the task run's context; a direct call has none.
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+@task(
+    name="dvc-stage",
+    task_run_name="{stage}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retry_condition_fn=retry_wanted,
+)
 def stage_task(repo: Path, stage: str, timeout_s: float | None, env: dict[str, str]) -> str:
     """``dvc repro -s <stage>``; ``"ran"`` or ``"up to date"``. Retries come from ``with_options``."""
     logger = get_run_logger()
@@ -102,7 +141,24 @@ def fgclip_pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[s
         results[name] = stage(root, name, orch.stage_timeout_s, env)
         if name == "train":
             clean_task(params_path, "after")
+    _publish_summary(params)
     return results
+
+
+def _publish_summary(params: Params) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    from pipeline.run_summary import read_run_metrics, summary_markdown
+
+    metrics, missing = read_run_metrics(params.paths)
+    run_id = (metrics.get("train") or {}).get("run_id")
+    create_markdown_artifact(
+        key=ARTIFACT_KEY,
+        markdown=summary_markdown(metrics, missing),
+        description=f"fgclip-vad metrics and health of {params.base_dir}"
+        + (f", MLflow run {run_id}" if run_id else ""),
+    )
+    get_run_logger().info("published the artefact %s (MLflow run %s)", ARTIFACT_KEY, run_id or "unknown")
 
 
 def _check_repo(root: Path, params: Params) -> None:
@@ -139,9 +195,10 @@ def serve(params_path: Path) -> None:
 
     api = PREFECT_API_URL.value()
     if not api:
+        # This order: `prefect server start` gives its UI the API address PREFECT_API_URL has then.
         raise FGClipError(
-            "no Prefect server configured: start one with `prefect server start`, then "
-            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` (or export PREFECT_API_URL)"
+            "no Prefect server configured: run `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`, "
+            "then `prefect server start --host 127.0.0.1 --port 4200` (or export PREFECT_API_URL)"
         )
     _check_reachable(api)
     dep = deployment(params_path)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fgclip.errors import FGClipError
+from fgclip.toolenv import dvc_command, tool_env
 
 # Queue task states, as `dvc queue status` prints them.
 QUEUED, RUNNING, SUCCESS, FAILED = "Queued", "Running", "Success", "Failed"
@@ -35,9 +35,7 @@ def worker_env(jobs: int) -> dict[str, str]:
     Each experiment's torch would otherwise start one thread per core, and J of them
     on the same cores run slower together than one after the other.
     """
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env = tool_env()
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
     return env
@@ -45,7 +43,7 @@ def worker_env(jobs: int) -> dict[str, str]:
 
 def dvc(args: Sequence[str], repo: Path, env: Mapping[str, str] | None = None, check: bool = True,
         timeout: float | None = DVC_TIMEOUT_S) -> str:  # fmt: skip
-    cmd = [sys.executable, "-m", "dvc", *args]
+    cmd = [*dvc_command(), *args]
     try:
         proc = subprocess.run(cmd, cwd=repo, env=dict(env or worker_env(1)), capture_output=True, text=True,
                               timeout=timeout, check=False)  # fmt: skip
@@ -162,7 +160,7 @@ def enqueue(name: str, set_params: Sequence[str], repo: Path, env: Mapping[str, 
 def start_workers(jobs: int, repo: Path, env: Mapping[str, str]) -> None:
     """``dvc queue start``: its workers are daemons that keep any inherited pipe open until they
     exit, so their output goes to DVC's own log files, not to a pipe this would wait on."""
-    cmd = [sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)]
+    cmd = [*dvc_command(), "queue", "start", "--jobs", str(jobs)]
     try:
         code = subprocess.run(cmd, cwd=repo, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, timeout=DVC_TIMEOUT_S, check=False).returncode  # fmt: skip

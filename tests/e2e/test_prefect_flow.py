@@ -5,9 +5,11 @@ runner serve the flow for one tiny repository. The first run of the served
 deployment is also the fault drill: it starts while another process holds DVC's
 repository lock (a transient fault the retry clears), with a stale-temperature
 checkpoint in the way (the cleanup task removes it), and its training process is
-SIGKILLed after its first checkpoint (the retry resumes from it). Then a stage
-that fails for good fails the flow with the stage's error, and `prefect.yaml`
-is deployed to the same server.
+SIGKILLed after its first checkpoint (the retry resumes from it); the completed
+run publishes its metrics artefact. `fgclip serve` runs without this venv on PATH,
+as `.venv/bin/fgclip serve` from a shell that never activated it. Then a stage
+that fails for good fails the flow with the stage's error at its first attempt,
+and `prefect.yaml` is deployed to the same server.
 """
 
 from __future__ import annotations
@@ -131,15 +133,20 @@ def tiny_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(prefect_env: dict[str, str], tiny_repo: Path, tmp_path_factory) -> Iterator[str]:
-    """`fgclip serve` of the tiny repository, running; yields the deployment name."""
+    """`fgclip serve` of the tiny repository, running; yields the deployment name.
+
+    Started by its path with this venv's bin off PATH: the stages must still find
+    `dvc` and `fgclip` (pipeline.stages runs them from the serving interpreter's environment).
+    """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**prefect_env, "PATH": _path_without(BIN, prefect_env["PATH"])}
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [str(BIN / "fgclip"), "serve", "--params", str(tiny_repo / "params.yaml")],
-            cwd=tiny_repo, env=prefect_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=tiny_repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
 
@@ -157,6 +164,12 @@ def served(prefect_env: dict[str, str], tiny_repo: Path, tmp_path_factory) -> It
         yield DEPLOYMENT
     finally:
         _stop(proc, signal.SIGINT)  # Ctrl-C, as an operator stops it
+
+
+def _path_without(directory: Path, path: str) -> str:
+    return os.pathsep.join(
+        p for p in path.split(os.pathsep) if p and Path(p).resolve() != directory.resolve()
+    )
 
 
 def _trigger(deployment: str) -> Any:
@@ -339,11 +352,38 @@ def test_a_busy_dvc_lock_is_retried_away(drill):
     assert "Unable to acquire lock" in logs and "Running stage 'sample'" in logs, logs[-3000:]
 
 
-def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_repo: Path):
-    """`data.root` pointed at a dataset without its split files: extraction fails on every attempt.
+def test_the_completed_run_publishes_its_metrics_and_mlflow_run(drill, tiny_repo: Path):
+    """The flow run's Markdown artefact, read back through the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    from pipeline.flow import ARTIFACT_KEY
+
+    flow_run = drill["flow_run"]
+    artifact_filter = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])
+    )
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=artifact_filter)
+    assert artifact.type == "markdown"
+    markdown = artifact.data
+    evaluation = json.loads((tiny_repo / "metrics/eval.json").read_text())
+    assert f"| frame AUC | {evaluation['finetuned']['frame_auc']:.4g} |" in markdown, markdown
+    run_id = drill["mlflow_run_id"]
+    assert f"**MLflow run** `{run_id}`" in markdown and "#/experiments/" in markdown, markdown
+    assert f"mlflow ui --backend-store-uri sqlite:///{tiny_repo / 'mlflow.db'}" in markdown, markdown
+    assert "## Health checks" in markdown and "## Missing" not in markdown, markdown
+
+
+def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_repo: Path):
+    """`data.root` pointed at a dataset without its split files: extraction fails, and is not retried.
+
+    The stage's error is the CLI's one-line user error (a missing split file): a retry
+    would only repeat it, so the task fails at its first attempt despite `retries: 1`.
     The sample stage still writes its own `sample.out` (it never writes into `data.root`).
     """
+    from prefect.client.orchestration import get_client
+
     params_path = tiny_repo / "params.yaml"
     good = params_path.read_text()
     params = yaml.safe_load(good)
@@ -359,7 +399,13 @@ def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_rep
     assert "dvc repro -s extract_frames failed" in message and "Anomaly_Train.txt" in message, message
     tasks = _task_runs(flow_run.id)
     assert tasks["sample"].run_count == 1
-    assert tasks["extract_frames"].run_count == 1 + TINY["orchestration"]["retries"]
+    extract = tasks["extract_frames"]
+    assert TINY["orchestration"]["retries"] > 0
+    assert extract.run_count == 1, "a failure a retry cannot cure must not be retried"
+    with get_client(sync_client=True) as client:
+        states = [state.name for state in client.read_task_run_states(extract.id)]
+    assert "AwaitingRetry" not in states and "Retrying" not in states, states
+    assert "not retried: a PermanentStageError" in _logs(flow_run.id, extract.id)
     assert "validate_boxes" not in tasks, "no stage may run after a failed one"
 
 
@@ -411,7 +457,7 @@ def test_serve_without_a_server_is_one_clear_line(prefect_env, capsys):
         assert main(["serve", "--params", str(REPO / "params.yaml")]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(
-        "fgclip serve: error: no Prefect server configured: start one with `prefect server"
+        "fgclip serve: error: no Prefect server configured: run `prefect config set PREFECT_API_URL="
     )
 
 

@@ -1,7 +1,8 @@
-"""dvc.yaml is the one home of the stage order and takes every path from params.yaml.
+"""dvc.yaml is the one home of the stage order and takes every path from params.yaml; stages run.
 
-Read with DVC itself (its templating and its stage graph) in a scratch copy of the
-two files; nothing runs a stage.
+dvc.yaml is read with DVC itself (its templating and its stage graph) in a scratch
+copy of the two files. Running a stage is tested on one-stage scratch repositories:
+how the stage's tools are found, and which failures a retry cannot cure.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import pytest
 import yaml
 
 from fgclip.config import load_params
-from pipeline.stages import run_stage, stage_order
+from fgclip.errors import FGClipError
+from pipeline import stages
+from pipeline.stages import (
+    PermanentStageError,
+    StageFailed,
+    is_permanent,
+    is_permanent_output,
+    run_stage,
+    stage_order,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CODE = "fgclip/"  # dependencies on the library's code, not on data: not params
@@ -23,6 +33,13 @@ CODE = "fgclip/"  # dependencies on the library's code, not on data: not params
 def _entries(items: list) -> list[str]:
     """The paths of a deps / outs / metrics / plots list (an entry may carry flags: ``{path: {...}}``)."""
     return [p for item in items for p in ([item] if isinstance(item, str) else item)]
+
+
+def _plot_paths(plot: str | dict) -> list[str]:
+    """The files of a top-level plot: an image's path, or the ``y`` files of a ``{name: {...}}`` one."""
+    if isinstance(plot, str):
+        return [plot]
+    return [path for definition in plot.values() for path in _entries(definition.get("y", []))]
 
 
 def _stage_paths(stage: dict) -> list[str]:
@@ -90,8 +107,7 @@ def test_dvc_yaml_writes_no_path_of_its_own():
         for path in _stage_paths(stage):
             assert path.startswith((CODE, "${")), f"{name}: {path!r} restates a params path"
     for plot in raw["plots"]:
-        for definition in plot.values():
-            assert all(path.startswith("${") for path in definition["y"]), plot
+        assert all(path.startswith("${") for path in _plot_paths(plot)), plot
 
 
 def test_dvc_yaml_paths_are_the_paths_the_stage_commands_use(dvc_repo: Path):
@@ -103,11 +119,14 @@ def test_dvc_yaml_paths_are_the_paths_the_stage_commands_use(dvc_repo: Path):
         data = [p for p in _stage_paths(stage) if not p.startswith(CODE)]
         assert data and set(data) <= known, (name, set(data) - known)
     stages = resolved["stages"]
-    rel = {field: str(getattr(paths, field).relative_to(dvc_repo)) for field in ("frames", "scores", "roc")}
+    fields = ("frames", "scores", "roc", "roc_plot", "models_plot", "loss_plot")
+    rel = {field: str(getattr(paths, field).relative_to(dvc_repo)) for field in fields}
     assert stages["extract_frames"]["outs"] == [rel["frames"]]
-    assert stages["evaluate"]["outs"] == [rel["scores"]]
-    assert [next(iter(p)) for p in stages["evaluate"]["plots"]] == [rel["roc"]]
-    assert [next(iter(plot.values()))["y"] for plot in resolved["plots"]][1] == {rel["roc"]: "tpr"}
+    assert _entries(stages["evaluate"]["outs"]) == [
+        rel[f] for f in ("scores", "roc", "roc_plot", "models_plot")
+    ]
+    plotted = [path for plot in resolved["plots"] for path in _plot_paths(plot)]
+    assert plotted == [rel[f] for f in ("loss_plot", "roc_plot", "models_plot")]
 
 
 def test_a_path_changed_in_params_yaml_changes_in_every_stage(dvc_repo: Path):
@@ -119,3 +138,109 @@ def test_a_path_changed_in_params_yaml_changes_in_every_stage(dvc_repo: Path):
     assert stages["extract_frames"]["outs"] == ["data/frames_v2"]
     for name in ("validate_boxes", "pretrain", "train", "evaluate"):
         assert "data/frames_v2" in stages[name]["deps"] and "data/frames" not in stages[name]["deps"], name
+
+
+# --- running a stage: the interpreter's tools, and which failures a retry cannot cure -------------
+
+# A PATH holding neither dvc nor fgclip: what `.venv/bin/fgclip serve` sees without the venv activated.
+BARE_PATH = "/usr/bin:/bin"
+
+
+def _one_stage_repo(repo: Path, cmd: str) -> Path:
+    """A DVC repository (no git) whose only stage ``only`` runs ``cmd`` and writes ``out.txt``."""
+    from dvc.repo import Repo
+
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"only": {"cmd": cmd, "outs": ["out.txt"]}}}))
+    Repo.init(repo, no_scm=True).close()
+    return repo
+
+
+def test_a_stage_runs_with_neither_dvc_nor_fgclip_on_path(tmp_path: Path):
+    """dvc is this interpreter's `python -m dvc`, and DVC's shell finds `fgclip` in its bin directory."""
+    assert shutil.which("dvc", path=BARE_PATH) is None and shutil.which("fgclip", path=BARE_PATH) is None
+    repo = _one_stage_repo(tmp_path, "fgclip --help > out.txt")
+    output = run_stage(repo, "only", env={"PATH": BARE_PATH}, timeout=120)
+    assert "Running stage 'only'" in output
+    assert (repo / "out.txt").read_text().startswith("usage: fgclip")
+
+
+@pytest.mark.parametrize(
+    ("cmd", "permanent"),
+    [
+        # The CLI's one-line user error (a params file that is not there): the same on every try.
+        ("fgclip sample --params missing.yaml --out out.txt", True),
+        ("no-such-tool-for-fgclip > out.txt", True),  # the shell: command not found (127)
+        ("exit 3", False),  # a crash without the CLI's error line: a retry may pass
+    ],
+)
+def test_run_stage_tells_a_permanent_failure(tmp_path: Path, cmd: str, permanent: bool):
+    repo = _one_stage_repo(tmp_path, cmd)
+    with pytest.raises(StageFailed, match=r"^dvc repro -s only failed \(exit \d+\):") as failed:
+        run_stage(repo, "only", timeout=120)
+    assert isinstance(failed.value, PermanentStageError) is permanent, failed.value
+    assert is_permanent(failed.value) is permanent
+
+
+def test_a_missing_executable_is_permanent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"only": {"cmd": "true"}}}))
+    monkeypatch.setattr(stages, "dvc_argv", lambda: [str(tmp_path / "no-python"), "-m", "dvc"])
+    with pytest.raises(PermanentStageError, match=r"^cannot run dvc repro -s only in .*no-python"):
+        run_stage(tmp_path, "only")
+
+
+def test_dvc_missing_from_this_environment_is_permanent(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(stages.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PermanentStageError, match=r"^dvc is not installed in .*'s environment"):
+        stages.dvc_argv()
+
+
+DVC_LOCK_ERROR = (
+    "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated "
+    "abruptly. Check the page <https://dvc.org/doc/user-guide/troubleshooting#lock-issue> for other "
+    "possible reasons and to learn how to resolve this."
+)
+
+
+@pytest.mark.parametrize(
+    ("output", "permanent"),
+    [
+        (("Running stage 'extract_frames':\n> fgclip extract-frames --params params.yaml\n"
+          "fgclip extract-frames: error: data/real_ucf/Anomaly_Train.txt not found\n"
+          "ERROR: failed to reproduce 'extract_frames': failed to run: fgclip extract-frames "
+          "--params params.yaml, exited with 1"), True),
+        ("fgclip train: error: params.yaml: train.max_steps must be positive", True),
+        ("fgclip validate-boxes: error: boxes.min_area_frac 2.0 must be in (0, 1)", True),
+        (("/bin/sh: 1: fgclip: not found\nERROR: failed to reproduce 'sample': failed to run: "
+          "fgclip sample --params params.yaml, exited with 127"), True),
+        # Transient: DVC's lock, kills, tracebacks; and the CLI's error lines that report a busy resource.
+        (DVC_LOCK_ERROR, False),
+        ("ERROR: '/repo/data/frames' is busy, it is being blocked by:\n  (PID 12): dvc repro", False),
+        (("ERROR: failed to reproduce 'train': failed to run: fgclip train --params params.yaml, "
+          "exited with -9"), False),
+        (("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA error: out of memory\n"
+          "ERROR: failed to reproduce 'train': failed to run: fgclip train, exited with 1"), False),
+        (("fgclip train: error: /repo/checkpoints/drill is in use by pid 12 on host (train): "
+          "lock file /repo/checkpoints/drill/train.lock. Wait for it to finish"), False),
+        (("fgclip train: error: MLflow tracking server http://127.0.0.1:5000 is not reachable "
+          "(connection refused): start it"), False),
+        # The error line must start a line: a log message quoting one is not the CLI's verdict.
+        ("INFO see `fgclip train: error: ...` in the docs\nexited with 1", False),
+    ],
+)  # fmt: skip
+def test_permanent_failures_are_told_from_the_output(output: str, permanent: bool):
+    assert is_permanent_output(output) is permanent
+
+
+@pytest.mark.parametrize(
+    ("exc", "permanent"),
+    [
+        (PermanentStageError("x"), True),
+        (FGClipError("bad params"), True),
+        (ValueError("unknown stage 'x'"), True),
+        (FileNotFoundError("dvc.yaml"), True),
+        (StageFailed("killed"), False),
+        (OSError("Resource temporarily unavailable"), False),
+    ],
+)
+def test_is_permanent_by_exception(exc: BaseException, permanent: bool):
+    assert is_permanent(exc) is permanent
