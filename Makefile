@@ -11,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install repro test lint bench clean
+.PHONY: install browser repro test lint bench clean
 
 install: $(STAMP)
 
@@ -25,7 +25,17 @@ $(STAMP): pyproject.toml requirements.lock
 repro: $(STAMP)
 	dvc repro
 
-test: $(STAMP)
+# The browser tests (tests/e2e/browser.py) drive Debian's chromium: installed here when
+# missing and this is Debian as root (CI is); otherwise they fail saying how to install it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends chromium \
+	      || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; \
+	  else echo "chromium not found: install Debian's chromium (sudo apt-get install chromium) for the browser tests" >&2; fi; }
+
+test: $(STAMP) browser
 	pytest
 
 lint: $(STAMP)

@@ -115,6 +115,8 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
         args.scores,
         roc_path=args.roc,
         boxes_dir=args.boxes,
+        roc_png=params.paths.roc_plot,
+        models_png=params.paths.models_plot,
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from fgclip import metric_keys
 from fgclip.errors import FGClipError
 
 if TYPE_CHECKING:
@@ -121,12 +122,12 @@ def build_sections(records: Sequence[RunRecord]) -> list[Section]:
     def metric_rows(keys: Sequence[str]) -> tuple[Row, ...]:
         return tuple(Row(k, tuple(r.metrics.get(k) for r in records)) for k in keys)
 
-    metric_keys = set().union(*(r.metrics for r in records))
+    logged = set().union(*(r.metrics for r in records))
     temperatures = sorted(
-        (k for k in metric_keys if k.startswith(("train/temperature", "train/logit_scale"))),
+        (k for k in logged if k.startswith(("train/temperature", "train/logit_scale"))),
         key=lambda k: (not k.startswith("train/temperature"), k),
     )
-    evaluation = sorted((k for k in metric_keys if k.startswith("eval/")), key=_eval_order)
+    evaluation = sorted((k for k in logged if k.startswith(metric_keys.EVAL_PREFIX)), key=_eval_order)
     run = (
         Row("status", tuple(r.status for r in records)),
         Row("started (UTC)", tuple(_started(r.start_time) for r in records)),
@@ -134,12 +135,12 @@ def build_sections(records: Sequence[RunRecord]) -> list[Section]:
     )
     health = (
         Row("memory bank on at (forward pass)", tuple(_bank_on(r.health) for r in records)),
-        Row("failed health checks", tuple(_failed_checks(r.metrics) for r in records)),
+        Row("failed health checks", tuple(_failed_checks(r) for r in records)),
     )
     sections = [
         Section("run", "run", run),
         _param_section(records),
-        Section("losses", "final losses", metric_rows([k for k in LOSSES if k in metric_keys])),
+        Section("losses", "final losses", metric_rows([k for k in LOSSES if k in logged])),
         Section("temperatures", "temperatures and logit scales", metric_rows(temperatures)),
         Section("health", "health", tuple(row for row in health if any(v is not None for v in row.values))),
         Section("eval", "evaluation", metric_rows(evaluation)),
@@ -158,11 +159,11 @@ def _param_section(records: Sequence[RunRecord]) -> Section:
 
 
 def _eval_order(key: str) -> tuple:
-    # "eval/frame_auc" (the fine-tuned model's, the headline) first, then model by model.
-    parts = key.split("/")
-    if len(parts) != 3:
+    # "eval.frame_auc" (the fine-tuned model's, the headline) first, then model by model.
+    parts = metric_keys.split_evaluation(key)
+    if parts is None:
         return (0, key)
-    _, model, metric = parts
+    model, metric = parts
     return (1, model, EVAL_FIRST.get(metric, len(EVAL_FIRST)), metric)
 
 
@@ -180,12 +181,14 @@ def _bank_on(health: dict | None) -> object:
     return "disabled" if "disabled" in str(check.get("note", "")) else "never"
 
 
-def _failed_checks(metrics: dict[str, float]) -> str | None:
-    # The loop logs each health check as health/<name>: 1.0 passed, 0.0 failed.
-    checks = {k.removeprefix("health/"): v for k, v in metrics.items() if k.startswith("health/")}
-    if not checks:
+def _failed_checks(record: RunRecord) -> str | None:
+    # The health.<check>.passed tags; a run without them (older, or still training) has its artefact.
+    failed = metric_keys.failed_health_checks(record.tags)
+    if failed is None and record.health:
+        failed = sorted(name for name, check in record.health.items() if not check.get("passed"))
+    if failed is None:
         return None
-    return ", ".join(sorted(name for name, v in checks.items() if v < 0.5)) or "none"
+    return ", ".join(failed) or "none"
 
 
 # --- renderers -------------------------------------------------------------------

@@ -216,6 +216,7 @@ class TrainConfig(_Section):
     health_report: str = "metrics/health.json"  # the checks of `health` below, as JSON
     metrics: str = "metrics/train.json"
     loss_curve: str = "plots/train_loss.csv"
+    loss_plot: str = "plots/train_loss.png"
     run_name: str = "fgclip"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -246,6 +247,9 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1)
     diag_every: int = Field(25, ge=1)
     runtime_diag: bool = False
+    # MLflow's system metrics (CPU, memory, GPU: system/* on the run) every N seconds.
+    log_system_metrics: bool = False
+    system_metrics_interval_s: float = Field(10.0, gt=0)
     health: HealthConfig = HealthConfig()
 
     @model_validator(mode="after")
@@ -263,6 +267,8 @@ class EvaluateConfig(_Section):
     out: str = "metrics/eval.json"
     scores: str = "data/eval/frame_scores.parquet"
     roc: str = "plots/roc.csv"
+    roc_plot: str = "plots/roc.png"
+    models_plot: str = "plots/models.png"
     batch_size: int = Field(64, ge=1)
     # Snippets per scoring clip, centred on the scored snippet; null = train.num_frames.
     window_snippets: int | None = Field(None, ge=1)
@@ -298,6 +304,9 @@ class EvaluateConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str = "fgclip-vad"
+    # `evaluate` logs the fine-tuned model to its run and registers it as a version of
+    # this registered model, tagged with its evaluation and health; null: neither.
+    registered_model: str | None = Field("fgclip-vad", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # A cell or grid name: it becomes part of a DVC experiment name, which git must accept as a ref.
@@ -425,9 +434,12 @@ class Paths:
     health: Path = field(metadata={"key": "train.health_report"})
     train_metrics: Path = field(metadata={"key": "train.metrics"})
     loss_curve: Path = field(metadata={"key": "train.loss_curve"})
+    loss_plot: Path = field(metadata={"key": "train.loss_plot"})
     eval_metrics: Path = field(metadata={"key": "evaluate.out"})
     scores: Path = field(metadata={"key": "evaluate.scores"})
     roc: Path = field(metadata={"key": "evaluate.roc"})
+    roc_plot: Path = field(metadata={"key": "evaluate.roc_plot"})
+    models_plot: Path = field(metadata={"key": "evaluate.models_plot"})
 
     @staticmethod
     def key(name: str) -> str:

@@ -23,11 +23,11 @@ LOSS = {
 }
 SCALE = {"new": (4.6052, 4.6052), "old-settings": (2.6592, 2.6592)}
 EVAL = {
-    "new": {"eval/frame_auc": 0.8351, "eval/finetuned/frame_auc": 0.8351, "eval/finetuned/auc_Arson": 0.9288,
-            "eval/finetuned/region_top1": 0.625, "eval/untrained/frame_auc": 0.6158},
-    "old-settings": {"eval/frame_auc": 0.8226, "eval/finetuned/frame_auc": 0.8226,
-                     "eval/finetuned/auc_Arson": 0.9097, "eval/finetuned/region_top1": 0.5,
-                     "eval/untrained/frame_auc": 0.6158},
+    "new": {"eval.frame_auc": 0.8351, "eval.finetuned.frame_auc": 0.8351, "eval.finetuned.auc_Arson": 0.9288,
+            "eval.finetuned.region_top1": 0.625, "eval.untrained.frame_auc": 0.6158},
+    "old-settings": {"eval.frame_auc": 0.8226, "eval.finetuned.frame_auc": 0.8226,
+                     "eval.finetuned.auc_Arson": 0.9097, "eval.finetuned.region_top1": 0.5,
+                     "eval.untrained.frame_auc": 0.6158},
 }  # fmt: skip
 BANK = {
     "new": {"value": 50, "threshold": 50, "passed": True},
@@ -49,9 +49,7 @@ def _log_run(params: Params, name: str, tmp: Path) -> str:
                                  "train/temperature": 2.718281828459045**scale_global,
                                  "train/temperature_region": 2.718281828459045**scale_region,
                                  "train/lr": 1e-4}, step=step)  # fmt: skip
-        tracker.log_metrics({"health/memory_bank_enabled_at": float(BANK[name]["passed"]),
-                             "health/finite": 1.0}, step=len(LOSS[name]))  # fmt: skip
-        tracker.log_artifact(health)
+        tracker.log_health({"memory_bank_enabled_at": BANK[name], "finite": {"passed": True, "value": 0}}, health)
         run_id = tracker.run_id
     log_to_run(params.tracking_uri, run_id, EVAL[name])
     return run_id
@@ -109,8 +107,8 @@ def test_values_are_the_last_logged_ones(store) -> None:
     # The headline AUC leads the evaluation block; each model's headline metrics lead its per-class AUCs.
     eval_keys = [field for section, field in rows if section == "eval"]
     assert eval_keys == [
-        "eval/frame_auc", "eval/finetuned/frame_auc", "eval/finetuned/region_top1", "eval/finetuned/auc_Arson",
-        "eval/untrained/frame_auc",
+        "eval.frame_auc", "eval.finetuned.frame_auc", "eval.finetuned.region_top1", "eval.finetuned.auc_Arson",
+        "eval.untrained.frame_auc",
     ]  # fmt: skip
 
 
@@ -124,7 +122,7 @@ def test_markdown_is_a_well_formed_table(store) -> None:
     assert all(re.fullmatch(r"-{3,}:?", c) for c in cells[1])
     by_label = {row[0]: row[1:] for row in cells[2:]}
     assert by_label["train/loss_region"] == ["1.4000", "1.3600"]
-    assert by_label["eval/frame_auc"] == ["0.8351", "0.8226"]
+    assert by_label["eval.frame_auc"] == ["0.8351", "0.8226"]
     assert "**final losses**" in by_label and "**evaluation**" in by_label
 
 

@@ -32,9 +32,12 @@ DEFAULTS = {
     "health": "metrics/health.json",
     "train_metrics": "metrics/train.json",
     "loss_curve": "plots/train_loss.csv",
+    "loss_plot": "plots/train_loss.png",
     "eval_metrics": "metrics/eval.json",
     "scores": "data/eval/frame_scores.parquet",
     "roc": "plots/roc.csv",
+    "roc_plot": "plots/roc.png",
+    "models_plot": "plots/models.png",
 }
 
 

@@ -18,17 +18,18 @@ from matplotlib.figure import Figure as MplFigure
 
 from fgclip.ablation.table import Figure, SeedRun, csv_text, latex, markdown, read_csv_text, summarise
 from fgclip.atomic import atomic_path, write_text_atomic
+from fgclip.metric_keys import FINETUNED, evaluation
 from fgclip.train.tracking import CELL_TAG, EXPERIMENT_TAG, SEED_TAG, RunRecord
 
 logger = logging.getLogger(__name__)
 
 # Table column <- MLflow metric of the child run (its value at the last step logged).
 METRICS: dict[str, str] = {
-    "frame_auc": "eval/finetuned/frame_auc",
-    "frame_ap": "eval/finetuned/frame_ap",
-    "region_top1": "eval/finetuned/region_top1",
-    "hardneg_acc": "eval/finetuned/hardneg_accuracy",
-    "cap2vid_r1": "eval/finetuned/retrieval_r1",
+    "frame_auc": evaluation(FINETUNED, "frame_auc"),
+    "frame_ap": evaluation(FINETUNED, "frame_ap"),
+    "region_top1": evaluation(FINETUNED, "region_top1"),
+    "hardneg_acc": evaluation(FINETUNED, "hardneg_accuracy"),
+    "cap2vid_r1": evaluation(FINETUNED, "retrieval_r1"),
     "loss": "train/loss",
     "loss_global": "train/loss_global",
     "loss_region": "train/loss_region",

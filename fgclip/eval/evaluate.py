@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
+from fgclip import metric_keys
 from fgclip.atomic import write_text_atomic
 from fgclip.config import Params, model_source
 from fgclip.data.layout import INDEX_FILE, VIDEOS_FILE, read_failures, read_frame_index, read_videos
@@ -65,16 +66,16 @@ from fgclip.eval.zeroshot import (
     region_grid_log_odds,
     snippet_log_odds,
 )
+from fgclip.metric_keys import FINETUNED, PRETRAINED, UNTRAINED
 from fgclip.model.fgclip import CONFIG_NAME, WEIGHTS_NAME, FGCLIPVideoModel
 from fgclip.model.tokenizer import load_tokenizer
 from fgclip.outputs import check_output_files
 
 log = logging.getLogger(__name__)
 
-FINETUNED, PRETRAINED, UNTRAINED = "finetuned", "pretrained", "untrained"
-ROC_PNG = "roc.png"
+ROC_PNG, MODELS_PNG = "roc.png", "models.png"  # their names among the MLflow run's artefacts
 
-# Per-model metrics logged to MLflow as eval/<model>/<metric> (besides auc_<Class>).
+# Per-model metrics logged to MLflow as eval.<model>.<metric> (besides auc_<Class>).
 HEADLINE_METRICS = (
     "frame_auc",
     "frame_ap",
@@ -163,20 +164,31 @@ def _shown(value: float | None) -> str:
 
 
 def _mlflow_metrics(results: dict[str, dict]) -> dict[str, float]:
-    metrics = {"eval/frame_auc": results[FINETUNED]["frame_auc"]}
+    metrics = {metric_keys.HEADLINE: results[FINETUNED]["frame_auc"]}
     for name, m in results.items():
         if "frame_auc" not in m:
             continue  # a skipped model
         for key in HEADLINE_METRICS:
             if m.get(key) is not None:
-                metrics[f"eval/{name}/{key}"] = m[key]
+                metrics[metric_keys.evaluation(name, key)] = m[key]
         for cls, auc in m["per_class_auc"].items():
             if auc is not None:
-                metrics[f"eval/{name}/auc_{cls}"] = auc
+                metrics[metric_keys.evaluation(name, f"auc_{cls}")] = auc
         for key in ("frame_auc", "frame_ap"):
-            if "intervals" in m:  # eval/finetuned/frame_auc_lo, _hi: the bootstrap interval
-                metrics[f"eval/{name}/{key}_lo"], metrics[f"eval/{name}/{key}_hi"] = m["intervals"][key]
+            if "intervals" in m:  # eval.finetuned.frame_auc_lo, _hi: the bootstrap interval
+                lo, hi = m["intervals"][key]
+                metrics[metric_keys.evaluation(name, f"{key}_lo")] = lo
+                metrics[metric_keys.evaluation(name, f"{key}_hi")] = hi
     return metrics
+
+
+def _version_tags(finetuned: dict, protocol: str) -> dict[str, object]:
+    """The registered version's own record of how the model scored (the run's health tags join them)."""
+    tags: dict[str, object] = {"eval.protocol": protocol}
+    for key in HEADLINE_METRICS:
+        if finetuned.get(key) is not None:
+            tags[f"eval.{key}"] = round(float(finetuned[key]), 4)
+    return tags
 
 
 def training_run(model_dir: Path) -> tuple[str, str] | None:
@@ -358,6 +370,9 @@ def evaluate(
     scores_path: Path,
     roc_path: Path | None = None,
     boxes_dir: Path | None = None,
+    *,
+    roc_png: Path | None = None,
+    models_png: Path | None = None,
 ) -> dict:
     """Score the test split with the fine-tuned, pretrained and untrained models; write the results.
 
@@ -369,7 +384,9 @@ def evaluate(
             ``None`` skips the pretrained baseline, with a note in the results.
         data_root: dataset root holding the test split and the temporal annotation.
         out: metrics JSON; scores_path: per-frame scores Parquet;
-            roc_path: fine-tuned ROC curve CSV (not written when ``None``).
+            roc_path: fine-tuned ROC curve CSV (not written when ``None``);
+            roc_png, models_png: every model's ROC curve, and the models' headline
+            metrics side by side, as PNGs (not written when ``None``).
         boxes_dir: ``validate_boxes`` output, for the region and retrieval metrics
             on the test videos' annotations (skipped, with a note, when ``None``).
 
@@ -378,7 +395,13 @@ def evaluate(
     frames_dir, model_dir = Path(frames_dir), Path(model_dir)
     # Checked before any work: an output inside an input would overwrite another stage's file.
     check_output_files(
-        {"--out": Path(out), "--scores": Path(scores_path), "--roc": roc_path},
+        {
+            "--out": Path(out),
+            "--scores": Path(scores_path),
+            "--roc": roc_path,
+            "evaluate.roc_plot": roc_png,
+            "evaluate.models_plot": models_png,
+        },
         {
             "--frames": frames_dir,
             "--model": model_dir,
@@ -497,16 +520,28 @@ def evaluate(
                 for name in scored
             ),
         )
-    if run is not None:
-        # MLflow and matplotlib are imported only when there is a run to log to.
-        from fgclip.eval.roc_plot import write_roc_png
-        from fgclip.train.tracking import log_to_run
+    with tempfile.TemporaryDirectory(prefix="fgclip-eval-") as tmp:
+        # Plots not asked for are still drawn for the MLflow run, in a directory that
+        # lives until the artefact store has copied them.
+        pngs = [Path(roc_png or Path(tmp) / ROC_PNG), Path(models_png or Path(tmp) / MODELS_PNG)]
+        if run is not None or roc_png or models_png:
+            from fgclip.eval.plots import write_models_png, write_roc_png  # matplotlib: only when drawing
 
-        # The PNG is for the MLflow UI only (`dvc plots` renders the CSV): it lives
-        # in a temporary directory until the artefact store has copied it.
-        with tempfile.TemporaryDirectory(prefix="fgclip-eval-") as tmp:
-            png = Path(tmp) / ROC_PNG
-            write_roc_png(png, scored, results)
-            log_to_run(*run, _mlflow_metrics(results), [*artifacts, png])
-        log.info("Logged evaluation metrics and artefacts to MLflow run %s", run[1])
+            write_roc_png(pngs[0], scored, results)
+            write_models_png(pngs[1], {name: results[name] for name in scored})
+        if run is not None:
+            _log_to_training_run(params, run, results, [*artifacts, *pngs], model_dir, cfg.protocol)
     return summary
+
+
+def _log_to_training_run(
+    params: Params, run: tuple[str, str], results: dict, artifacts: list[Path], model_dir: Path, protocol: str
+) -> None:
+    from fgclip.train.tracking import log_to_run, register_model  # MLflow: only with a run to log to
+
+    log_to_run(*run, _mlflow_metrics(results), artifacts)
+    log.info("Logged evaluation metrics and artefacts to MLflow run %s", run[1])
+    name = params.tracking.registered_model
+    if name:
+        version = register_model(*run, name, model_dir, _version_tags(results[FINETUNED], protocol))
+        log.info("Registered the fine-tuned model as %s version %s", name, version)

@@ -54,14 +54,14 @@ def diag_figures(
     logits = logits[torch.isfinite(logits)]
     size = bank_state["size"]
     return {
-        "diag/logit_scale_region": scale_region,
-        "diag/logit_scale_global": scale_global,
-        "diag/logits_i2t_min": float(logits.min()) if logits.numel() else math.nan,
-        "diag/logits_i2t_max": float(logits.max()) if logits.numel() else math.nan,
-        "diag/logits_i2t_mean": float(logits.mean()) if logits.numel() else math.nan,
-        "diag/memory_bank_ptr": float(bank_state["ptr"]),
-        "diag/memory_bank_full": bank_state["filled"] / size if size else 0.0,
-        "diag/img_norms_zero_frac": zero_norm_frac,
+        "train/diag/logit_scale_region": scale_region,
+        "train/diag/logit_scale_global": scale_global,
+        "train/diag/logits_i2t_min": float(logits.min()) if logits.numel() else math.nan,
+        "train/diag/logits_i2t_max": float(logits.max()) if logits.numel() else math.nan,
+        "train/diag/logits_i2t_mean": float(logits.mean()) if logits.numel() else math.nan,
+        "train/diag/memory_bank_ptr": float(bank_state["ptr"]),
+        "train/diag/memory_bank_full": bank_state["filled"] / size if size else 0.0,
+        "train/diag/img_norms_zero_frac": zero_norm_frac,
     }
 
 
@@ -70,20 +70,20 @@ def log_diag(step: int, figures: dict[str, float]) -> None:
     log = logging.getLogger("fgclip.train")
     log.info("[DIAG] step=%d", step)
     for name, label in (("region", "finegrained"), ("global", "global")):
-        scale = figures[f"diag/logit_scale_{name}"]
+        scale = figures[f"train/diag/logit_scale_{name}"]
         log.info("[DIAG] logit_scale (%s): %.6f (exp=%.4f)", label, scale, math.exp(scale))
     log.info(
         "[DIAG] logits_i2t: min=%.4f, max=%.4f, mean=%.4f",
-        figures["diag/logits_i2t_min"],
-        figures["diag/logits_i2t_max"],
-        figures["diag/logits_i2t_mean"],
+        figures["train/diag/logits_i2t_min"],
+        figures["train/diag/logits_i2t_max"],
+        figures["train/diag/logits_i2t_mean"],
     )
     log.info(
         "[DIAG] memory_bank: ptr=%d, full=%.3f",
-        int(figures["diag/memory_bank_ptr"]),
-        figures["diag/memory_bank_full"],
+        int(figures["train/diag/memory_bank_ptr"]),
+        figures["train/diag/memory_bank_full"],
     )
-    log.info("[DIAG] img_norms: zero_frac=%.4f", figures["diag/img_norms_zero_frac"])
+    log.info("[DIAG] img_norms: zero_frac=%.4f", figures["train/diag/img_norms_zero_frac"])
 
 
 class NonFinite(NamedTuple):

@@ -43,9 +43,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fgclip.atomic import write_text_atomic
-from fgclip.config import Params, model_source
+from fgclip.config import HealthConfig, Params, model_source
 from fgclip.data.batch import Batch, collate
 from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset
+from fgclip.data.layout import INDEX_FILE
 from fgclip.device import on_cuda, resolve_device
 from fgclip.errors import FGClipError
 from fgclip.model.fgclip import FGCLIPVideoModel
@@ -63,10 +64,12 @@ from fgclip.train.checkpoints import (
     verify_export,
 )
 from fgclip.train.diagnostics import HealthMonitor, diag_figures, log_diag, runtime_diag_enabled
+from fgclip.train.loss_plot import write_loss_png
+from fgclip.train.mlflow_links import run_url
 from fgclip.train.optim import describe_groups
 from fgclip.train.runlock import RunLock
 from fgclip.train.step import LOSS_COLUMNS, NonFiniteValue, TrainStep
-from fgclip.train.tracking import Tracker, flatten_params
+from fgclip.train.tracking import DatasetRef, Tracker, flatten_params, source_tags
 
 logger = logging.getLogger(__name__)
 train_log = logging.getLogger("fgclip.train")  # the user-facing [LOSS] / [DIAG] lines
@@ -120,6 +123,7 @@ class TrainPaths:
     health: Path
     metrics: Path
     loss_csv: Path
+    loss_png: Path
 
 
 @dataclass
@@ -200,6 +204,8 @@ def train(
         health=Path(health_path),
         metrics=Path(metrics_path) if metrics_path else params.paths.train_metrics,
         loss_csv=Path(loss_csv) if loss_csv else params.paths.loss_curve,
+        # An ad-hoc --loss-curve takes its picture along; the pipeline's is params.yaml's.
+        loss_png=Path(loss_csv).with_suffix(".png") if loss_csv else params.paths.loss_plot,
     )
     check_output_dir(paths.out, _STAGE, _kept_paths(paths))  # before training, not after it
     ctx = _init_distributed(params.train.device)
@@ -338,9 +344,17 @@ def _train(
     # The orchestrator's run (pipeline/flow.py passes it through `dvc repro`): which
     # flow run trained (or resumed) this MLflow run.
     tags.update({tag: os.environ[var] for tag, var in ORCHESTRATOR_TAG_ENV.items() if os.environ.get(var)})
+    if ctx.is_main:
+        tags.update(source_tags(params.base_dir, "fgclip train"))
 
-    with Tracker(params, cfg.run_name, run_id=run_id, enabled=ctx.is_main, tags=tags) as tracker:
+    with (
+        Tracker(params, cfg.run_name, run_id=run_id, enabled=ctx.is_main, tags=tags) as tracker,
+        tracker.system_metrics(cfg.log_system_metrics, cfg.system_metrics_interval_s),
+    ):
         tracker.log_params(flatten_params(params))
+        tracker.log_datasets(_datasets(paths, fp_params, dataset))
+        if tracker.enabled:
+            logger.info("MLflow run: %s", run_url(tracker.tracking_uri, tracker.experiment_id, tracker.run_id))
         batches = _batches(loader, sampler, run.trainer.forward_passes)
         bar = tqdm(
             total=stop_step,
@@ -428,10 +442,19 @@ def _train(
             params, run, tracker, start_step, steps_run * samples_per_step / seconds if steps_run else None
         )
         if ctx.is_main:
-            _write_outputs(run, tokenizer, tracker, paths, summary)
+            _write_outputs(run, tokenizer, tracker, paths, summary, params.train.health)
     if ctx.is_main:
         run.monitor.raise_if_failed(summary["health"], paths.health)
     return summary
+
+
+def _datasets(paths: TrainPaths, fingerprint_params: dict[str, Any], dataset: VideoClipDataset) -> list[DatasetRef]:
+    """The frame index and the box shards, under the digests the run's fingerprint holds."""
+    return [
+        DatasetRef("frames_index", fingerprint_params["input.frames_index"], (paths.frames / INDEX_FILE).resolve(),
+                   {"training_videos": len(dataset)}),
+        DatasetRef("box_shards", fingerprint_params["input.boxes"], Path(paths.boxes).resolve()),
+    ]  # fmt: skip
 
 
 def _mean_loss(history: list[dict[str, float]], after_step: int) -> float:
@@ -495,8 +518,9 @@ def _write_outputs(
     tracker: Tracker,
     paths: TrainPaths,
     summary: dict[str, Any],
+    gate: HealthConfig,
 ) -> None:
-    """Model + tokenizer + run.json, health.json, train.json and the loss curve (rank 0).
+    """Model + tokenizer + run.json, health.json, train.json and the loss curve and plot (rank 0).
 
     The model directory is replaced as a whole (``fgclip.outputs``): never a mix of two
     runs' files, and never a directory this stage did not write.
@@ -513,8 +537,7 @@ def _write_outputs(
         write_text_atomic(tmp / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
 
     checks = run.monitor.write(paths.health, run.bank.state())
-    tracker.log_metrics({f"health/{name}": float(c["passed"]) for name, c in checks.items()}, step=run.step)
-    tracker.log_artifact(paths.health)
+    tracker.log_health(checks, paths.health)
 
     paths.metrics.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(paths.metrics, json.dumps(summary, indent=2, default=str) + "\n")
@@ -523,4 +546,6 @@ def _write_outputs(
         writer = csv.DictWriter(f, fieldnames=["step", *LOSS_COLUMNS])
         writer.writeheader()
         writer.writerows(run.history)
+    write_loss_png(paths.loss_png, run.history, gate)
+    tracker.log_artifact(paths.loss_png)
     logger.info("model saved to %s (MLflow run %s)", paths.out, tracker.run_id)

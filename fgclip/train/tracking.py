@@ -9,9 +9,12 @@ transaction per call makes per-step logging the slowest part of a tiny run.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import logging
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,10 +26,11 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from fgclip import metric_keys
 from fgclip.config import Params, http_status
 from fgclip.errors import FGClipError
 
@@ -182,6 +186,7 @@ class Tracker:
         self.tracking_uri = params.tracking_uri
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.resumed = False
         self._buffer: list[Metric] = []
         self._buffered_steps: set[int] = set()
         self._logged_upto: dict[str, int] = {}
@@ -196,7 +201,7 @@ class Tracker:
                                run_id, self.tracking_uri)  # fmt: skip
                 run_id = None
         if run_id is not None:
-            self.run_id, self.experiment_id = run_id, run.info.experiment_id
+            self.run_id, self.experiment_id, self.resumed = run_id, run.info.experiment_id, True
             self._client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             for key in run.data.metrics:
                 history = self._client.get_metric_history(run_id, key)
@@ -278,6 +283,41 @@ class Tracker:
             return
         self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_health(self, checks: Mapping[str, Mapping[str, Any]], report: Path) -> None:
+        """The health report as ``health.*`` tags, its JSON file and a table the UI shows as one."""
+        if not self.enabled:
+            return
+        self.set_tags(metric_keys.health_tags(checks))
+        self.log_artifact(report)
+        columns = ("check", "passed", "value", "threshold", "step", "note")
+        rows = [[name, bool(c.get("passed")), *(_cell_text(c.get(k)) for k in columns[2:])] for name, c in checks.items()]
+        self._client.log_table(self.run_id, {k: [row[i] for row in rows] for i, k in enumerate(columns)},
+                               HEALTH_TABLE)  # fmt: skip
+
+    def log_datasets(self, datasets: Sequence[DatasetRef], context: str = "training") -> None:
+        """Record what the run read as MLflow dataset inputs (the UI's Dataset column)."""
+        if not self.enabled or not datasets:
+            return
+        tags = [InputTag("mlflow.data.context", context)]
+        inputs = [DatasetInput(_dataset(d), tags=tags) for d in datasets]
+        self._client.log_inputs(self.run_id, datasets=inputs)
+
+    @contextmanager
+    def system_metrics(self, enabled: bool, interval_s: float) -> Iterator[None]:
+        """MLflow's system metrics (``system/*``) sampled on a thread while the block runs."""
+        if not (enabled and self.enabled):
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=self.resumed,
+                                       tracking_uri=self.tracking_uri)  # fmt: skip
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
     def close(self, status: str = "FINISHED") -> None:
         """Flush and end the run (idempotent)."""
         if not self.enabled or self.run_id is None:
@@ -287,6 +327,63 @@ class Tracker:
         finally:
             self._client.set_terminated(self.run_id, status=status)
             self.enabled = False
+
+
+def _dataset(ref: DatasetRef) -> Dataset:
+    profile = json.dumps(ref.profile) if ref.profile else None
+    return Dataset(ref.name, ref.digest, "local", json.dumps({"uri": str(ref.path)}), profile=profile)
+
+
+def _cell_text(value: object) -> str:
+    return "" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
+# The run's health report as a table artefact: the UI's artefact view draws it as one.
+HEALTH_TABLE = "health_table.json"
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset a run read: a name, a content digest (at most 36 characters: MLflow's limit), a path."""
+
+    name: str
+    digest: str
+    path: Path
+    profile: dict[str, Any] | None = None
+
+
+def source_tags(repo: Path, entry_point: str) -> dict[str, str]:
+    """What the run was made from, as tags: MLflow's own source tags and the ``dvc.lock`` digest.
+
+    ``mlflow.source.*`` and ``mlflow.user`` fill the UI's Source and Created-by columns;
+    ``mlflow.source.git.commit`` is the commit it shows; ``git.dirty`` says whether tracked
+    files differed from it (``dvc repro`` rewriting ``dvc.lock`` counts), and
+    ``dvc.lock_sha256`` pins the pipeline state the run's inputs came from.
+    """
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": entry_point}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no user name in a bare container: leave the column empty
+        pass
+    commit = _git(repo, "rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+        tags["git.dirty"] = "false" if status == "" else "true"
+    lock = repo / "dvc.lock"
+    if lock.is_file():
+        tags["dvc.lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+    return tags
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    """``git <args>``'s output in ``repo``, stripped; None outside a git checkout or without git."""
+    try:
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30,
+                              check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def log_to_run(
@@ -304,6 +401,40 @@ def log_to_run(
         client.log_batch(run_id, metrics=points[i : i + MAX_METRICS_PER_BATCH])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
+
+
+MODEL_ARTIFACT = "model"
+# Run tags copied onto a registered version besides health.*: where the model came from.
+VERSION_RUN_TAGS = ("mlflow.source.git.commit", "dvc.lock_sha256", "fingerprint")
+
+
+def register_model(tracking_uri: str, run_id: str, name: str, model_dir: Path, tags: Mapping[str, object]) -> str:
+    """The run's model as a version of registered model ``name``, with ``tags``; returns the version.
+
+    The model's files are logged to the run (``model/``) and the version points at them
+    (``runs:/<run>/model``: the one source a tracking server accepts without sharing a
+    disk). A run already registered keeps its version and gets the new tags: evaluating
+    the same model again must not make a second version of it.
+    """
+    client = _client(tracking_uri)
+    try:
+        client.create_registered_model(name, description="fgclip-vad fine-tuned video FG-CLIP models")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        version = str(max(int(v.version) for v in found))
+    else:
+        client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+        version = client.create_model_version(name, f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id).version
+    # The training run's health and source travel with the version: the registry's page
+    # then says whether the model passed its checks without opening the run.
+    run_tags = client.get_run(run_id).data.tags
+    inherited = {k: v for k, v in run_tags.items() if k.startswith(metric_keys.HEALTH_PREFIX) or k in VERSION_RUN_TAGS}
+    for key, value in {**inherited, **tags}.items():
+        client.set_model_version_tag(name, version, key, _truncate(str(value), MAX_PARAM_VAL_LENGTH))
+    return str(version)
 
 
 # --- reading runs back (``fgclip compare``) -------------------------------------

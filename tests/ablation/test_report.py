@@ -15,7 +15,7 @@ from fgclip.train.tracking import CELL_TAG, EXPERIMENT_TAG, SEED_TAG, RunRecord
 
 def _run(run_id: str, cell: str | None, seed: int | None, auc: float, start: int = 0, **extra) -> RunRecord:
     tags = {} if cell is None else {CELL_TAG: cell, SEED_TAG: str(seed), EXPERIMENT_TAG: f"x-{cell}-s{seed}"}
-    metrics = {"eval/finetuned/frame_auc": auc, "train/loss": 1.0 - auc, **extra}
+    metrics = {"eval.finetuned.frame_auc": auc, "train/loss": 1.0 - auc, **extra}
     return RunRecord(run_id=run_id, name=run_id, status="FINISHED", start_time=start, params={},
                      metrics=metrics, last_step=None, health=None, tags=tags)  # fmt: skip
 

@@ -78,7 +78,7 @@ def test_the_tiny_grid_runs_through_dvc_s_queue_and_its_table_is_the_children_s_
     # The table, by hand from the children's metrics: mean, sample std, paired difference and t-test.
     report = repo / "reports" / "ablation" / "tiny"
     table = {(r["cell"], r["metric"]): r for r in csv.DictReader(io.StringIO((report / "table.csv").read_text()))}
-    for metric, key in (("frame_auc", "eval/finetuned/frame_auc"), ("frame_ap", "eval/finetuned/frame_ap"),
+    for metric, key in (("frame_auc", "eval.finetuned.frame_auc"), ("frame_ap", "eval.finetuned.frame_ap"),
                         ("loss", "train/loss"), ("temp_global", "train/temperature")):  # fmt: skip
         by_cell = {c: np.array([cells[(c, s)].data.metrics[key] for s in (0, 1)]) for c in ("global_only", "region_loss")}
         for cell, values in by_cell.items():
@@ -91,7 +91,7 @@ def test_the_tiny_grid_runs_through_dvc_s_queue_and_its_table_is_the_children_s_
         assert float(row["diff"]) == pytest.approx(diff.mean(), rel=1e-12, abs=1e-15)
         if np.ptp(diff) > 0:
             assert float(row["p_value"]) == pytest.approx(stats.ttest_rel(by_cell["region_loss"], by_cell["global_only"]).pvalue)
-    auc = np.array([cells[("region_loss", s)].data.metrics["eval/finetuned/frame_auc"] for s in (0, 1)])
+    auc = np.array([cells[("region_loss", s)].data.metrics["eval.finetuned.frame_auc"] for s in (0, 1)])
     assert f"{auc.mean():.4f} ± {auc.std(ddof=1):.4f}" in (report / "table.md").read_text()
 
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}

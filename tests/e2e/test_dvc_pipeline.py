@@ -49,7 +49,10 @@ def test_dvc_repro_runs_every_stage_then_is_a_noop(tiny_repo: Path):
     outputs = (
         "metrics/train.json",
         "plots/train_loss.csv",
+        "plots/train_loss.png",
         "plots/roc.csv",
+        "plots/roc.png",
+        "plots/models.png",
         "data/eval/frame_scores.parquet",
     )
     for output in outputs:
@@ -126,5 +129,25 @@ def test_the_pipelines_finetuned_scores_under_vadclip_equal_its_rules_by_hand(ti
     run = json.loads((tiny_repo / "models/fgclip/run.json").read_text())
     logged = MlflowClient(run["tracking_uri"]).get_run(run["run_id"]).data.metrics
     lo, hi = evaluation["finetuned"]["intervals"]["frame_auc"]
-    assert logged["eval/finetuned/frame_auc_lo"] == pytest.approx(lo, abs=1e-4)
-    assert logged["eval/finetuned/frame_auc_hi"] == pytest.approx(hi, abs=1e-4)
+    assert logged["eval.finetuned.frame_auc_lo"] == pytest.approx(lo, abs=1e-4)
+    assert logged["eval.finetuned.frame_auc_hi"] == pytest.approx(hi, abs=1e-4)
+
+
+def test_dvc_plots_page_renders_offline(tiny_repo: Path, tmp_path: Path):
+    """`dvc plots show`'s page, loaded in headless Chromium with every network request refused."""
+    from browser import browser, screenshot
+
+    out = tmp_path / "dvc_plots"
+    _run([sys.executable, "-m", "dvc", "plots", "show", "--out", str(out)], tiny_repo)
+    with browser(offline=True) as page:
+        page.goto((out / "index.html").as_uri())
+        page.wait_for_load_state("load")
+        images = page.eval_on_selector_all(
+            "img", "els => els.map(e => ({src: e.getAttribute('src'), w: e.naturalWidth, h: e.naturalHeight}))"
+        )
+        screenshot(page, "dvc-plots")
+    # One image per plot definition (no duplicates from stage-level plots), each decoded.
+    # DVC copies each into static/<revision>_<path with _ for />.
+    names = sorted(Path(img["src"]).name.removeprefix("workspace_plots_") for img in images)
+    assert names == ["models.png", "roc.png", "train_loss.png"], images
+    assert all(img["w"] > 100 and img["h"] > 100 for img in images), images

@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_helpers import free_port as _free_port
@@ -24,6 +25,7 @@ from tiny_config import TINY_MODEL
 from fgclip.compare import compare
 from fgclip.config import Params
 from fgclip.train.loop import train
+from fgclip.train.mlflow_links import UI_QUERY
 from fgclip.train.pretrain import pretrain_clip
 
 pytestmark = pytest.mark.e2e
@@ -155,3 +157,75 @@ def test_compare_reads_the_run_through_the_server(served_run) -> None:
     assert float(rows[("losses", "train/loss_region")][0]) == pytest.approx(float(losses[-1]["loss_region"]))
     # The health artefact came back through the server's artefact proxy.
     assert rows[("health", "memory bank on at (forward pass)")] == [str(summary["memory_bank"]["enabled_at"])]
+
+
+# --- what users see: the MLflow UI of those runs, in headless Chromium -----------------
+
+# The UI renders in a few seconds here; a busy CI core gets many times that.
+UI_TIMEOUT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def ui_runs(served_run, tiny_frames: Path, tiny_boxes: Path, tiny_sample: Path) -> dict[str, Any]:
+    """The served run evaluated (its model registered through the server), and a second run to compare."""
+    from fgclip.eval.evaluate import evaluate
+
+    url, params, summary, _ = served_run
+    root = params.base_dir
+    evaluate(params, tiny_frames, root / "out", root / "clip", tiny_sample, root / "eval.json",
+             root / "scores.parquet", root / "roc.csv", tiny_boxes)  # fmt: skip
+    second = params.with_overrides(train={"run_name": "second", "lr": 1e-4})
+    other = train(
+        second, tiny_frames, tiny_boxes, str(root / "clip"), root / "out2", root / "checkpoints",
+        root / "health2.json", metrics_path=root / "train2.json", loss_csv=root / "loss2.csv",
+    )  # fmt: skip
+    return {"url": url, "experiment_id": summary["experiment_id"], "runs": [summary["run_id"], other["run_id"]],
+            "names": [params.train.run_name, "second"]}  # fmt: skip
+
+
+def test_registered_version_carries_evaluation_and_health(ui_runs) -> None:
+    url, run_id = ui_runs["url"], ui_runs["runs"][0]
+    query = urllib.parse.urlencode({"filter": f"name = 'fgclip-vad' and run_id = '{run_id}'"})
+    [version] = _get(f"{url}/api/2.0/mlflow/model-versions/search?{query}")["model_versions"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert version["source"] == f"runs:/{run_id}/model"
+    assert {"eval.frame_auc", "eval.protocol", "health.passed", "health.finite.passed"} <= set(tags)
+    run = _get(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+    assert float(tags["eval.frame_auc"]) == pytest.approx(
+        {m["key"]: m["value"] for m in run["data"]["metrics"]}["eval.frame_auc"], abs=1e-4
+    )
+    names = [d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"]]
+    assert names == ["frames_index", "box_shards"]
+
+
+def test_mlflow_ui_shows_runs_table_training_charts_and_compare(ui_runs) -> None:
+    from browser import browser, screenshot, section_titles, wait_for_text
+
+    url, eid, (first, second), names = ui_runs["url"], ui_runs["experiment_id"], ui_runs["runs"], ui_runs["names"]
+    with browser() as page:
+        # The experiment opens on its runs table (not the GenAI overview), both runs listed.
+        page.goto(f"{url}/#/experiments/{eid}/runs{UI_QUERY}")
+        table = page.get_by_role("grid")
+        for name in names:
+            table.get_by_role("link", name=name, exact=True).first.wait_for(timeout=UI_TIMEOUT_MS)
+        assert "Run Name" in table.inner_text()
+        assert page.get_by_text("Token Usage").count() == 0
+        screenshot(page, "mlflow-experiment")
+
+        # A run's metric charts: the training curves are the first section, one-off results last.
+        page.goto(f"{url}/#/experiments/{eid}/runs/{first}/model-metrics{UI_QUERY}")
+        # Each chart's legend names the run and the metric; the first screenful is training curves.
+        text = wait_for_text(page, f"{names[0]} (train/loss)", UI_TIMEOUT_MS)
+        assert f"{names[0]} (train/loss_global)" in text
+        sections = section_titles(text)
+        assert sections[0] == "train", sections
+        assert sections[-1] == "Model metrics", sections  # eval.* (no "/"): after every curve
+        assert "health" not in sections  # health is tags and a table artefact, not 0/1 charts
+        screenshot(page, "mlflow-run-charts")
+
+        # Two runs side by side: MLflow's compare page lists both and the training metrics.
+        page.goto(f'{url}/#/compare-runs?runs=["{first}","{second}"]&experiments=["{eid}"]&workflowType=machine_learning')
+        body = wait_for_text(page, "Comparing 2 Runs", UI_TIMEOUT_MS)
+        body = wait_for_text(page, "train/loss", UI_TIMEOUT_MS)
+        assert all(name in body for name in names)
+        screenshot(page, "mlflow-compare")

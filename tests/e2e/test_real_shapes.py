@@ -137,4 +137,4 @@ def test_vitb32_trains_and_evaluates_on_the_sample(
         assert 0.0 <= result[name]["frame_auc"] <= 1.0
         assert result[name]["hardneg_accuracy"] is not None
     logged = MlflowClient(uri).get_run(summary["run_id"]).data.metrics
-    assert "eval/finetuned/hardneg_accuracy" in logged
+    assert "eval.finetuned.hardneg_accuracy" in logged

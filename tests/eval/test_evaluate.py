@@ -277,13 +277,13 @@ def test_metrics_logged_to_the_training_run(
     )
     summary, out = run_eval(model_dir, None)
     run = tracking._client(uri).get_run(run_id)
-    assert run.data.metrics["eval/frame_auc"] == pytest.approx(summary["frame_auc"], abs=1e-4)
-    assert run.data.metrics["eval/untrained/frame_auc"] == pytest.approx(
+    assert run.data.metrics["eval.frame_auc"] == pytest.approx(summary["frame_auc"], abs=1e-4)
+    assert run.data.metrics["eval.untrained.frame_auc"] == pytest.approx(
         summary["untrained"]["frame_auc"], abs=1e-4
     )
-    assert "eval/pretrained/frame_auc" not in run.data.metrics
+    assert "eval.pretrained.frame_auc" not in run.data.metrics
     for key in ("region_top1", "retrieval_r1", "retrieval_r5"):
-        assert run.data.metrics[f"eval/finetuned/{key}"] == pytest.approx(summary["finetuned"][key], abs=1e-4)
+        assert run.data.metrics[f"eval.finetuned.{key}"] == pytest.approx(summary["finetuned"][key], abs=1e-4)
     client = tracking._client(uri)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"frame_scores.parquet", "eval.json", "roc.csv", "roc.png"} <= artifacts

@@ -127,7 +127,7 @@ def test_runtime_diag_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_diag_lines_use_the_users_format(caplog: pytest.LogCaptureFixture) -> None:
     logits = torch.tensor([[-15.0, 20.0], [1.0, 0.0]])
     figures = diag_figures(4.6052, 4.6052, logits, _bank(50, passes=60), 0.05)
-    assert figures["diag/memory_bank_full"] == pytest.approx(20 / 128)
+    assert figures["train/diag/memory_bank_full"] == pytest.approx(20 / 128)
     with caplog.at_level(logging.INFO, logger="fgclip.train"):
         log_diag(25, figures)
     lines = [r.getMessage() for r in caplog.records]

@@ -247,10 +247,14 @@ def test_diagnostics_and_health_gates(
     assert any(line.startswith("[DIAG] memory_bank: ptr=") and ", full=" in line for line in diag)
     assert any(line.startswith("[DIAG] img_norms: zero_frac=") for line in diag)
     assert "[Memory Bank] enabled @ training_step 2" in caplog.text
-    metrics = MlflowClient(tracking_uri).get_run(summary["run_id"]).data.metrics
-    assert {"diag/logit_scale_region", "diag/logits_i2t_max", "diag/memory_bank_ptr", "health/finite"} <= set(
-        metrics
+    run = MlflowClient(tracking_uri).get_run(summary["run_id"])
+    assert {"train/diag/logit_scale_region", "train/diag/logits_i2t_max", "train/diag/memory_bank_ptr"} <= set(
+        run.data.metrics
     )
+    # Health is tags, not 0/1 metrics: a one-point "metric" reads as a count.
+    assert not [key for key in run.data.metrics if key.startswith("health")]
+    assert run.data.tags["health.finite.passed"] == "true"
+    assert run.data.tags["health.memory_bank_enabled_at.value"] == "2"
 
     checks = json.loads((tmp_path / "health.json").read_text())["checks"]
     assert checks["memory_bank_enabled_at"] == {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import threading
 import time
@@ -109,9 +110,9 @@ def test_log_to_run_adds_to_a_finished_run(store, tmp_path: Path) -> None:
         run_id = tracker.run_id
     scores = tmp_path / "eval.json"
     scores.write_text('{"frame_auc": 0.8}')
-    log_to_run(params.tracking_uri, run_id, {"eval/frame_auc": 0.8}, [scores])
+    log_to_run(params.tracking_uri, run_id, {"eval.frame_auc": 0.8}, [scores])
     run = client.get_run(run_id)
-    assert run.data.metrics["eval/frame_auc"] == pytest.approx(0.8)
+    assert run.data.metrics["eval.frame_auc"] == pytest.approx(0.8)
     assert "eval.json" in [a.path for a in client.list_artifacts(run_id)]
 
 
@@ -241,3 +242,89 @@ def test_a_released_child_leaves_the_ablation(store) -> None:
     _, children = tracking.ablation_runs(uri, experiment, "release")
     assert [c.run_id for c in children] == [new]
     assert client.get_run(old).data.tags["ablation.superseded_by"] == new
+
+
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}  # fmt: skip
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_source_tags_name_the_commit_the_lock_and_dirtiness(tmp_path: Path) -> None:
+    import hashlib
+
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    _git(tmp_path, "add", "dvc.lock")
+    _git(tmp_path, "commit", "-q", "-m", "lock")
+    tags = tracking.source_tags(tmp_path, "fgclip train")
+    assert tags["mlflow.source.git.commit"] == _git(tmp_path, "rev-parse", "HEAD")
+    assert tags["git.dirty"] == "false"
+    assert tags["dvc.lock_sha256"] == hashlib.sha256(b"schema: '2.0'\n").hexdigest()
+    assert tags["mlflow.source.name"] == "fgclip train" and tags["mlflow.source.type"] == "LOCAL"
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert tracking.source_tags(tmp_path, "fgclip train")["git.dirty"] == "true"
+    # Outside a checkout: no commit and no claim about dirtiness, rather than a failed run.
+    outside = tracking.source_tags(tmp_path / "nowhere", "fgclip train")
+    assert "mlflow.source.git.commit" not in outside and "git.dirty" not in outside
+
+
+def test_health_datasets_and_registered_version(store, tmp_path: Path) -> None:
+    params, client, _ = store
+    report = tmp_path / "health.json"
+    checks = {"memory_bank_enabled_at": {"value": 50, "threshold": 50, "passed": True, "note": "n"},
+              "region_loss": {"value": 0.7, "threshold": 0.5, "passed": False, "step": 500}}  # fmt: skip
+    report.write_text(json.dumps({"passed": False, "checks": checks}))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    with Tracker(params, "registry", tags={"fingerprint": "abc"}) as tracker:
+        tracker.log_health(checks, report)
+        tracker.log_datasets([tracking.DatasetRef("frames_index", "0123456789abcdef", tmp_path / "index.parquet",
+                                                  {"training_videos": 12})])  # fmt: skip
+        run_id = tracker.run_id
+    run = client.get_run(run_id)
+    assert not run.data.metrics  # health is tags, not 0/1 metrics
+    assert run.data.tags["health.passed"] == "false"
+    assert run.data.tags["health.memory_bank_enabled_at.passed"] == "true"
+    assert run.data.tags["health.memory_bank_enabled_at.value"] == "50"
+    assert run.data.tags["health.region_loss.passed"] == "false"
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"health.json", tracking.HEALTH_TABLE}
+    [given] = run.inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest) == ("frames_index", "0123456789abcdef")
+    assert json.loads(given.dataset.profile) == {"training_videos": 12}
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
+
+    name = "fgclip-vad-test"
+    version = tracking.register_model(params.tracking_uri, run_id, name, model, {"eval.frame_auc": 0.83})
+    again = tracking.register_model(params.tracking_uri, run_id, name, model, {"eval.frame_auc": 0.84})
+    assert again == version  # the same run's model is one version, with the newest tags
+    [mv] = client.search_model_versions(f"name = '{name}'")
+    assert (str(mv.version), mv.run_id, mv.source) == (version, run_id, f"runs:/{run_id}/model")
+    assert mv.tags["eval.frame_auc"] == "0.84"
+    assert mv.tags["health.passed"] == "false" and mv.tags["fingerprint"] == "abc"
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.safetensors"]
+
+
+def test_system_metrics_are_sampled_when_asked(store) -> None:
+    params, client, _ = store
+    with Tracker(params, "system") as tracker, tracker.system_metrics(True, 0.2):
+        time.sleep(1.5)
+    with Tracker(params, "no-system") as quiet, quiet.system_metrics(False, 0.2):
+        time.sleep(0.5)
+    assert any(k.startswith("system/cpu_utilization") for k in client.get_run(tracker.run_id).data.metrics)
+    assert not client.get_run(quiet.run_id).data.metrics
+
+
+def test_run_url_opens_the_training_view() -> None:
+    from fgclip.train.mlflow_links import experiment_url, run_url, ui_command
+
+    assert run_url("http://127.0.0.1:5001/", "3", "abc") == (
+        "http://127.0.0.1:5001/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
+    assert experiment_url("https://mlflow.example.org", "3").endswith("/#/experiments/3/runs?workflowType=machine_learning")
+    assert run_url("sqlite:////tmp/mlflow.db", "1", "r").startswith("http://127.0.0.1:5000/#/experiments/1/")
+    assert ui_command("sqlite:////tmp/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////tmp/mlflow.db"
+    assert ui_command("http://127.0.0.1:5001") is None
