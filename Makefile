@@ -28,7 +28,7 @@ repro: $(STAMP)
 # The browser tests (tests/e2e/browser.py) drive Debian's chromium: installed here when
 # missing and this is Debian as root (CI is); otherwise they fail saying how to install it.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
 	    apt-get install -y -q --no-install-recommends chromium \

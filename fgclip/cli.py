@@ -96,6 +96,7 @@ def cmd_train(params: Params, args: argparse.Namespace) -> dict:
         max_steps=args.max_steps,
         metrics_path=args.metrics,
         loss_csv=args.loss_curve,
+        loss_png=args.loss_plot,
     )
 
 
@@ -115,8 +116,8 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> dict:
         args.scores,
         roc_path=args.roc,
         boxes_dir=args.boxes,
-        roc_png=params.paths.roc_plot,
-        models_png=params.paths.models_plot,
+        roc_png=args.roc_plot,
+        models_png=args.models_plot,
     )
 
 
@@ -314,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     _path_option(p, "--checkpoints", "checkpoints", "checkpoint root")
     _path_option(p, "--health", "health", "health report JSON")
     _path_option(p, "--metrics", "train_metrics", "training summary JSON")
-    _path_option(p, "--loss-curve", "loss_curve", "per-step losses CSV for `dvc plots`")
+    _path_option(p, "--loss-curve", "loss_curve", "per-step losses CSV")
+    _path_option(p, "--loss-plot", "loss_plot", "the losses drawn as a PNG (`dvc plots show`)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
 
@@ -328,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _path_option(p, "--out", "eval_metrics", "metrics JSON")
     _path_option(p, "--scores", "scores", "per-frame scores Parquet")
-    _path_option(p, "--roc", "roc", "ROC curve CSV for `dvc plots`")
+    _path_option(p, "--roc", "roc", "fine-tuned ROC curve CSV")
+    _path_option(p, "--roc-plot", "roc_plot", "every model's ROC curve as a PNG (`dvc plots show`)")
+    _path_option(p, "--models-plot", "models_plot", "the models side by side as a PNG (`dvc plots show`)")
     _path_option(p, "--boxes", "boxes", "boxes directory, for the held-out region metrics")
 
     p = add(

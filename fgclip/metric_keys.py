@@ -51,6 +51,16 @@ def split_evaluation(key: str) -> tuple[str, str] | None:
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
+def current_name(key: str) -> str:
+    """``key`` as this version names it: runs logged before the names above used ``eval/<model>/<metric>``
+    and ``diag/<name>``, and reading them back (``fgclip compare``, ablation tables) must still find them."""
+    if key.startswith("eval/"):
+        return EVAL_PREFIX + key.removeprefix("eval/").replace("/", ".")
+    if key.startswith("diag/"):
+        return DIAG_PREFIX + key.removeprefix("diag/")
+    return key
+
+
 def health_tags(checks: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """The health report as tags: ``health.passed`` and ``health.<check>.passed`` / ``.value``."""
     tags = {f"{HEALTH_PREFIX}passed": _bool(all(c.get("passed") for c in checks.values()))}

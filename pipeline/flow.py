@@ -135,30 +135,42 @@ def fgclip_pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[s
     stage = stage_task.with_options(retries=orch.retries, retry_delay_seconds=orch.retry_delay_s)
     env = _orchestrator_env()
     results: dict[str, str] = {}
-    for name in stage_order(root):
-        if name == "train":
-            clean_task(params_path, "before")
-        results[name] = stage(root, name, orch.stage_timeout_s, env)
-        if name == "train":
-            clean_task(params_path, "after")
+    current = None
+    try:
+        for current in stage_order(root):
+            if current == "train":
+                clean_task(params_path, "before")
+            results[current] = stage(root, current, orch.stage_timeout_s, env)
+            if current == "train":
+                clean_task(params_path, "after")
+    except BaseException:
+        # A failed run gets its summary too (a failed health gate is worth a table), marked failed.
+        _publish_summary(params, failed_stage=current)
+        raise
     _publish_summary(params)
     return results
 
 
-def _publish_summary(params: Params) -> None:
+def _publish_summary(params: Params, failed_stage: str | None = None) -> None:
+    """The run summary artefact; a failure to publish it is logged, never the flow run's failure."""
     from prefect.artifacts import create_markdown_artifact
 
     from pipeline.run_summary import read_run_metrics, summary_markdown
 
-    metrics, missing = read_run_metrics(params.paths)
-    run_id = (metrics.get("train") or {}).get("run_id")
-    create_markdown_artifact(
-        key=ARTIFACT_KEY,
-        markdown=summary_markdown(metrics, missing),
-        description=f"fgclip-vad metrics and health of {params.base_dir}"
-        + (f", MLflow run {run_id}" if run_id else ""),
-    )
-    get_run_logger().info("published the artefact %s (MLflow run %s)", ARTIFACT_KEY, run_id or "unknown")
+    logger = _run_logger()
+    try:
+        metrics, missing = read_run_metrics(params.paths)
+        run_id = (metrics.get("train") or {}).get("run_id")
+        create_markdown_artifact(
+            key=ARTIFACT_KEY,
+            markdown=summary_markdown(metrics, missing, failed_stage=failed_stage),
+            description=f"fgclip-vad metrics and health of {params.base_dir}"
+            + (f", MLflow run {run_id}" if run_id else ""),
+        )
+    except Exception as exc:  # noqa: BLE001 - the stages' outcome stands whatever happens to the summary
+        logger.warning("could not publish the artefact %s: %s", ARTIFACT_KEY, exc)
+        return
+    logger.info("published the artefact %s (MLflow run %s)", ARTIFACT_KEY, run_id or "unknown")
 
 
 def _check_repo(root: Path, params: Params) -> None:

@@ -67,14 +67,21 @@ TRAIN_ROWS = (
 )
 
 
-def summary_markdown(metrics: Mapping[str, Mapping[str, Any]], missing: Sequence[str] = ()) -> str:
+def summary_markdown(
+    metrics: Mapping[str, Mapping[str, Any]], missing: Sequence[str] = (), failed_stage: str | None = None
+) -> str:
     """The artefact's Markdown: the MLflow run, evaluation, training and health tables.
 
     ``metrics`` is :func:`read_run_metrics`'s first value; a table whose file is
-    absent is left out, and ``missing`` lists why.
+    absent is left out, and ``missing`` lists why. ``failed_stage``: the run failed
+    there, and the files (stages after it did not run) may be an earlier run's.
     """
     train, health, evaluation = (metrics.get(k) or {} for k in ("train", "health", "eval"))
-    parts = ["# fgclip-vad run summary", _mlflow_line(train), _health_line(health, train)]
+    parts = ["# fgclip-vad run summary"]
+    if failed_stage:
+        parts.append(f"**This flow run FAILED at stage `{_cell(failed_stage)}`**: the figures below are what "
+                     "the metrics files hold now; those of the stages it did not reach may be an earlier run's.")  # fmt: skip
+    parts += [_mlflow_line(train), _health_line(health, train)]
     if evaluation:
         header = ["metric", *EVAL_MODELS]
         rows = [

@@ -137,11 +137,12 @@ def test_train_paths(monkeypatch, local_params, tmp_path):
     stand_in = str(paths.stand_in)  # model.pretrained is null
     assert args[1:] == (paths.frames, paths.boxes, stand_in, paths.model, paths.checkpoints, paths.health)
     assert (kwargs["metrics_path"], kwargs["loss_csv"]) == (paths.train_metrics, paths.loss_curve)
+    assert kwargs["loss_png"] == paths.loss_plot
     argv = ["train", "--frames", "f", "--boxes", "b", "--model", stand_in, "--out", "o"]
-    argv += ["--checkpoints", "c", "--health", "h", "--metrics", "m", "--loss-curve", "l"]
+    argv += ["--checkpoints", "c", "--health", "h", "--metrics", "m", "--loss-curve", "l", "--loss-plot", "p"]
     args, kwargs = run(argv)
     assert args[1:] == (Path("f"), Path("b"), stand_in, Path("o"), Path("c"), Path("h"))
-    assert (kwargs["metrics_path"], kwargs["loss_csv"]) == (Path("m"), Path("l"))
+    assert (kwargs["metrics_path"], kwargs["loss_csv"], kwargs["loss_png"]) == (Path("m"), Path("l"), Path("p"))
     # An empty value (an unset shell variable) is the default, never the working directory.
     args, _ = run(["train", "--out", "", "--health", ""])
     assert (args[4], args[6]) == (paths.model, paths.health)
@@ -181,7 +182,8 @@ def test_evaluate_paths(monkeypatch, local_params, tmp_path):
     args, kwargs = run(["evaluate"])
     expected = (paths.frames, paths.model, paths.stand_in, paths.data_root, paths.eval_metrics, paths.scores)
     assert args[1:] == expected  # the stand-in directory, as a Path
-    assert kwargs == {"roc_path": paths.roc, "boxes_dir": paths.boxes}
+    assert kwargs == {"roc_path": paths.roc, "boxes_dir": paths.boxes, "roc_png": paths.roc_plot,
+                      "models_png": paths.models_plot}  # fmt: skip
     argv = [
         "evaluate",
         "--frames",
@@ -193,10 +195,10 @@ def test_evaluate_paths(monkeypatch, local_params, tmp_path):
         "--data-root",
         "r",
     ]
-    argv += ["--out", "o", "--scores", "s", "--roc", "c", "--boxes", "b"]
+    argv += ["--out", "o", "--scores", "s", "--roc", "c", "--boxes", "b", "--roc-plot", "rp", "--models-plot", "mp"]
     args, kwargs = run(argv)
     assert args[1:] == (Path("f"), Path("m"), paths.stand_in, Path("r"), Path("o"), Path("s"))
-    assert kwargs == {"roc_path": Path("c"), "boxes_dir": Path("b")}
+    assert kwargs == {"roc_path": Path("c"), "boxes_dir": Path("b"), "roc_png": Path("rp"), "models_png": Path("mp")}
     # A name that is nothing on disk is a hub id, passed on as a string.
     _cached_hub_model(monkeypatch, tmp_path / "hf-cache", HUB_ID)
     args, _ = run(["evaluate", "--pretrained", HUB_ID])

@@ -73,6 +73,8 @@ from fgclip.outputs import check_output_files
 
 log = logging.getLogger(__name__)
 
+# Set by DVC in the stage commands of an experiment (`dvc exp run`, its queue).
+DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"
 ROC_PNG, MODELS_PNG = "roc.png", "models.png"  # their names among the MLflow run's artefacts
 
 # Per-model metrics logged to MLflow as eval.<model>.<metric> (besides auc_<Class>).
@@ -542,6 +544,10 @@ def _log_to_training_run(
     log_to_run(*run, _mlflow_metrics(results), artifacts)
     log.info("Logged evaluation metrics and artefacts to MLflow run %s", run[1])
     name = params.tracking.registered_model
-    if name:
+    if name and os.environ.get(DVC_EXPERIMENT_ENV):
+        # An experiment's model (an ablation cell, a `dvc exp run`) is a variant, not a release:
+        # `dvc exp apply` it and `dvc repro` to register it.
+        log.info("DVC experiment %s: its model is not registered as a %s version", os.environ[DVC_EXPERIMENT_ENV], name)
+    elif name:
         version = register_model(*run, name, model_dir, _version_tags(results[FINETUNED], protocol))
         log.info("Registered the fine-tuned model as %s version %s", name, version)

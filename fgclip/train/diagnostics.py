@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from fgclip import metric_keys
 from fgclip.atomic import write_text_atomic
 from fgclip.config import HealthConfig, Params
 from fgclip.errors import FGClipError
@@ -54,14 +55,14 @@ def diag_figures(
     logits = logits[torch.isfinite(logits)]
     size = bank_state["size"]
     return {
-        "train/diag/logit_scale_region": scale_region,
-        "train/diag/logit_scale_global": scale_global,
-        "train/diag/logits_i2t_min": float(logits.min()) if logits.numel() else math.nan,
-        "train/diag/logits_i2t_max": float(logits.max()) if logits.numel() else math.nan,
-        "train/diag/logits_i2t_mean": float(logits.mean()) if logits.numel() else math.nan,
-        "train/diag/memory_bank_ptr": float(bank_state["ptr"]),
-        "train/diag/memory_bank_full": bank_state["filled"] / size if size else 0.0,
-        "train/diag/img_norms_zero_frac": zero_norm_frac,
+        metric_keys.diag("logit_scale_region"): scale_region,
+        metric_keys.diag("logit_scale_global"): scale_global,
+        metric_keys.diag("logits_i2t_min"): float(logits.min()) if logits.numel() else math.nan,
+        metric_keys.diag("logits_i2t_max"): float(logits.max()) if logits.numel() else math.nan,
+        metric_keys.diag("logits_i2t_mean"): float(logits.mean()) if logits.numel() else math.nan,
+        metric_keys.diag("memory_bank_ptr"): float(bank_state["ptr"]),
+        metric_keys.diag("memory_bank_full"): bank_state["filled"] / size if size else 0.0,
+        metric_keys.diag("img_norms_zero_frac"): zero_norm_frac,
     }
 
 
@@ -70,20 +71,20 @@ def log_diag(step: int, figures: dict[str, float]) -> None:
     log = logging.getLogger("fgclip.train")
     log.info("[DIAG] step=%d", step)
     for name, label in (("region", "finegrained"), ("global", "global")):
-        scale = figures[f"train/diag/logit_scale_{name}"]
+        scale = figures[metric_keys.diag(f"logit_scale_{name}")]
         log.info("[DIAG] logit_scale (%s): %.6f (exp=%.4f)", label, scale, math.exp(scale))
     log.info(
         "[DIAG] logits_i2t: min=%.4f, max=%.4f, mean=%.4f",
-        figures["train/diag/logits_i2t_min"],
-        figures["train/diag/logits_i2t_max"],
-        figures["train/diag/logits_i2t_mean"],
+        figures[metric_keys.diag("logits_i2t_min")],
+        figures[metric_keys.diag("logits_i2t_max")],
+        figures[metric_keys.diag("logits_i2t_mean")],
     )
     log.info(
         "[DIAG] memory_bank: ptr=%d, full=%.3f",
-        int(figures["train/diag/memory_bank_ptr"]),
-        figures["train/diag/memory_bank_full"],
+        int(figures[metric_keys.diag("memory_bank_ptr")]),
+        figures[metric_keys.diag("memory_bank_full")],
     )
-    log.info("[DIAG] img_norms: zero_frac=%.4f", figures["train/diag/img_norms_zero_frac"])
+    log.info("[DIAG] img_norms: zero_frac=%.4f", figures[metric_keys.diag("img_norms_zero_frac")])
 
 
 class NonFinite(NamedTuple):

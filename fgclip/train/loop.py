@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from fgclip import metric_keys
 from fgclip.atomic import write_text_atomic
 from fgclip.config import HealthConfig, Params, model_source
 from fgclip.data.batch import Batch, collate
@@ -186,6 +187,7 @@ def train(
     max_steps: int | None = None,
     metrics_path: Path | None = None,
     loss_csv: Path | None = None,
+    loss_png: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune from the CLIP at ``model_path``; write the model to ``out``; return the summary.
 
@@ -193,7 +195,8 @@ def train(
     written there) while the learning-rate schedule still spans ``train.max_steps``:
     an interrupted run, on purpose. ``resume=False`` ignores existing checkpoints.
     The summary also goes to ``metrics_path`` (default ``train.metrics``) and the
-    per-step losses of the whole run to ``loss_csv`` (default ``train.loss_curve``).
+    per-step losses of the whole run to ``loss_csv`` (default ``train.loss_curve``), drawn
+    in ``loss_png`` (default ``train.loss_plot``).
     """
     paths = TrainPaths(
         frames=Path(frames_dir),
@@ -204,8 +207,7 @@ def train(
         health=Path(health_path),
         metrics=Path(metrics_path) if metrics_path else params.paths.train_metrics,
         loss_csv=Path(loss_csv) if loss_csv else params.paths.loss_curve,
-        # An ad-hoc --loss-curve takes its picture along; the pipeline's is params.yaml's.
-        loss_png=Path(loss_csv).with_suffix(".png") if loss_csv else params.paths.loss_plot,
+        loss_png=Path(loss_png) if loss_png else params.paths.loss_plot,
     )
     check_output_dir(paths.out, _STAGE, _kept_paths(paths))  # before training, not after it
     ctx = _init_distributed(params.train.device)
@@ -384,19 +386,19 @@ def _train(
                 train_log.info("[LOSS] step=%d loss=%.4f loss_global=%.4f loss_region=%.4f loss_hardneg=%.4f",
                                step, losses["loss"], losses["loss_global"], losses["loss_region"],
                                losses["loss_hardneg"])  # fmt: skip
-                metrics = {f"train/{name}": value for name, value in losses.items()}
+                metrics = {metric_keys.train(name): value for name, value in losses.items()}
                 metrics.update({
-                    "train/logit_scale": scale_global,
-                    "train/logit_scale_region": scale_region,
-                    "train/logit_scale_hardneg": scale_hardneg,
-                    "train/temperature": math.exp(scale_global),
-                    "train/temperature_region": math.exp(scale_region),
-                    "train/temperature_hardneg": math.exp(scale_hardneg),
-                    "train/lr": done.lr,
-                    "train/backbone_lr": done.backbone_lr,
-                    "train/grad_norm": done.grad_norm,
-                    "train/samples_per_s": throughput,
-                    "train/loader_samples_per_s": samples_per_step / max(done.data_wait_s, 1e-6),
+                    metric_keys.train("logit_scale"): scale_global,
+                    metric_keys.train("logit_scale_region"): scale_region,
+                    metric_keys.train("logit_scale_hardneg"): scale_hardneg,
+                    metric_keys.train("temperature"): math.exp(scale_global),
+                    metric_keys.train("temperature_region"): math.exp(scale_region),
+                    metric_keys.train("temperature_hardneg"): math.exp(scale_hardneg),
+                    metric_keys.train("lr"): done.lr,
+                    metric_keys.train("backbone_lr"): done.backbone_lr,
+                    metric_keys.train("grad_norm"): done.grad_norm,
+                    metric_keys.train("samples_per_s"): throughput,
+                    metric_keys.train("loader_samples_per_s"): samples_per_step / max(done.data_wait_s, 1e-6),
                 })  # fmt: skip
                 tracker.log_metrics(metrics, step=step)
             if ctx.is_main and diag and step % cfg.diag_every == 0:

@@ -9,6 +9,7 @@ the runs table and the training charts, not on the GenAI pages.
 
 from __future__ import annotations
 
+import shlex
 from urllib.parse import urlsplit
 
 UI_QUERY = "?workflowType=machine_learning"
@@ -27,7 +28,7 @@ def ui_base(tracking_uri: str) -> str:
 
 def ui_command(tracking_uri: str) -> str | None:
     """The command that serves a UI for ``tracking_uri``; None when a tracking server already does."""
-    return None if _serves_ui(tracking_uri) else f"mlflow ui --backend-store-uri {tracking_uri}"
+    return None if _serves_ui(tracking_uri) else f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
 def experiment_url(tracking_uri: str, experiment_id: str) -> str:

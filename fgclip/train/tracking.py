@@ -289,10 +289,19 @@ class Tracker:
             return
         self.set_tags(metric_keys.health_tags(checks))
         self.log_artifact(report)
-        columns = ("check", "passed", "value", "threshold", "step", "note")
+        # MLflow's own log_table appends to a table the run already has: a resumed run that
+        # finishes again would list every check twice. Written whole, in log_table's layout
+        # (pandas' "split" orient), and announced to the UI as a table the way log_table does.
+        columns = ["check", "passed", "value", "threshold", "step", "note"]
         rows = [[name, bool(c.get("passed")), *(_cell_text(c.get(k)) for k in columns[2:])] for name, c in checks.items()]
-        self._client.log_table(self.run_id, {k: [row[i] for row in rows] for i, k in enumerate(columns)},
-                               HEALTH_TABLE)  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="fgclip-health-") as tmp:
+            table = Path(tmp) / HEALTH_TABLE
+            table.write_text(json.dumps({"columns": columns, "data": rows}), encoding="utf-8")
+            self.log_artifact(table)
+        logged = json.loads(self._client.get_run(self.run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+        entry = {"path": HEALTH_TABLE, "type": "table"}
+        if entry not in logged:
+            self.set_tags({LOGGED_ARTIFACTS_TAG: json.dumps([*logged, entry])})
 
     def log_datasets(self, datasets: Sequence[DatasetRef], context: str = "training") -> None:
         """Record what the run read as MLflow dataset inputs (the UI's Dataset column)."""
@@ -338,8 +347,10 @@ def _cell_text(value: object) -> str:
     return "" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
-# The run's health report as a table artefact: the UI's artefact view draws it as one.
+# The run's health report as a table artefact: the UI's artefact view draws it as one,
+# being listed in MLflow's own tag of table artefacts.
 HEALTH_TABLE = "health_table.json"
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
 
 
 @dataclass(frozen=True)
@@ -357,8 +368,11 @@ def source_tags(repo: Path, entry_point: str) -> dict[str, str]:
 
     ``mlflow.source.*`` and ``mlflow.user`` fill the UI's Source and Created-by columns;
     ``mlflow.source.git.commit`` is the commit it shows; ``git.dirty`` says whether tracked
-    files differed from it (``dvc repro`` rewriting ``dvc.lock`` counts), and
-    ``dvc.lock_sha256`` pins the pipeline state the run's inputs came from.
+    files differed from it. ``dvc.lock_sha256`` is the digest of that commit's ``dvc.lock``:
+    the pipeline state ``git checkout`` and ``dvc pull`` restore. The working file is no
+    use for that: ``dvc repro`` rewrites it stage by stage, before and after training (so
+    ``git.dirty`` is true during a repro of changed stages, and the run's own inputs are
+    pinned by its ``fingerprint`` and dataset digests instead).
     """
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": entry_point}
     try:
@@ -370,20 +384,22 @@ def source_tags(repo: Path, entry_point: str) -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
         status = _git(repo, "status", "--porcelain", "--untracked-files=no")
         tags["git.dirty"] = "false" if status == "" else "true"
-    lock = repo / "dvc.lock"
-    if lock.is_file():
-        tags["dvc.lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+        committed = _git(repo, "show", "HEAD:dvc.lock", strip=False)
+        if committed is not None:
+            tags["dvc.lock_sha256"] = hashlib.sha256(committed.encode()).hexdigest()
     return tags
 
 
-def _git(repo: Path, *args: str) -> str | None:
-    """``git <args>``'s output in ``repo``, stripped; None outside a git checkout or without git."""
+def _git(repo: Path, *args: str, strip: bool = True) -> str | None:
+    """``git <args>``'s output in ``repo``; None outside a git checkout, without git, or on an error."""
     try:
         proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30,
                               check=False)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() if strip else proc.stdout
 
 
 def log_to_run(
@@ -404,6 +420,8 @@ def log_to_run(
 
 
 MODEL_ARTIFACT = "model"
+# The registered version's record of which weights it holds (sha256 of the model directory).
+WEIGHTS_TAG = "model.sha256"
 # Run tags copied onto a registered version besides health.*: where the model came from.
 VERSION_RUN_TAGS = ("mlflow.source.git.commit", "dvc.lock_sha256", "fingerprint")
 
@@ -411,10 +429,11 @@ VERSION_RUN_TAGS = ("mlflow.source.git.commit", "dvc.lock_sha256", "fingerprint"
 def register_model(tracking_uri: str, run_id: str, name: str, model_dir: Path, tags: Mapping[str, object]) -> str:
     """The run's model as a version of registered model ``name``, with ``tags``; returns the version.
 
-    The model's files are logged to the run (``model/``) and the version points at them
-    (``runs:/<run>/model``: the one source a tracking server accepts without sharing a
-    disk). A run already registered keeps its version and gets the new tags: evaluating
-    the same model again must not make a second version of it.
+    The model's files are logged to the run under ``model/<digest>/`` and the version points
+    at them (``runs:/<run>/model/<digest>``: the one source a tracking server accepts without
+    sharing a disk). Evaluating the same weights again keeps their version and updates its
+    tags; a run whose weights changed (resumed to more steps) gets a new version, and the
+    old one keeps the files it was made from.
     """
     client = _client(tracking_uri)
     try:
@@ -422,19 +441,34 @@ def register_model(tracking_uri: str, run_id: str, name: str, model_dir: Path, t
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    digest = _directory_digest(model_dir)
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if found:
-        version = str(max(int(v.version) for v in found))
+    same = [v for v in found if v.tags.get(WEIGHTS_TAG) == digest]
+    if same:
+        version = str(max(int(v.version) for v in same))
     else:
-        client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-        version = client.create_model_version(name, f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id).version
+        artifact_path = f"{MODEL_ARTIFACT}/{digest[:12]}"
+        client.log_artifacts(run_id, str(model_dir), artifact_path)
+        version = str(client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+                                                  tags={WEIGHTS_TAG: digest}).version)  # fmt: skip
     # The training run's health and source travel with the version: the registry's page
     # then says whether the model passed its checks without opening the run.
     run_tags = client.get_run(run_id).data.tags
     inherited = {k: v for k, v in run_tags.items() if k.startswith(metric_keys.HEALTH_PREFIX) or k in VERSION_RUN_TAGS}
     for key, value in {**inherited, **tags}.items():
         client.set_model_version_tag(name, version, key, _truncate(str(value), MAX_PARAM_VAL_LENGTH))
-    return str(version)
+    return version
+
+
+def _directory_digest(directory: Path) -> str:
+    """sha256 over every file of ``directory`` (relative name, then bytes), in name order."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        h.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 # --- reading runs back (``fgclip compare``) -------------------------------------
@@ -531,7 +565,8 @@ def _select_run(runs: list, selector: str, experiment: str, tracking_uri: str) -
 
 
 def _run_record(client: MlflowClient, run: Any) -> RunRecord:
-    run_id, metrics = run.info.run_id, dict(run.data.metrics)
+    run_id = run.info.run_id
+    metrics = {metric_keys.current_name(k): v for k, v in run.data.metrics.items()}
     steps = (
         [m.step for m in client.get_metric_history(run_id, "train/loss")] if "train/loss" in metrics else []
     )

@@ -151,3 +151,8 @@ def test_dvc_plots_page_renders_offline(tiny_repo: Path, tmp_path: Path):
     names = sorted(Path(img["src"]).name.removeprefix("workspace_plots_") for img in images)
     assert names == ["models.png", "roc.png", "train_loss.png"], images
     assert all(img["w"] > 100 and img["h"] > 100 for img in images), images
+    # The page did ask the network for something (DVC's template links Vega from a CDN): only
+    # scripts, which image plots do not need, and each was refused.
+    assert all(url.startswith("https://") and url.endswith(".js") or "vega" in url for url in page.context.blocked), (
+        page.context.blocked
+    )

@@ -188,14 +188,14 @@ def test_registered_version_carries_evaluation_and_health(ui_runs) -> None:
     query = urllib.parse.urlencode({"filter": f"name = 'fgclip-vad' and run_id = '{run_id}'"})
     [version] = _get(f"{url}/api/2.0/mlflow/model-versions/search?{query}")["model_versions"]
     tags = {t["key"]: t["value"] for t in version["tags"]}
-    assert version["source"] == f"runs:/{run_id}/model"
+    assert version["source"] == f"runs:/{run_id}/model/{tags['model.sha256'][:12]}"
     assert {"eval.frame_auc", "eval.protocol", "health.passed", "health.finite.passed"} <= set(tags)
     run = _get(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
     assert float(tags["eval.frame_auc"]) == pytest.approx(
         {m["key"]: m["value"] for m in run["data"]["metrics"]}["eval.frame_auc"], abs=1e-4
     )
-    names = [d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"]]
-    assert names == ["frames_index", "box_shards"]
+    names = sorted(d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"])
+    assert names == ["box_shards", "frames_index"]
 
 
 def test_mlflow_ui_shows_runs_table_training_charts_and_compare(ui_runs) -> None:

@@ -70,6 +70,8 @@ TINY: dict[str, dict[str, Any]] = {
 DEPLOYMENT = "fgclip-pipeline/tiny"
 STALE_CHECKPOINT = "checkpoint-000002"
 FLOW_TIMEOUT_S = 420
+# The UI renders in seconds here; a busy CI core gets many times that.
+UI_TIMEOUT_MS = 90_000
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,6 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         "PREFECT_API_URL": api,
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # the runner picks up a triggered run within a second
         "PREFECT_LOGGING_LEVEL": "INFO",
         "DVC_NO_ANALYTICS": "1",
@@ -94,8 +95,10 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     log_path = home / "server.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
+            # On a free port, not 4200, with PREFECT_API_URL set before the start (the README's
+            # order): the UI served here must call this server (the browser test looks).
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-             "--no-ui", "--analytics-off"],
+             "--analytics-off"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -375,6 +378,39 @@ def test_the_completed_run_publishes_its_metrics_and_mlflow_run(drill, tiny_repo
     assert "## Health checks" in markdown and "## Missing" not in markdown, markdown
 
 
+def _summary_artifact(flow_run_id: Any) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from pipeline.flow import ARTIFACT_KEY
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])
+        ))  # fmt: skip
+    return artifact
+
+
+def test_the_prefect_ui_on_its_own_port_shows_the_flow_run_and_its_summary(drill, prefect_env):
+    """The UI of a server on a non-default port, in headless Chromium: the flow run, then its artefact."""
+    from browser import browser, screenshot, wait_for_text
+
+
+    ui = prefect_env["PREFECT_API_URL"].removesuffix("/api")
+    flow_run = drill["flow_run"]
+    with browser() as page:
+        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
+        text = wait_for_text(page, flow_run.name, UI_TIMEOUT_MS)
+        text = wait_for_text(page, "Completed", UI_TIMEOUT_MS)
+        assert "fgclip-pipeline" in text
+        screenshot(page, "prefect-flow-run")
+        # The artefact's own page renders its Markdown: the summary's tables, as the UI shows them.
+        page.goto(f"{ui}/artifacts/artifact/{_summary_artifact(flow_run.id).id}")
+        text = wait_for_text(page, "frame AUC", UI_TIMEOUT_MS)
+        assert "Health checks" in text and drill["mlflow_run_id"] in text
+        screenshot(page, "prefect-artifact")
+
+
 def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_repo: Path):
     """`data.root` pointed at a dataset without its split files: extraction fails, and is not retried.
 
@@ -407,6 +443,17 @@ def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_rep
     assert "AwaitingRetry" not in states and "Retrying" not in states, states
     assert "not retried: a PermanentStageError" in _logs(flow_run.id, extract.id)
     assert "validate_boxes" not in tasks, "no stage may run after a failed one"
+    # The failed run's summary says so, and where, rather than passing off the files as its own.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from pipeline.flow import ARTIFACT_KEY
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])
+        ))  # fmt: skip
+    assert len(found) == 1, [(a.key, a.type, a.task_run_id, a.created) for a in found]
+    assert "FAILED at stage `extract_frames`" in found[0].data, found[0].data
 
 
 def test_prefect_yaml_matches_params_and_deploys(prefect_env: dict[str, str], tiny_repo: Path):

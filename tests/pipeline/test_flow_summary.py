@@ -190,3 +190,9 @@ def test_invalid_params_fail_the_flow_before_any_task(tmp_path: Path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match="retries"):
         fgclip_pipeline.fn(repo=str(tmp_path))  # the flow's body, no Prefect run: it must not get to a task
+
+
+def test_a_failed_run_is_marked_failed_at_its_stage():
+    markdown = summary_markdown(METRICS, failed_stage="train")
+    assert "**This flow run FAILED at stage `train`**" in markdown
+    assert "FAILED at stage" not in summary_markdown(METRICS)

@@ -262,13 +262,22 @@ def test_source_tags_name_the_commit_the_lock_and_dirtiness(tmp_path: Path) -> N
     tags = tracking.source_tags(tmp_path, "fgclip train")
     assert tags["mlflow.source.git.commit"] == _git(tmp_path, "rev-parse", "HEAD")
     assert tags["git.dirty"] == "false"
-    assert tags["dvc.lock_sha256"] == hashlib.sha256(b"schema: '2.0'\n").hexdigest()
+    committed = hashlib.sha256(b"schema: '2.0'\n").hexdigest()
+    assert tags["dvc.lock_sha256"] == committed
     assert tags["mlflow.source.name"] == "fgclip train" and tags["mlflow.source.type"] == "LOCAL"
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    assert tracking.source_tags(tmp_path, "fgclip train")["git.dirty"] == "true"
+    dirty = tracking.source_tags(tmp_path, "fgclip train")
+    # The committed lock's digest, not the working file `dvc repro` is rewriting.
+    assert dirty["git.dirty"] == "true" and dirty["dvc.lock_sha256"] == committed
     # Outside a checkout: no commit and no claim about dirtiness, rather than a failed run.
     outside = tracking.source_tags(tmp_path / "nowhere", "fgclip train")
     assert "mlflow.source.git.commit" not in outside and "git.dirty" not in outside
+
+
+def _table(client: MlflowClient, run_id: str) -> dict[str, list]:
+    """The run's health table, column by column, from MLflow's table layout (``{"columns", "data"}``)."""
+    split = json.loads(Path(client.download_artifacts(run_id, tracking.HEALTH_TABLE)).read_text())
+    return {column: [row[i] for row in split["data"]] for i, column in enumerate(split["columns"])}
 
 
 def test_health_datasets_and_registered_version(store, tmp_path: Path) -> None:
@@ -292,7 +301,12 @@ def test_health_datasets_and_registered_version(store, tmp_path: Path) -> None:
     assert run.data.tags["health.memory_bank_enabled_at.value"] == "50"
     assert run.data.tags["health.region_loss.passed"] == "false"
     assert {a.path for a in client.list_artifacts(run_id)} >= {"health.json", tracking.HEALTH_TABLE}
-    [given] = run.inputs.dataset_inputs
+    table = _table(client, run_id)
+    assert list(table["check"]) == ["memory_bank_enabled_at", "region_loss"]
+    assert list(table["passed"]) == [True, False] and list(table["value"]) == ["50", "0.7"]
+    # Listed in MLflow's tag of table artefacts, which the UI reads to draw it as a table.
+    assert {"path": tracking.HEALTH_TABLE, "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    [given] = run.inputs.dataset_inputs  # one input: order is not at stake
     assert (given.dataset.name, given.dataset.digest) == ("frames_index", "0123456789abcdef")
     assert json.loads(given.dataset.profile) == {"training_videos": 12}
     assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
@@ -302,10 +316,24 @@ def test_health_datasets_and_registered_version(store, tmp_path: Path) -> None:
     again = tracking.register_model(params.tracking_uri, run_id, name, model, {"eval.frame_auc": 0.84})
     assert again == version  # the same run's model is one version, with the newest tags
     [mv] = client.search_model_versions(f"name = '{name}'")
-    assert (str(mv.version), mv.run_id, mv.source) == (version, run_id, f"runs:/{run_id}/model")
+    assert (str(mv.version), mv.run_id) == (version, run_id)
     assert mv.tags["eval.frame_auc"] == "0.84"
     assert mv.tags["health.passed"] == "false" and mv.tags["fingerprint"] == "abc"
-    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.safetensors"]
+    [weights] = client.list_artifacts(run_id, "model")
+    assert mv.source == f"runs:/{run_id}/{weights.path}" and mv.tags["model.sha256"].startswith(weights.path[-12:])
+    # The same run resumed to more steps: new weights, a new version; the old one keeps its files.
+    (model / "model.safetensors").write_bytes(b"weights, trained longer")
+    newer = tracking.register_model(params.tracking_uri, run_id, name, model, {"eval.frame_auc": 0.85})
+    assert int(newer) == int(version) + 1
+    assert len(client.list_artifacts(run_id, "model")) == 2
+
+    # Finishing the run again (a resumed run) rewrites the health table, it does not append to it.
+    with Tracker(params, "registry", run_id=run_id) as again:
+        again.log_health(checks, report)
+    assert len(_table(client, run_id)["check"]) == 2
+    assert json.loads(client.get_run(run_id).data.tags["mlflow.loggedArtifacts"]).count(
+        {"path": tracking.HEALTH_TABLE, "type": "table"}
+    ) == 1
 
 
 def test_system_metrics_are_sampled_when_asked(store) -> None:
@@ -328,3 +356,12 @@ def test_run_url_opens_the_training_view() -> None:
     assert run_url("sqlite:////tmp/mlflow.db", "1", "r").startswith("http://127.0.0.1:5000/#/experiments/1/")
     assert ui_command("sqlite:////tmp/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////tmp/mlflow.db"
     assert ui_command("http://127.0.0.1:5001") is None
+
+
+def test_runs_logged_under_the_old_names_read_back_under_the_new(store) -> None:
+    params, _, _ = store
+    with Tracker(params, "old-names") as tracker:
+        tracker.log_metrics({"eval/finetuned/frame_auc": 0.8, "eval/frame_auc": 0.8, "diag/memory_bank_ptr": 3.0},
+                            step=0)  # fmt: skip
+    record = tracking.read_run(params.tracking_uri, tracker.run_id)
+    assert record.metrics == {"eval.finetuned.frame_auc": 0.8, "eval.frame_auc": 0.8, "train/diag/memory_bank_ptr": 3.0}
