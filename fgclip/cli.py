@@ -185,7 +185,7 @@ def cmd_ablate(params: Params, args: argparse.Namespace) -> None:
     print(f"report: {result.files[0].parent} ({', '.join(f.name for f in result.files)}); "
           f"MLflow parent run {result.parent_run_id}")  # fmt: skip
     if result.failed:
-        raise AblationFailed(f"{len(result.failed)} experiment(s) failed: {', '.join(result.failed)} "
+        raise AblationFailed(f"{len(result.failed)} experiment(s) failed: {', '.join(sorted(result.failed))} "
                              "(their logs: dvc queue logs NAME); rerun `fgclip ablate` to run them again")  # fmt: skip
 
 

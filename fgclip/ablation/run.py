@@ -102,7 +102,7 @@ def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jo
         try:
             table = build_table(children, spec.reference, list(spec.cells))
         except AblationTableError as exc:
-            raise AblationFailed(f"no table: {exc}; failed: {', '.join(failed) or 'none'}") from exc
+            raise AblationFailed(f"no table: {exc}; failed: {', '.join(sorted(failed)) or 'none'}") from exc
         out_dir = params.path(params.ablation.out) / name
         files = write_report(out_dir, name, table, children)
         _log_report(tracking_uri, parent, files)
