@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fgclip.config import Params, Paths, load_params
-from fgclip.errors import FGClipError
+from fgclip.errors import FGClipError, user_error_line
 from fgclip.model.sources import check_pretrained
 
 log = logging.getLogger("fgclip")
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         _resolve_path_options(params, args)
         summary = args.func(params, args)
     except _USER_ERRORS as exc:
-        print(f"fgclip {args.command}: error: {exc}", file=sys.stderr)
+        print(user_error_line(args.command, exc), file=sys.stderr)
         return 1
     if summary is not None:
         _print_summary(summary)

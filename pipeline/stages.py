@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from fgclip.errors import FGClipError
+from fgclip.errors import USER_ERROR_LINE, FGClipError
 from fgclip.toolenv import dvc_command, tool_env
 
 DVC_FILE = "dvc.yaml"
@@ -27,9 +27,6 @@ DVC_FILE = "dvc.yaml"
 # Characters of a failed stage's output kept in StageFailed: enough for a traceback.
 TAIL_CHARS = 4000
 
-# The one line the fgclip CLI prints for an error the user must fix (bad input, config or
-# state; fgclip.cli.main, exit 1): running the stage again gives the same error.
-USER_ERROR_LINE = re.compile(r"^fgclip [\w-]+: error: ", re.MULTILINE)
 # DVC's report of a stage command the shell could not find (status 127: command not found).
 MISSING_COMMAND = re.compile(r"exited with 127\b")
 # Something else holds what the stage needs, or a server is down: it may be free on a

@@ -244,3 +244,12 @@ def test_permanent_failures_are_told_from_the_output(output: str, permanent: boo
 )
 def test_is_permanent_by_exception(exc: BaseException, permanent: bool):
     assert is_permanent(exc) is permanent
+
+
+def test_the_cli_error_line_is_the_one_orchestrators_recognise():
+    from fgclip.errors import USER_ERROR_LINE, user_error_line
+
+    line = user_error_line("extract-frames", FGClipError("Anomaly_Train.txt not found"))
+    assert line == "fgclip extract-frames: error: Anomaly_Train.txt not found"
+    assert USER_ERROR_LINE.search(f"Running stage 'extract_frames':\n{line}\n")
+    assert is_permanent_output(f"ERROR: failed to reproduce 'extract_frames'\n{line}\n")
