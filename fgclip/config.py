@@ -94,6 +94,16 @@ class FramesConfig(_Section):
     jpeg_quality: int = Field(95, ge=1, le=100)
     workers: int = Field(0, ge=0)  # 0 = one process per core
     max_failure_frac: float = Field(0.1, ge=0.0, le=1.0)
+    # Where videos are decoded (fgclip.data.extract_executors): a local process pool, or Dask's
+    # distributed scheduler (the `cluster` extra). Outputs are the same either way.
+    executor: Literal["processes", "dask"] = "processes"
+    # executor dask: the scheduler's address (tcp://10.0.0.5:8786); None = a LocalCluster of
+    # `workers` processes on 127.0.0.1, started for the stage and closed after it.
+    dask_address: str | None = Field(None, min_length=1)
+    # auto: decode only the packets the selection needs where the container's packet table
+    # makes that exact (H.264 in MP4), else every frame; all: always every frame, which also
+    # finds damage inside packets the selection does not need.
+    decode: Literal["auto", "all"] = "auto"
 
 
 class BoxesConfig(_Section):

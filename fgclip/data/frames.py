@@ -1,4 +1,4 @@
-"""Stage ``extract_frames``: decode each video once, keep the selected frames as JPEG, index them.
+"""Stage ``extract_frames``: decode what each video's selection needs, keep those frames as JPEG, index them.
 
 Frame selection (frame numbers count decoded frames from 0):
 
@@ -10,9 +10,15 @@ Frame selection (frame numbers count decoded frames from 0):
   decoder buffers at most one snippet.
 - every annotated box keyframe of any video: ``keyframe``.
 
+Where the container's packets address frames exactly (H.264 in MP4), only the packets
+the selection needs are decoded (:mod:`fgclip.data.frame_reader`: seeks for a training
+video's few frames, one pass without unwanted non-reference pictures for a test video);
+elsewhere, or with ``frames.decode: all``, every frame is. The frames are the same.
+
 Each video is decoded in a worker process, which ends with the stage process however
-that dies. A video's outputs end with a done marker (``images/<id>/_done.json``,
-holding its index rows and the size of each image), written last: a rerun skips
+that dies: a local process pool, or one Dask task a video (``frames.executor``; the
+workers are :mod:`fgclip.data.extract_executors`' business). A video's outputs end
+with a done marker (``images/<id>/_done.json``, holding its index rows and the size of each image), written last: a rerun skips
 videos whose marker matches the current plan and whose images are all there and
 whole, so an interrupted run resumes. Frames are turned upright as a player shows
 them when the video's display matrix says so. Bad videos (missing, corrupt,
@@ -24,20 +30,14 @@ stays ``ok``).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
-import signal
 import struct
-import sys
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,8 +51,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from fgclip.atomic import atomic_path, write_text_atomic
-from fgclip.config import Params
+from fgclip.config import FramesConfig, Params
 from fgclip.data.annotations import load_annotations
+from fgclip.data.extract_executors import run_jobs
+from fgclip.data.frame_reader import NotExact, plan_runs, read_frames, scan_packets
 from fgclip.data.layout import (
     DONE_MARKER,
     FAILURES_FILE,
@@ -121,13 +123,16 @@ class VideoJob:
     keyframes: tuple[int, ...]
     jpeg_quality: int
     roots: tuple[str, ...] = ()  # resolved dirs the video's real path must stay in (none: no check)
+    # "auto": only the packets the selection needs, when the packet table is exact (frame_reader);
+    # "all": every frame. Not part of the plan: both give the same frames.
+    decode: str = "auto"
 
     @property
     def rel_dir(self) -> str:
         return f"{IMAGES_DIR}/" + self.video.removesuffix(".mp4")
 
     def plan(self) -> dict:
-        plan = {k: v for k, v in asdict(self).items() if k not in ("source", "out", "roots")}
+        plan = {k: v for k, v in asdict(self).items() if k not in ("source", "out", "roots", "decode")}
         plan["format"] = MARKER_FORMAT
         plan["window"] = list(self.window) if self.window else None
         plan["keyframes"] = list(self.keyframes)
@@ -326,11 +331,6 @@ def _decode(job: VideoJob, image_dir: Path, plan: dict) -> dict:
         # Only kept frames pay for their timestamp (frame.time on every frame: 3-10% of decoding).
         rows.append((k, float(frame.time) if frame.time is not None else k / fps, purpose))
 
-    def keep_middle(snippet: list[av.VideoFrame], last: int) -> None:
-        """Keep the middle frame of a snippet whose last frame is number ``last``."""
-        mid = len(snippet) // 2
-        keep(snippet[mid], last + 1 - len(snippet) + mid, "eval")
-
     try:
         with av.open(job.source) as container:
             if not container.streams.video:
@@ -356,28 +356,46 @@ def _decode(job: VideoJob, image_dir: Path, plan: dict) -> dict:
                 train = set(uniform_frames(first, last, job.train_frames).tolist())
             keyframes = set(job.keyframes)
             image_dir.mkdir(parents=True, exist_ok=True)
-            # The frames of the current snippet: decoded frames are dropped as soon as they are
-            # not needed, so memory stays at one snippet whatever the video's length.
-            snippet: list[av.VideoFrame] = []
-            k = -1
-            for k, frame in enumerate(container.decode(stream)):
-                if k in train:
-                    keep(frame, k, "train")
-                if k in keyframes:
-                    keep(frame, k, "keyframe")
-                if job.snippet_len:
-                    snippet.append(frame)
-                    if len(snippet) == job.snippet_len:
-                        keep_middle(snippet, last=k)
-                        snippet.clear()
-            if snippet:  # the ragged tail snippet
-                keep_middle(snippet, last=k)
+            decoded, decoding = None, "all"
+            table, why = None, "frames.decode: all"
+            if job.decode == "auto":
+                try:
+                    table, why = scan_packets(container, stream)
+                except av.FFmpegError as exc:  # the full decode meets it too, and reports it
+                    why = f"demuxing failed: {exc}"
+            if table is not None:
+                wanted: dict[int, list[str]] = {}
+                for purpose, ks in (
+                    ("train", train),
+                    ("keyframe", (k for k in keyframes if k < table.num_frames)),
+                    ("eval", snippet_middles(table.num_frames, job.snippet_len) if job.snippet_len else ()),
+                ):
+                    for k in ks:
+                        wanted.setdefault(int(k), []).append(purpose)
+                runs = plan_runs(table, wanted)
+                try:
+                    for k, frame in read_frames(container, stream, table, runs, set(wanted)):
+                        for purpose in wanted[k]:
+                            keep(frame, k, purpose)
+                    decoded = table.num_frames
+                    one_pass = len(runs) == 1 and runs[0].first == 0
+                    decoding = "skipping" if one_pass else "sparse"
+                except (NotExact, av.FFmpegError) as exc:
+                    # The table was wrong about this video: what a full decode gives is the answer.
+                    logger.info("%s: %s; decoding every frame", job.video, exc)
+                    for collected in (rows, written, turns):
+                        collected.clear()
+                    shutil.rmtree(image_dir)
+                    image_dir.mkdir(parents=True)
+            else:
+                logger.debug("%s: decoding every frame: %s", job.video, why)
+        if decoded is None:
+            decoded = _decode_all(job, train, keyframes, keep)
     except UnsupportedRotation as exc:
         return _failed(job, f"unsupported: {exc}", meta)
     except (av.FFmpegError, ValueError) as exc:
         return _failed(job, f"corrupt: decoding failed after {len(written)} kept frames: {exc}", meta)
 
-    decoded = k + 1
     if decoded == 0:
         return _failed(job, "no frames decoded", meta)
     if decoded < declared:  # a file cut at a packet boundary ends without a decoding error
@@ -405,7 +423,40 @@ def _decode(job: VideoJob, image_dir: Path, plan: dict) -> dict:
     sizes = {f"{k:06d}.jpg": (image_dir / f"{k:06d}.jpg").stat().st_size for k in sorted(written)}
     # last: the video is complete
     _write_json(image_dir / DONE_MARKER, {"plan": plan, "result": result, "images": sizes})
-    return {**result, "resumed": False, "decoded": decoded}
+    return {**result, "resumed": False, "decoded": decoded, "decoding": decoding}
+
+
+def _decode_all(job: VideoJob, train: set[int], keyframes: set[int], keep) -> int:
+    """Decode every frame of the video, keep the selected ones; returns the number decoded.
+
+    The frame count is what the decoder gives, so a ragged tail snippet and keyframes
+    are placed by it, whatever the container declares.
+    """
+
+    def keep_middle(snippet: list[av.VideoFrame], last: int) -> None:
+        """Keep the middle frame of a snippet whose last frame is number ``last``."""
+        mid = len(snippet) // 2
+        keep(snippet[mid], last + 1 - len(snippet) + mid, "eval")
+
+    with av.open(job.source) as container:
+        stream = container.streams.video[0]
+        # The frames of the current snippet: decoded frames are dropped as soon as they are
+        # not needed, so memory stays at one snippet whatever the video's length.
+        snippet: list[av.VideoFrame] = []
+        k = -1
+        for k, frame in enumerate(container.decode(stream)):
+            if k in train:
+                keep(frame, k, "train")
+            if k in keyframes:
+                keep(frame, k, "keyframe")
+            if job.snippet_len:
+                snippet.append(frame)
+                if len(snippet) == job.snippet_len:
+                    keep_middle(snippet, last=k)
+                    snippet.clear()
+        if snippet:  # the ragged tail snippet
+            keep_middle(snippet, last=k)
+    return k + 1
 
 
 def _plan_jobs(
@@ -448,42 +499,15 @@ def _plan_jobs(
             keyframes=tuple(sorted(keyframes.get(vid, ()))),
             jpeg_quality=cfg.jpeg_quality,
             roots=roots,
+            decode=cfg.decode,
         )
         for split, ids in splits.items()
         for vid in ids
     ], bad_train + bad_test
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def end_with_parent(parent: int) -> None:
-    """Pool initializer: the worker ends when the stage process does, however that dies.
-
-    A SIGKILLed stage (the OOM killer, a scheduler's ``kill -9``) runs no cleanup,
-    and its workers went on as orphans, writing images and done markers into the
-    directory a rerun was rewriting. Linux sends SIGKILL to the worker when the thread
-    that started it exits (the pool starts workers from the caller's thread, which
-    outlives the pool); elsewhere a thread watches for the worker being reparented.
-    """
-    armed = False
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    if not armed:
-
-        def watch() -> None:
-            while os.getppid() == parent:
-                time.sleep(0.5)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
-
-
-def _run(jobs: list[VideoJob], workers: int) -> list[dict]:
-    """Extract every job, in-process for one worker, else in a process pool; results in job order."""
+def _run(jobs: list[VideoJob], cfg: FramesConfig) -> list[dict]:
+    """Extract every job on ``frames.executor`` (:mod:`fgclip.data.extract_executors`); results in job order."""
     results: dict[str, dict] = {}
     started, decoded = time.perf_counter(), 0
     with tqdm(total=len(jobs), desc="extract_frames", unit="video", disable=None) as bar:
@@ -495,17 +519,14 @@ def _run(jobs: list[VideoJob], workers: int) -> list[dict]:
             bar.set_postfix(frames_per_s=f"{decoded / max(time.perf_counter() - started, 1e-9):.0f}")
             bar.update()
 
-        if workers == 1:
-            for job in jobs:
-                done(extract_video(job))
-        else:
-            # spawn: forking a parent that holds pyarrow/torch threads can deadlock the child
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                max_workers=workers, mp_context=ctx, initializer=end_with_parent, initargs=(os.getpid(),)
-            ) as pool:
-                for future in as_completed([pool.submit(extract_video, job) for job in jobs]):
-                    done(future.result())
+        run_jobs(
+            jobs,
+            extract_video,
+            done,
+            executor=cfg.executor,
+            workers=cfg.workers or os.cpu_count() or 1,
+            dask_address=cfg.dask_address,
+        )
     return [results[job.video] for job in jobs]
 
 
@@ -551,7 +572,7 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
         first_bad = f" ({len(bad_lines)} bad lines; the first: {bad_lines[0].reason})" if bad_lines else ""
         raise ExtractionError(f"{data_root}: the split files list no videos{first_bad}")
     (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    results = _run(jobs, params.frames.workers or os.cpu_count() or 1)
+    results = _run(jobs, params.frames)
     for r in results:
         if r["damage"]:
             logger.warning("extract_frames: %s: %s: extracted again", r["video"], r["damage"])
@@ -577,6 +598,11 @@ def extract_frames(params: Params, data_root: Path, annotations: Path, out: Path
         "failed": len(failed),
         "resumed": sum(r["resumed"] for r in results),
         "reextracted": sum(bool(r["damage"]) for r in results),
+        # How the videos decoded this run were read: sparse (seeking between runs of packets),
+        # skipping (one pass, non-reference pictures nobody wants left out), all (every frame).
+        "decoding": {
+            how: sum(r.get("decoding") == how for r in results) for how in ("sparse", "skipping", "all")
+        },
         "bad_split_lines": len(bad_lines),
         "rows": index.num_rows,
         "images": pc.count_distinct(index.column("path")).as_py(),
