@@ -16,14 +16,17 @@ Frame ``k`` is the packet with the ``k``-th smallest timestamp, which is the ``k
 frame a full decode outputs when the table is exact. It is exact (else
 :func:`scan_packets` says why, and the caller decodes every frame) for H.264 in MP4/MOV
 whose packets all carry timestamps (presentation times unique, decode times
-increasing), none flagged corrupt or discarded (a cut file, an edit list), as many as
-the container declares, the first an IDR frame. Seeks go only to IDR frames: after an
+increasing, and reordered when the stream reorders pictures), none flagged corrupt or
+discarded (a cut file, an edit list), as many as the container declares, the first an
+IDR frame. Seeks go only to IDR frames: after an
 open-GOP I frame, pictures can still refer to the frames before it. While reading, a
 frame that is not the one the table predicts (a decoder that drops or reorders
 otherwise) raises :class:`NotExact`, and the caller starts over with a full decode.
 
-What a full decode finds and this reader cannot: damage inside the payload of a packet
-it never decodes. ``frames.decode: all`` decodes every frame for that check.
+A frame the decoder flags corrupt (damage it concealed, from whatever it had decoded
+before) raises :class:`NotExact` too. What a full decode finds and this reader cannot:
+damage inside the payload of a packet it never decodes. ``frames.decode: all`` decodes
+every frame for that check.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class Run:
     last: int
 
 
-def _nal_units(data: bytes, length_size: int) -> Iterator[int]:
+def _nal_units(data: memoryview, length_size: int) -> Iterator[int]:
     """The header byte of each NAL unit of an MP4 (length-prefixed, ``avcC``) H.264 packet."""
     i = 0
     while i + length_size < len(data):
@@ -87,7 +90,7 @@ def _nal_units(data: bytes, length_size: int) -> Iterator[int]:
         i += length_size + size
 
 
-def _h264_kind(data: bytes, length_size: int) -> tuple[bool, bool]:
+def _h264_kind(data: memoryview, length_size: int) -> tuple[bool, bool]:
     """(IDR, non-reference) of one packet; a packet without slices is neither."""
     slices = [h for h in _nal_units(data, length_size) if (h & 0x1F) in _H264_SLICE_TYPES]
     if not slices:
@@ -122,7 +125,7 @@ def scan_packets(
             return None, f"packet {len(pts)} has no timestamp"
         if packet.is_corrupt or packet.is_discard:
             return None, f"packet {len(pts)} is flagged {'corrupt' if packet.is_corrupt else 'discarded'}"
-        is_idr, is_disposable = _h264_kind(bytes(packet), length_size)
+        is_idr, is_disposable = _h264_kind(memoryview(packet), length_size)
         pts.append(packet.pts)
         dts.append(packet.dts)
         idr.append(is_idr and packet.is_keyframe)
@@ -141,6 +144,10 @@ def scan_packets(
         return None, "presentation timestamps repeat"
     if np.any(np.diff(table.dts) <= 0):
         return None, "decode timestamps do not increase"
+    if stream.codec_context.has_b_frames and np.all(np.diff(table.pts) > 0):
+        # The stream reorders pictures but the container's times are in decode order (a muxer
+        # that wrote no composition offsets): its times do not say which frame is which.
+        return None, "the stream reorders frames, its presentation timestamps do not"
     return table, ""
 
 
@@ -224,6 +231,10 @@ def _read_run(
     def frames(packet: av.Packet) -> Iterator[tuple[int, av.VideoFrame]]:
         nonlocal out
         for frame in codec.decode(packet):
+            if frame.is_corrupt:
+                # Concealed damage: what fills the broken parts depends on the pictures
+                # decoded before, which skipping and seeking change.
+                raise NotExact(f"the decoder concealed damage in the frame at pts {frame.pts}")
             k = number_of_pts.get(frame.pts)
             if out >= len(expected) or k != expected[out]:
                 raise NotExact(

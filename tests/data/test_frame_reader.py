@@ -263,3 +263,50 @@ def test_a_table_the_decoder_contradicts_falls_back_to_every_frame(
     for jpg in tiny_frames.rglob("*.jpg"):
         assert (out / jpg.relative_to(tiny_frames)).read_bytes() == jpg.read_bytes()
     assert sorted(p.name for p in out.rglob("*.jpg")) == sorted(p.name for p in tiny_frames.rglob("*.jpg"))
+
+
+def test_times_in_decode_order_are_refused(footage: dict[str, Path], tmp_path: Path):
+    """B-frames muxed without composition offsets (pts == dts): the times cannot name the frames."""
+    dst = tmp_path / "pts_is_dts.mp4"
+    with av.open(str(footage["long_gop"])) as c, av.open(str(dst), "w", format="mp4") as out:
+        stream = c.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        first = None
+        for packet in c.demux(stream):
+            if packet.size:
+                first = packet.dts if first is None else first
+                packet.dts -= first
+                packet.pts = packet.dts
+                packet.stream = copy
+                out.mux(packet)
+    with av.open(str(dst)) as c:
+        table, why = scan_packets(c, c.streams.video[0])
+    assert table is None and "reorders" in why
+
+
+def test_concealed_damage_costs_a_full_decode(footage: dict[str, Path], tmp_path: Path):
+    """Bytes flipped in a reference picture: the decoder conceals them from what it decoded before,
+    which skipping changes, so the reader refuses the frames rather than give other pixels."""
+    source = remux(footage["long_gop"], tmp_path / "faststart.mp4", "mp4", {"movflags": "faststart"})
+    with av.open(str(source)) as c:
+        table, _ = scan_packets(c, c.streams.video[0])
+        c.seek(0)
+        packets = [(p.pos, p.size) for p in c.demux(video=0) if p.size]
+    damaged = tmp_path / "damaged.mp4"
+    for victim in (i for i in range(100, len(packets)) if not table.disposable[i] and not table.idr[i]):
+        data = bytearray(source.read_bytes())
+        pos, size = packets[victim]
+        for offset in range(size // 3, size // 3 + 40, 3):
+            data[pos + offset] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        with av.open(str(damaged)) as c:  # damage the decoder notices (some flips decode as valid data)
+            if any(f.is_corrupt for f in c.decode(video=0)):
+                break
+    else:
+        pytest.fail("no flipped packet made the decoder conceal anything")
+    with av.open(str(damaged)) as c:
+        table, why = scan_packets(c, c.streams.video[0])  # the container cannot see it
+    assert table is not None, why
+    wanted = selections(table.num_frames)["test"]
+    with av.open(str(damaged)) as c, pytest.raises(NotExact, match="concealed"):
+        list(read_frames(c, c.streams.video[0], table, plan_runs(table, wanted), wanted))
