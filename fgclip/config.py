@@ -260,6 +260,15 @@ class TrainConfig(_Section):
     # MLflow's system metrics (CPU, memory, GPU: system/* on the run) every N seconds.
     log_system_metrics: bool = False
     system_metrics_interval_s: float = Field(10.0, gt=0)
+    # GPU throughput (issue 17; fgclip/train/step.py). The defaults are the step as it always ran.
+    # Optimizer steps between host reads of the losses and gradient norm; above 1 a NaN is caught
+    # at the next read, after up to sync_every - 1 steps on it (checkpoints, [DIAG] steps and the
+    # last step always read).
+    sync_every: int = Field(1, ge=1)
+    compile: bool = False  # torch.compile of the model forward and the loss (not the optimizer)
+    # transformers' CLIP attention; 5.x already picks "sdpa" when nothing is said.
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    fused_adamw: Literal["auto"] | bool = "auto"  # auto = fused when every parameter is on CUDA
     health: HealthConfig = HealthConfig()
 
     @model_validator(mode="after")

@@ -1,12 +1,16 @@
 """Stage ``train``: fine-tune the video FG-CLIP, with checkpoints, tracking and health gates.
 
-One optimizer step = ``train.grad_accum_steps`` forward passes. Every step logs
-a ``[LOSS]`` line (logger ``fgclip.train``) and MLflow metrics; with runtime
-diagnostics on, ``[DIAG]`` lines every ``train.diag_every`` steps. Checkpoints
-are written every ``train.checkpoint_every`` steps and at the last one, and a
-run resumes from the newest checkpoint of the same configuration (see
-``checkpoints.py``) exactly where it stopped: same data order, same random
-draws, same memory bank, so on CPU a resumed run equals an uninterrupted one.
+One optimizer step = ``train.grad_accum_steps`` forward passes. Every
+``train.log_every`` steps log a ``[LOSS]`` line (logger ``fgclip.train``) and MLflow
+metrics; with runtime diagnostics on, ``[DIAG]`` lines every ``train.diag_every``
+steps. With ``train.sync_every`` > 1 the step reads its values on the host only
+every that many steps (:func:`_syncs_at`): the steps in between are recorded and
+logged there, in order, and a non-finite one stops the run there, naming its own
+step. Checkpoints are written every ``train.checkpoint_every`` steps and at the
+last one, and a run resumes from the newest checkpoint of the same
+configuration (see ``checkpoints.py``) exactly where it stopped: same data
+order, same random draws, same memory bank, so on CPU a resumed run equals an
+uninterrupted one.
 
 A non-finite loss or gradient, or a NaN/Inf weight at a checkpoint step or at
 the end, stops the run with :class:`NonFiniteLossError` before anything is
@@ -44,7 +48,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fgclip import metric_keys
 from fgclip.atomic import write_text_atomic
-from fgclip.config import HealthConfig, Params, model_source
+from fgclip.config import HealthConfig, Params, TrainConfig, model_source
 from fgclip.data.batch import Batch, collate
 from fgclip.data.dataset import EpochBatchSampler, VideoClipDataset
 from fgclip.data.layout import INDEX_FILE
@@ -69,7 +73,7 @@ from fgclip.train.loss_plot import write_loss_png
 from fgclip.train.mlflow_links import run_url
 from fgclip.train.optim import describe_groups
 from fgclip.train.runlock import RunLock
-from fgclip.train.step import LOSS_COLUMNS, NonFiniteValue, TrainStep
+from fgclip.train.step import LOSS_COLUMNS, NonFiniteValue, StepResult, TrainStep
 from fgclip.train.tracking import DatasetRef, Tracker, flatten_params, source_tags
 
 logger = logging.getLogger(__name__)
@@ -365,23 +369,14 @@ def _train(
             unit="step",
             disable=None if ctx.is_main else True,
         )
-        run.model.train()
-        while run.step < stop_step:
-            step = run.step + 1
-            step_start = time.perf_counter()
-            try:
-                done = run.trainer(batches, inject_nan=step == fault_step)
-            except NonFiniteValue as bad:
-                _stop(run, paths, ctx, step, bad, last_checkpoint)
+
+        def record(step: int, done: StepResult, throughput: float) -> None:
+            """Keep and log a settled step (with train.sync_every > 1, up to sync_every - 1 steps late)."""
             losses, zero_norm = done.losses, done.zero_norm_frac
-            run.step = step
             run.monitor.observe(step, losses["loss_region"], zero_norm)
             run.history.append({"step": step, **losses})
-
-            throughput = samples_per_step / (time.perf_counter() - step_start)
-            bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{throughput:.1f}")
-            scale_global, scale_region, scale_hardneg = (s.item() for s in run.model.scales())
+            scale_global, scale_region, scale_hardneg = done.scales
             if ctx.is_main and (step % cfg.log_every == 0 or step == stop_step):
                 train_log.info("[LOSS] step=%d loss=%.4f loss_global=%.4f loss_region=%.4f loss_hardneg=%.4f",
                                step, losses["loss"], losses["loss_global"], losses["loss_region"],
@@ -401,9 +396,36 @@ def _train(
                     metric_keys.train("loader_samples_per_s"): samples_per_step / max(done.data_wait_s, 1e-6),
                 })  # fmt: skip
                 tracker.log_metrics(metrics, step=step)
+
+        run.model.train()
+        window_start = None  # when the first step not yet recorded started
+        while run.step < stop_step:
+            step = run.step + 1
+            if window_start is None:
+                window_start = time.perf_counter()
+            sync = _syncs_at(step, cfg, stop_step, diag)
+            try:
+                done = run.trainer(batches, inject_nan=step == fault_step, sync=sync)
+            except NonFiniteValue as bad:
+                bad_step = step - bad.steps_back  # the oldest bad step; the finite ones before it are kept
+                ran = len(bad.earlier) + bad.steps_back  # the unsynced steps before this call
+                throughput = samples_per_step * ran / (time.perf_counter() - window_start)
+                for offset, earlier in enumerate(bad.earlier):
+                    record(bad_step - len(bad.earlier) + offset, earlier, throughput)
+                _stop(run, paths, ctx, bad_step, bad, last_checkpoint)
+            run.step = step
+            bar.update(1)
+            if not sync:
+                continue  # nothing below happens at an unsynced step (see _syncs_at)
+            settled = [*done.earlier, done]
+            throughput = samples_per_step * len(settled) / (time.perf_counter() - window_start)
+            window_start = None
+            for offset, result in enumerate(settled):
+                record(step - len(settled) + 1 + offset, result, throughput)
             if ctx.is_main and diag and step % cfg.diag_every == 0:
+                scale_global, scale_region, _ = done.scales
                 figures = diag_figures(
-                    scale_global, scale_region, done.last.logits_i2t, run.bank.state(), zero_norm
+                    scale_global, scale_region, done.last.logits_i2t, run.bank.state(), done.zero_norm_frac
                 )
                 log_diag(step, figures)
                 tracker.log_metrics(figures, step=step)
@@ -448,6 +470,22 @@ def _train(
     if ctx.is_main:
         run.monitor.raise_if_failed(summary["health"], paths.health)
     return summary
+
+
+def _syncs_at(step: int, cfg: TrainConfig, stop_step: int, diag: bool) -> bool:
+    """Whether optimizer step ``step`` reads its values on the host (``TrainStep(sync=...)``).
+
+    Every ``train.sync_every``-th step, and every step that needs the host to know: a
+    checkpoint step (nothing bad is ever saved), a [DIAG] step (logits and bank of that
+    step) and the last one. [LOSS] lines and MLflow points of the steps in between are
+    written at the next sync, with their own step numbers. ``sync_every`` 1: every step.
+    """
+    return (
+        step % cfg.sync_every == 0
+        or step % cfg.checkpoint_every == 0
+        or step == stop_step
+        or (diag and step % cfg.diag_every == 0)
+    )
 
 
 def _datasets(paths: TrainPaths, fingerprint_params: dict[str, Any], dataset: VideoClipDataset) -> list[DatasetRef]:

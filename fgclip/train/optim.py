@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -62,9 +63,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return _decay_split(model.named_parameters(), weight_decay)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> AdamW:
+def use_fused_adamw(setting: bool | str, params: Iterable[torch.Tensor]) -> bool:
+    """``train.fused_adamw``: True / False as given; ``"auto"`` = fused when every parameter is on CUDA.
+
+    Fused AdamW is one kernel per parameter group instead of a loop of small ones; the
+    unfused default (for-loop on CPU, foreach on CUDA) is what runs otherwise.
+    """
+    if setting == "auto":
+        params = list(params)
+        return bool(params) and all(p.is_cuda for p in params)
+    return bool(setting)
+
+
+def _adamw(groups: list[dict], lr: float, fused: bool) -> AdamW:
+    # Not passing fused=False: AdamW's own default stays exactly what ran before the knob.
+    return AdamW(groups, lr=lr, **({"fused": True} if fused else {}))
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, *, fused: bool = False) -> AdamW:
     """One learning rate for every parameter: the stand-in's pretraining, plain CLIP baselines."""
-    return AdamW(param_groups(model, weight_decay), lr=lr)
+    return _adamw(param_groups(model, weight_decay), lr, fused)
 
 
 def part_rates(cfg: TrainConfig) -> dict[str, tuple[float, int]]:
@@ -95,8 +113,9 @@ def finetune_param_groups(
 
 
 def build_finetune_optimizer(model: nn.Module, cfg: TrainConfig) -> AdamW:
-    """AdamW over :func:`finetune_param_groups` at the rates of ``train.*``."""
-    return AdamW(finetune_param_groups(model, cfg.weight_decay, part_rates(cfg)), lr=cfg.lr)
+    """AdamW over :func:`finetune_param_groups` at the rates of ``train.*`` (fused: :func:`use_fused_adamw`)."""
+    groups = finetune_param_groups(model, cfg.weight_decay, part_rates(cfg))
+    return _adamw(groups, cfg.lr, use_fused_adamw(cfg.fused_adamw, (p for g in groups for p in g["params"])))
 
 
 def part_lrs(optimizer: Optimizer) -> dict[str, float]:

@@ -556,3 +556,26 @@ def test_from_scratch_config_follows_the_model_config(
     # long_text keeps the short table in the config; the long tables are the model's own.
     long = tiny_clip_config(ModelConfig(**{**TINY, "long_text": True}), tokenizer)
     assert long.text_config.max_position_embeddings == 77
+
+
+def test_sdpa_attention_matches_eager(make_model: Make, make_batch: Callable) -> None:
+    """train.attn_implementation: same weights, float32, eager vs sdpa agree to 1e-5 (and so do gradients)."""
+    model = make_model().train()
+    assert model.clip.config._attn_implementation == "sdpa"  # what transformers 5 builds by default
+    batch = make_batch()
+    outputs, grads = {}, {}
+    for impl in ("eager", "sdpa"):
+        model.clip.set_attn_implementation(impl)
+        assert model.clip.vision_model.config._attn_implementation == impl
+        assert model.clip.text_model.config._attn_implementation == impl
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        FGCLIPLoss(region_weight=0.5, hardneg_weight=0.5)(out).loss.backward()
+        outputs[impl] = out
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    eager, sdpa = outputs["eager"], outputs["sdpa"]
+    for name in ("video_embeds", "text_embeds", "region_image_embeds", "region_text_embeds", "hardneg_text_embeds"):
+        torch.testing.assert_close(getattr(sdpa, name), getattr(eager, name), atol=1e-5, rtol=0)
+    assert grads["eager"].keys() == grads["sdpa"].keys()
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads["sdpa"][name], grad, atol=1e-5, rtol=1e-4, msg=name)

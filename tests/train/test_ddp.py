@@ -75,3 +75,62 @@ def test_two_process_gloo_run(
     assert sorted(m.step for m in client.get_metric_history(ranks[0]["run_id"], "train/loss")) == [1, 2]
     # Rank 0 alone logs the [LOSS] lines.
     assert proc.stderr.count("[LOSS] step=2 ") == 1
+
+
+# A NaN on rank 1 only, in a step that does not read its values (train.sync_every 3):
+# both ranks must stop at the step-3 read, naming step 1, or one would hang in a collective.
+FAULT_WORKER = """
+import json, os, sys
+from pathlib import Path
+from fgclip.config import Params
+from fgclip.train.loop import FAULT_ENV, NonFiniteLossError, train
+
+args = json.loads(sys.argv[1])
+rank = os.environ["RANK"]
+if rank == "1":
+    os.environ[FAULT_ENV] = "1"
+params = Params.model_validate({**args["params"], "base_dir": args["base"]})
+root = Path(args["root"])
+try:
+    train(params, Path(args["frames"]), Path(args["boxes"]), args["clip"], root / "out",
+          root / "checkpoints", root / "health.json", metrics_path=root / "train.json",
+          loss_csv=root / "loss.csv")
+    outcome = {"stopped": False}
+except NonFiniteLossError as err:
+    outcome = {"stopped": True, "step": err.step, "what": err.what}
+(root / f"outcome-{rank}.json").write_text(json.dumps(outcome))
+"""
+
+
+def test_unsynced_nan_on_one_rank_stops_every_rank_at_the_same_step(
+    train_params, tiny_clip, tiny_frames: Path, tiny_boxes: Path, tmp_path: Path
+) -> None:
+    params = train_params(
+        train={"max_steps": 3, "batch_size": 2, "run_name": "ddp-sync", "sync_every": 3, "checkpoint_every": 3}
+    )
+    script = tmp_path / "worker.py"
+    script.write_text(FAULT_WORKER)
+    args = {
+        "params": params.model_dump(mode="json", exclude={"base_dir"}),
+        "base": str(params.base_dir),
+        "root": str(tmp_path),
+        "frames": str(tiny_frames),
+        "boxes": str(tiny_boxes),
+        "clip": str(tiny_clip[0]),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    env.pop("FGCLIP_FAULT_NAN_AT_STEP", None)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), json.dumps(args)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    outcomes = [json.loads((tmp_path / f"outcome-{r}.json").read_text()) for r in (0, 1)]
+    assert [o["stopped"] for o in outcomes] == [True, True]
+    assert [o["step"] for o in outcomes] == [1, 1]
+    assert outcomes[1]["what"] == "loss"  # rank 0 saw it through the all-reduced gradients, or the flag
+    assert not (tmp_path / "checkpoints" / "ddp-sync").exists() or not any(
+        (tmp_path / "checkpoints" / "ddp-sync").glob("checkpoint-*")
+    )

@@ -291,3 +291,35 @@ def test_kept_wrong_temperature_short_run_and_failing_gate(
     assert checks["region_loss"]["passed"] is False and checks["region_loss"]["action"] == "fail"
     # The model is still written: the gate fails the stage, not the artefacts.
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_sync_every_keeps_every_step_and_stops_at_the_bad_one(
+    straight,
+    train_params,
+    tiny_clip,
+    tiny_frames: Path,
+    tiny_boxes: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """train.sync_every 4 over 4 steps (checkpoint at 4 only): steps 1-3 are read at step 4.
+
+    The loss curve and the weights equal the every-step reference; a NaN injected at step 2
+    is found at the step-4 sync, named as step 2, and nothing is saved.
+    """
+    _, ref_root = straight
+    params = train_params(train={"sync_every": 4, "checkpoint_every": 4})
+    lazy = tmp_path / "lazy"
+    _run(params, tiny_frames, tiny_boxes, tiny_clip[0], lazy)
+    assert _losses(lazy) == _losses(ref_root)
+    weights, reference = load_file(lazy / "out" / "model.safetensors"), load_file(ref_root / "out" / "model.safetensors")
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+    monkeypatch.setenv(FAULT_ENV, "2")
+    bad = tmp_path / "bad"
+    with pytest.raises(NonFiniteLossError, match="non-finite loss = nan at optimizer step 2") as err:
+        _run(params, tiny_frames, tiny_boxes, tiny_clip[0], bad)
+    assert err.value.step == 2 and err.value.what == "loss"
+    assert not any((bad / "checkpoints" / params.train.run_name).glob("checkpoint-*"))
+    health = json.loads((bad / "health.json").read_text())
+    assert health["checks"]["finite"]["passed"] is False and health["checks"]["finite"]["step"] == 2

@@ -21,6 +21,7 @@ from fgclip.train.optim import (
     no_weight_decay,
     param_groups,
     part_lrs,
+    use_fused_adamw,
     warmup_cosine_factor,
 )
 from fgclip.train.step import TrainStep
@@ -233,3 +234,34 @@ def test_the_fingerprint_holds_the_backbone_knobs() -> None:
     for key, value in (("backbone_lr", 2e-6), ("backbone_warmup_steps", 200)):
         changed, _ = run_fingerprint(base.with_overrides(train={key: value}))
         assert changed != fp, key
+
+
+def test_fused_adamw_auto_is_off_on_cpu_and_the_optimizer_unchanged() -> None:
+    model = _Tiny()
+    assert use_fused_adamw("auto", model.parameters()) is False
+    assert use_fused_adamw("auto", []) is False
+    assert use_fused_adamw(True, model.parameters()) is True and use_fused_adamw(False, []) is False
+    auto = build_finetune_optimizer(model, TrainConfig())
+    # Off = AdamW's own default, not fused=False passed in: the state dict is what it always was.
+    assert auto.defaults["fused"] is None and auto.defaults["foreach"] is None
+    fused = build_finetune_optimizer(model, TrainConfig(fused_adamw=True))
+    assert fused.defaults["fused"] is True
+    assert build_optimizer(model, 1e-3, 0.0, fused=True).defaults["fused"] is True
+    assert build_optimizer(model, 1e-3, 0.0).defaults["fused"] is None
+
+
+def test_fused_adamw_steps_like_the_unfused_one_on_cpu() -> None:
+    """fused_adamw: true on CPU (torch has a CPU kernel): the same update up to rounding."""
+    torch.manual_seed(0)
+    ref = _Tiny()
+    fused_model = _Tiny()
+    fused_model.load_state_dict(ref.state_dict())
+    opts = [build_finetune_optimizer(m, TrainConfig(fused_adamw=f)) for m, f in ((ref, False), (fused_model, True))]
+    x = torch.randn(4, 8)
+    for model, opt in zip((ref, fused_model), opts):
+        for _ in range(3):
+            (model.norm(model.proj(x)).pow(2).sum() * model.logit_scale).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(ref.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
