@@ -29,7 +29,7 @@ if [[ -z "${PYTHON:-}" && ! -x "$PY" ]]; then
     echo "gpu_step: no virtual environment at $VENV (no $PY): create one with a CUDA torch==$TORCH_VERSION (see this script's header), or set VENV / PYTHON" >&2
     exit 2
   fi
-  python3 -m venv "$VENV"
+  "${PYTHON3:-python3.11}" -m venv "$VENV"
   if [[ -n "${WHEELS:-}" ]]; then
     "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "torch==$TORCH_VERSION"
     "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" -c requirements.lock -e .

@@ -260,7 +260,8 @@ class TrainConfig(_Section):
     # MLflow's system metrics (CPU, memory, GPU: system/* on the run) every N seconds.
     log_system_metrics: bool = False
     system_metrics_interval_s: float = Field(10.0, gt=0)
-    # GPU throughput (issue 17; fgclip/train/step.py). The defaults are the step as it always ran.
+    # GPU throughput (issue 17; fgclip/train/step.py). On CPU the defaults are the step as it always
+    # ran; on CUDA fused_adamw auto picks the fused kernel.
     # Optimizer steps between host reads of the losses and gradient norm; above 1 a NaN is caught
     # at the next read, after up to sync_every - 1 steps on it (checkpoints, [DIAG] steps and the
     # last step always read).

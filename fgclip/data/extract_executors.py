@@ -19,7 +19,8 @@ same way. A cluster's workers must see the data root and ``frames.out`` at the s
 
 A crash is never dropped: a task that raises, or whose worker dies (``BrokenProcessPool``,
 Dask's ``KilledWorker``), fails the stage with :class:`VideoTaskError` naming the video, the
-worker's exception chained. Bad videos are not crashes: ``extract`` returns them as failed
+worker's exception chained (on an external scheduler, after its own retries:
+``distributed.scheduler.allowed-failures``, 3 by default). Bad videos are not crashes: ``extract`` returns them as failed
 results, rows of ``failures.parquet``.
 """
 
@@ -152,7 +153,9 @@ def run_dask(
                     memory_limit=None,
                     # The scheduler's HTTP server (health, metrics) always listens: on a free
                     # loopback port, not 8787 (another cluster or dashboard may hold that one).
-                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                    # allowed_failures 0: a video that kills its worker fails the stage at once,
+                    # as in the process pool, instead of killing up to 4 workers in turn.
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0", "allowed_failures": 0},
                 )
             )
             client = stack.enter_context(distributed.Client(cluster, set_as_default=False))

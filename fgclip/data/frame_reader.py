@@ -2,7 +2,7 @@
 
 A training video needs 16 of its thousands of frames and a test video one in 16, yet
 decoding every frame was the stage's whole cost. When one pass over the container's
-packets (demuxing only, no decoding: ~10 ms for 3,600 frames) proves the video can be
+packets (demuxing only, no decoding: about 40 ms for 3,600 frames of 320×240 here) proves the video can be
 addressed exactly, the reader decodes only:
 
 - from the IDR frame before each wanted frame forward to it (a *run*), seeking
@@ -25,7 +25,8 @@ otherwise) raises :class:`NotExact`, and the caller starts over with a full deco
 
 A frame the decoder flags corrupt (damage it concealed, from whatever it had decoded
 before) raises :class:`NotExact` too. What a full decode finds and this reader cannot:
-damage inside the payload of a packet it never decodes. ``frames.decode: all`` decodes
+damage inside the payload of a packet it never decodes (a full decode reports it as
+``corrupt:``, or ``truncated:`` when the decoder just drops the frame). ``frames.decode: all`` decodes
 every frame for that check.
 """
 
@@ -162,9 +163,8 @@ def plan_runs(table: PacketTable, wanted: Iterable[int]) -> list[Run]:
     numbers = table.frame_numbers()
     packet_of = np.empty(len(numbers), np.int64)
     packet_of[numbers] = np.arange(len(numbers))
-    targets = (
-        np.unique(packet_of[np.asarray(sorted(set(wanted)), np.int64)]) if wanted else np.empty(0, np.int64)
-    )
+    wanted = sorted(set(wanted))
+    targets = np.unique(packet_of[np.asarray(wanted, np.int64)]) if wanted else np.empty(0, np.int64)
     if len(targets) == 0:
         return []
     idr_packets = np.flatnonzero(table.idr)
@@ -205,7 +205,7 @@ def read_frames(
     number_of_pts = dict(zip(table.pts.tolist(), numbers.tolist()))
     wanted_packet = np.isin(numbers, np.fromiter(wanted, np.int64, len(wanted)))
     for run in runs:
-        yield from _read_run(container, stream, table, run, numbers, number_of_pts, wanted_packet)
+        yield from _read_run(container, stream, table, run, numbers, number_of_pts, wanted_packet, wanted)
 
 
 def _read_run(
@@ -216,11 +216,11 @@ def _read_run(
     numbers: np.ndarray,
     number_of_pts: dict[int, int],
     wanted_packet: np.ndarray,
+    wanted_numbers: set[int],
 ) -> Iterator[tuple[int, av.VideoFrame]]:
     span = slice(run.first, run.last + 1)
     decode = ~table.disposable[span] | wanted_packet[span]
     expected = np.sort(numbers[span][decode]).tolist()  # what the run outputs: display order
-    wanted_numbers = set(numbers[wanted_packet].tolist())
     codec = stream.codec_context
     # By the IDR frame's presentation time: MP4's seek picks the last keyframe whose
     # presentation time is at or before it (by its decode time it lands one IDR early).

@@ -40,6 +40,7 @@ import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import av
 import numpy as np
@@ -124,8 +125,9 @@ class VideoJob:
     jpeg_quality: int
     roots: tuple[str, ...] = ()  # resolved dirs the video's real path must stay in (none: no check)
     # "auto": only the packets the selection needs, when the packet table is exact (frame_reader);
-    # "all": every frame. Not part of the plan: both give the same frames.
-    decode: str = "auto"
+    # "all": every frame. Same frames; "all" is in the plan (an "auto" marker does not vouch
+    # for a check it never made), and an "all" marker also serves "auto".
+    decode: Literal["auto", "all"] = "auto"
 
     @property
     def rel_dir(self) -> str:
@@ -136,6 +138,8 @@ class VideoJob:
         plan["format"] = MARKER_FORMAT
         plan["window"] = list(self.window) if self.window else None
         plan["keyframes"] = list(self.keyframes)
+        if self.decode == "all":
+            plan["decode"] = "all"
         try:  # a regenerated or replaced video must be decoded again
             plan["source_digest"] = source_digest(Path(self.source))
         except OSError:
@@ -303,7 +307,10 @@ def extract_video(job: VideoJob) -> dict:
             done = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             done = {}
-        if done.get("plan") == plan:
+        done_plan = done.get("plan")
+        if isinstance(done_plan, dict) and job.decode == "auto" and done_plan.get("decode") == "all":
+            done_plan = {k: v for k, v in done_plan.items() if k != "decode"}  # stricter: it serves
+        if done_plan == plan:
             damage = damaged_images(image_dir, done["result"]["frames"], done.get("images"))
             if damage is None:
                 return {**done["result"], "resumed": True, "decoded": 0, "damage": None}

@@ -159,7 +159,15 @@ class _Run:
         }
 
     def restore(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        built = [bool(g.get("fused")) for g in self.trainer.optimizer.param_groups]
         self.trainer.optimizer.load_state_dict(state["optimizer"])
+        saved = [bool(g.get("fused")) for g in self.trainer.optimizer.param_groups]
+        if saved != built:
+            # torch's load_state_dict takes the saved groups' flags: the run goes on as it was saved.
+            logger.warning(
+                "resuming with the checkpoint's AdamW (fused=%s), not train.fused_adamw's (fused=%s)",
+                saved[0], built[0],
+            )
         self.trainer.scheduler.load_state_dict(state["scheduler"])
         self.bank.load_state_dict(state["memory_bank"])
         self.monitor.load_state_dict(state["health"])

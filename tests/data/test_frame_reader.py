@@ -310,3 +310,17 @@ def test_concealed_damage_costs_a_full_decode(footage: dict[str, Path], tmp_path
     wanted = selections(table.num_frames)["test"]
     with av.open(str(damaged)) as c, pytest.raises(NotExact, match="concealed"):
         list(read_frames(c, c.streams.video[0], table, plan_runs(table, wanted), wanted))
+
+
+def test_decode_all_checks_again_what_auto_extracted(tiny_params, tiny_sample: Path, tmp_path: Path):
+    """An `auto` done marker does not vouch for `all`'s check; an `all` marker serves `auto`."""
+    from fgclip.data.frames import extract_frames
+
+    out = tmp_path / "frames"
+    runs = {}
+    for i, decode in enumerate(("auto", "all", "auto", "all")):
+        params = tiny_params.with_overrides(frames={"decode": decode})
+        runs[i] = extract_frames(params, tiny_sample, tiny_sample / "annotations.json", out)
+    videos = runs[0]["videos"]
+    assert [runs[i]["resumed"] for i in range(4)] == [0, 0, videos, videos]
+    assert runs[1]["decoding"]["all"] == runs[1]["ok"]
