@@ -56,11 +56,8 @@ counts, every tool's times and the paired ratios. Needs ``/usr/bin/ffmpeg``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -79,6 +76,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_common import cpu_model, cpu_seconds, emit
 from real_footage import NO_TRAIN_SPLIT, ensure_real_dataset
 
 from fgclip.config import Params, load_params
@@ -138,15 +136,9 @@ def ensure_dataset(params: Params) -> Path:
 def timed(fn, *args) -> dict:
     """Wall seconds and CPU seconds (this process and its finished children) of ``fn(*args)``."""
 
-    def cpu() -> float:
-        return sum(
-            r.ru_utime + r.ru_stime
-            for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
-        )
-
-    c0, t0 = cpu(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     out = fn(*args)
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0, "out": out}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0, "out": out}
 
 
 def run_ours(params: Params, root: Path, out: Path) -> dict:
@@ -451,13 +443,6 @@ def sample_row(args: argparse.Namespace) -> dict:
     return run_row("sample", "sample", params, root, args.out, tools, args)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -508,11 +493,7 @@ def main() -> None:
                     f"(per repeat wall {p['wall_ratios']})",
                     file=sys.stderr,
                 )
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(line + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -66,8 +66,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -82,6 +80,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_common import cpu_model, cpu_seconds, emit
 from real_footage import ensure_real_dataset
 
 from fgclip.config import ModelConfig, Params, load_params
@@ -94,20 +93,6 @@ from fgclip.model.tokenizer import build_tokenizer
 
 REAL_CONFIG = REPO / "configs" / "ucf-crime-vitb32.yaml"
 STEP_CONFIGS = ("vitb32", "vitb16")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def cpu_seconds() -> float:
-    return sum(
-        r.ru_utime + r.ru_stime
-        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
-    )
 
 
 def loader_params(batch: int) -> Params:
@@ -383,11 +368,7 @@ def main() -> None:
         },
         "load_avg_1min_at_end": os.getloadavg()[0],
     }
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with args.json.open("a") as f:
-            f.write(line + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import UCF_CRIME_CLASSES
 
 from fgclip.config import DataConfig, load_params
 from fgclip.data.ucf import NORMAL_LABEL, format_temporal_line, video_id
@@ -109,22 +112,7 @@ RECIPE_VERSION = 1
 
 WIDTH, HEIGHT, FPS, FRAMES = 320, 240, 30, 3600
 SOURCES = {"bikes": "bikes.mp4", "carphone": "carphone_pristine.mp4"}
-# UCF-Crime's 13 anomaly classes, in its order.
-CLASSES = (
-    "Abuse",
-    "Arrest",
-    "Arson",
-    "Assault",
-    "Burglary",
-    "Explosion",
-    "Fighting",
-    "RoadAccidents",
-    "Robbery",
-    "Shooting",
-    "Shoplifting",
-    "Stealing",
-    "Vandalism",
-)
+CLASSES = UCF_CRIME_CLASSES
 TRAIN_ANOMALOUS, TRAIN_NORMAL = 12, 11
 TEST_ANOMALY = ("Arson", 11, (1200, 2399))  # class, number, the annotated interval (inclusive)
 TEST_NORMAL_NUMBER = 3

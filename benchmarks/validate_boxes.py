@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -61,6 +60,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import UCF_CRIME_CLASSES, cpu_model
 
 import fgclip.data.boxes as boxes_module
 from fgclip.config import BoxesConfig, load_params
@@ -76,21 +78,7 @@ from fgclip.data.frames import snippet_middles, uniform_frames
 from fgclip.data.layout import ACCEPTED_SCHEMA, INDEX_SCHEMA, REJECTS_SCHEMA, VIDEOS_SCHEMA
 from fgclip.data.ucf import NORMAL_LABEL, VideoResolver, video_id
 
-CLASSES = [
-    "Abuse",
-    "Arrest",
-    "Arson",
-    "Assault",
-    "Burglary",
-    "Explosion",
-    "Fighting",
-    "RoadAccidents",
-    "Robbery",
-    "Shooting",
-    "Shoplifting",
-    "Stealing",
-    "Vandalism",
-]
+CLASSES = list(UCF_CRIME_CLASSES)
 SPLITS = {"train": (810, 800), "test": (140, 150)}  # (anomalous, normal) videos, as in UCF-Crime
 KEYFRAMES_PER_VIDEO = 64
 REGION_CAPTIONS, GLOBAL_CAPTIONS = 100_000, 25_000
@@ -598,13 +586,6 @@ def run_child(mode: str, args: argparse.Namespace, rows: int = 0) -> dict:
         cmd = ["taskset", "-c", str(args.pin), *cmd]
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **ONE_THREAD})
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def best_and_median(runs: list[dict], key: str = "seconds") -> dict:
