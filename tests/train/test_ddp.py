@@ -30,31 +30,35 @@ rank = os.environ["RANK"]
 """
 
 
-def test_two_process_gloo_run(
-    train_params, tiny_clip, tiny_frames: Path, tiny_boxes: Path, tmp_path: Path, tracking_uri: str
-) -> None:
-    params = train_params(train={"max_steps": 2, "batch_size": 2, "run_name": "ddp"})
+
+def _run_two_ranks(
+    worker: str, params, tmp_path: Path, frames: Path, boxes: Path, clip: Path
+) -> subprocess.CompletedProcess:
+    """``worker``'s source under ``torchrun --standalone --nproc_per_node=2``, on one thread each."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     args = {
         "params": params.model_dump(mode="json", exclude={"base_dir"}),
         "base": str(params.base_dir),
         "root": str(tmp_path),
-        "frames": str(tiny_frames),
-        "boxes": str(tiny_boxes),
-        "clip": str(tiny_clip[0]),
+        "frames": str(frames),
+        "boxes": str(boxes),
+        "clip": str(clip),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
+    env.pop("FGCLIP_FAULT_NAN_AT_STEP", None)  # the fault worker sets it on its rank alone
     torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run(
+    return subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), json.dumps(args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+def test_two_process_gloo_run(
+    train_params, tiny_clip, tiny_frames: Path, tiny_boxes: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    params = train_params(train={"max_steps": 2, "batch_size": 2, "run_name": "ddp"})
+    proc = _run_two_ranks(WORKER, params, tmp_path, tiny_frames, tiny_boxes, tiny_clip[0])
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     ranks = [json.loads((tmp_path / f"summary-{r}.json").read_text()) for r in (0, 1)]
@@ -108,24 +112,7 @@ def test_unsynced_nan_on_one_rank_stops_every_rank_at_the_same_step(
     params = train_params(
         train={"max_steps": 3, "batch_size": 2, "run_name": "ddp-sync", "sync_every": 3, "checkpoint_every": 3}
     )
-    script = tmp_path / "worker.py"
-    script.write_text(FAULT_WORKER)
-    args = {
-        "params": params.model_dump(mode="json", exclude={"base_dir"}),
-        "base": str(params.base_dir),
-        "root": str(tmp_path),
-        "frames": str(tiny_frames),
-        "boxes": str(tiny_boxes),
-        "clip": str(tiny_clip[0]),
-    }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    env.pop("FGCLIP_FAULT_NAN_AT_STEP", None)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), json.dumps(args)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    proc = _run_two_ranks(FAULT_WORKER, params, tmp_path, tiny_frames, tiny_boxes, tiny_clip[0])
     assert proc.returncode == 0, proc.stderr[-4000:]
     outcomes = [json.loads((tmp_path / f"outcome-{r}.json").read_text()) for r in (0, 1)]
     assert [o["stopped"] for o in outcomes] == [True, True]
