@@ -11,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install browser repro test lint bench clean
+.PHONY: install browser postgres repro test lint bench clean
 
 install: $(STAMP)
 
@@ -35,7 +35,17 @@ browser:
 	      || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; \
 	  else echo "chromium not found: install Debian's chromium (sudo apt-get install chromium) for the browser tests" >&2; fi; }
 
-test: $(STAMP) browser
+# The scaling tests (tests/e2e/loopback_stack.py) start Debian's PostgreSQL server themselves:
+# installed here when missing and this is Debian as root; otherwise they fail saying how.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends postgresql \
+	      || { apt-get update -q && apt-get install -y -q --no-install-recommends postgresql; }; \
+	  else echo "PostgreSQL not found: install Debian's postgresql (sudo apt-get install postgresql) for the scaling tests" >&2; fi; }
+
+test: $(STAMP) browser postgres
 	pytest
 
 lint: $(STAMP)
