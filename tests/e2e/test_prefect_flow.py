@@ -7,9 +7,12 @@ repository lock (a transient fault the retry clears), with a stale-temperature
 checkpoint in the way (the cleanup task removes it), and its training process is
 SIGKILLed after its first checkpoint (the retry resumes from it); the completed
 run publishes its metrics artefact. `fgclip serve` runs without this venv on PATH,
-as `.venv/bin/fgclip serve` from a shell that never activated it. Then a stage
-that fails for good fails the flow with the stage's error at its first attempt,
-and `prefect.yaml` is deployed to the same server.
+as `.venv/bin/fgclip serve` from a shell that never activated it. Then
+`prefect.yaml` is deployed to a process work pool of the same server, as the
+README says, and a `prefect worker start` of that pool (also without the venv on
+PATH) runs a run of it triggered with `prefect deployment run`: one param of the
+evaluate stage changed, so it re-runs that stage and skips the others. Last, a
+stage that fails for good fails the flow with the stage's error at its first attempt.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from e2e_helpers import until as _until
 from tiny_config import TINY_MODEL, TINY_REPO_SAMPLE
 
 from fgclip.config import load_params
+from pipeline.stages import stage_order
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -70,6 +75,9 @@ TINY: dict[str, dict[str, Any]] = {
 DEPLOYMENT = "fgclip-pipeline/tiny"
 STALE_CHECKPOINT = "checkpoint-000002"
 FLOW_TIMEOUT_S = 420
+# The worker's run after the drill: scratch_repo's 100 resamples -> this, which only `evaluate` tracks.
+WORKER_BOOTSTRAP_RESAMPLES = 50
+CLEANUP_TASKS = {"clean-checkpoints-before", "clean-checkpoints-after"}
 # The UI renders in seconds here; a busy CI core gets many times that.
 UI_TIMEOUT_MS = 90_000
 
@@ -395,7 +403,6 @@ def test_the_prefect_ui_on_its_own_port_shows_the_flow_run_and_its_summary(drill
     """The UI of a server on a non-default port, in headless Chromium: the flow run, then its artefact."""
     from browser import browser, screenshot, wait_for_text
 
-
     ui = prefect_env["PREFECT_API_URL"].removesuffix("/api")
     flow_run = drill["flow_run"]
     with browser() as page:
@@ -409,6 +416,186 @@ def test_the_prefect_ui_on_its_own_port_shows_the_flow_run_and_its_summary(drill
         text = wait_for_text(page, "frame AUC", UI_TIMEOUT_MS)
         assert "Health checks" in text and drill["mlflow_run_id"] in text
         screenshot(page, "prefect-artifact")
+
+
+def _prefect(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 180) -> str:
+    """The `prefect` CLI, as a user runs it; its output, after asserting it succeeded."""
+    proc = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def nightly(prefect_env: dict[str, str], tiny_repo: Path) -> dict[str, Any]:
+    """prefect.yaml's deployment, deployed to its process work pool from the tiny repository
+    with the README's commands; returns its entry in prefect.yaml."""
+    [dep] = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    _prefect(["work-pool", "create", dep["work_pool"]["name"], "--type", "process"], tiny_repo, prefect_env)
+    _prefect(["--no-prompt", "deploy", "--name", dep["name"]], tiny_repo, prefect_env)
+    return dep
+
+
+def test_prefect_yaml_matches_params_and_deploys(nightly: dict[str, Any]):
+    """prefect.yaml deploys the flow to a work pool on params.yaml's schedule (the project's values)."""
+    from prefect.client.orchestration import get_client
+
+    orch = load_params(REPO / "params.yaml").orchestration
+    [schedule] = nightly["schedules"]
+    assert (nightly["name"], schedule["cron"], schedule["timezone"]) == (
+        orch.deployment,
+        orch.cron,
+        orch.timezone,
+    )
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"fgclip-pipeline/{nightly['name']}")
+    [schedule] = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (orch.cron, orch.timezone)
+    assert deployment.work_pool_name == nightly["work_pool"]["name"]
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.parameters == {"repo": ".", "params_file": "params.yaml"}
+    assert deployment.entrypoint == "pipeline/flow.py:fgclip_pipeline"
+
+
+def _delete_scheduled_runs(deployment_id: Any) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+            ),
+        ):
+            client.delete_flow_run(run.id)
+
+
+def _listening(pid: int) -> list[str]:
+    """The addresses a process and its children listen on."""
+    import psutil
+
+    found = []
+    parent = psutil.Process(pid)
+    for proc in [parent, *parent.children(recursive=True)]:
+        try:
+            found += [
+                f"{c.laddr.ip}:{c.laddr.port}"
+                for c in proc.net_connections("inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
+        except psutil.NoSuchProcess:  # a flow run's process, exiting
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def worker_run(
+    drill: dict[str, Any], nightly: dict[str, Any], prefect_env: dict[str, str], tiny_repo: Path,
+    tmp_path_factory,
+) -> dict[str, Any]:  # fmt: skip
+    """A run of the nightly deployment, triggered with `prefect deployment run`, run by a worker.
+
+    The worker is `.venv/bin/prefect worker start --pool <pool>` in the tiny repository,
+    this venv's bin off PATH. The drill has run the whole pipeline there by now; a
+    changed `evaluate.bootstrap_resamples` (tracked by `evaluate` alone) leaves that one
+    stage for the worker's run to re-run. Returns the finished flow run, the worker's
+    name, and what the worker listened on while it ran.
+    """
+    from prefect.client.orchestration import get_client
+
+    deployment_name = f"fgclip-pipeline/{nightly['name']}"
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(deployment_name)
+    # The schedule's own run (02:00 UTC, when a nightly CI job may well be here) must not
+    # take the one slot first: pausing deletes the upcoming runs; a due one is deleted here.
+    [schedule] = deployment.schedules
+    _prefect(["deployment", "schedule", "pause", deployment_name, str(schedule.id)], tiny_repo, prefect_env)
+    _delete_scheduled_runs(deployment.id)
+
+    params_path = tiny_repo / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    assert params["evaluate"]["bootstrap_resamples"] != WORKER_BOOTSTRAP_RESAMPLES
+    params["evaluate"]["bootstrap_resamples"] = WORKER_BOOTSTRAP_RESAMPLES
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    name = f"fgclip-e2e-{uuid.uuid4().hex[:8]}"
+    env = {
+        **prefect_env,
+        "PATH": _path_without(BIN, prefect_env["PATH"]),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # it polls every 10 s by default
+        # Its webserver stays off (no --with-healthcheck); were it on, loopback only.
+        "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+    }
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with log_path.open("w") as log:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", nightly["work_pool"]["name"], "--name", name],
+            cwd=tiny_repo, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        # Triggered at once: the run waits in the pool's queue until the worker polls it.
+        out = _prefect(["deployment", "run", deployment_name], tiny_repo, env)
+        match = re.search(r"UUID: ([0-9a-f-]{36})", out)
+        assert match, out
+        flow_run_id = uuid.UUID(match[1])
+
+        def final() -> Any:
+            if worker.poll() is not None:
+                pytest.fail(f"the worker exited {worker.returncode}:\n{log_path.read_text()[-3000:]}")
+            with get_client(sync_client=True) as client:
+                run = client.read_flow_run(flow_run_id)
+            return run if run.state is not None and run.state.is_final() else None
+
+        flow_run = _until(f"the worker to finish flow run {flow_run_id}", final, timeout=300, interval=1.0)
+        listening = _listening(worker.pid)
+    finally:
+        _stop(worker, signal.SIGINT)  # Ctrl-C, as an operator stops it
+    return {"flow_run": flow_run, "deployment": deployment, "worker": name, "listening": listening}
+
+
+def test_the_pools_worker_runs_a_run_triggered_from_the_cli(worker_run, nightly, tiny_repo: Path):
+    """The worker of prefect.yaml's pool ran the CLI-triggered run: every stage and cleanup task completed."""
+    flow_run = worker_run["flow_run"]
+    assert flow_run.state.is_completed(), f"{flow_run.state.name}: {flow_run.state.message}"
+    assert flow_run.deployment_id == worker_run["deployment"].id
+    pool = nightly["work_pool"]
+    assert (flow_run.work_pool_name, flow_run.work_queue_name) == (pool["name"], pool["work_queue_name"])
+    logs = _logs(flow_run.id)
+    assert f"Worker '{worker_run['worker']}' submitting flow run '{flow_run.id}'" in logs, logs[-3000:]
+    tasks = _task_runs(flow_run.id)
+    assert set(tasks) == {*stage_order(tiny_repo), *CLEANUP_TASKS}
+    assert all(t.state.is_completed() for t in tasks.values()), {n: t.state.name for n, t in tasks.items()}
+    # Its flow runs' control channel is on loopback; its webserver (0.0.0.0:8080 by default) is off.
+    listening = worker_run["listening"]
+    assert all(address.rsplit(":", 1)[0] == "127.0.0.1" for address in listening), listening
+    assert "127.0.0.1:8080" not in listening, listening
+
+
+def test_the_workers_run_reruns_only_the_stage_whose_param_changed(worker_run, tiny_repo: Path):
+    """The changed `evaluate.bootstrap_resamples` re-ran `evaluate`; DVC skipped every other stage."""
+    flow_run = worker_run["flow_run"]
+    tasks = _task_runs(flow_run.id)
+    for stage in stage_order(tiny_repo):
+        logs = _logs(flow_run.id, tasks[stage].id)
+        if stage == "evaluate":
+            assert "Running stage 'evaluate'" in logs, logs[-3000:]
+        else:
+            assert f"Stage '{stage}' didn't change, skipping" in logs, logs[-3000:]
+            assert "Running stage" not in logs, logs[-3000:]
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
+    evaluated = lock["stages"]["evaluate"]["params"]["params.yaml"]["evaluate"]
+    assert evaluated["bootstrap_resamples"] == WORKER_BOOTSTRAP_RESAMPLES
 
 
 def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_repo: Path):
@@ -454,45 +641,6 @@ def test_a_stage_failing_for_good_fails_the_flow_with_its_error(served, tiny_rep
         ))  # fmt: skip
     assert len(found) == 1, [(a.key, a.type, a.task_run_id, a.created) for a in found]
     assert "FAILED at stage `extract_frames`" in found[0].data, found[0].data
-
-
-def test_prefect_yaml_matches_params_and_deploys(prefect_env: dict[str, str], tiny_repo: Path):
-    """prefect.yaml deploys the flow to a work pool on params.yaml's schedule (the project's values)."""
-    from prefect.client.orchestration import get_client
-
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    [dep] = spec["deployments"]
-    orch = load_params(REPO / "params.yaml").orchestration
-    [schedule] = dep["schedules"]
-    assert (dep["name"], schedule["cron"], schedule["timezone"]) == (
-        orch.deployment,
-        orch.cron,
-        orch.timezone,
-    )
-
-    pool = dep["work_pool"]["name"]
-    for cmd in (
-        ["work-pool", "create", pool, "--type", "process"],
-        ["--no-prompt", "deploy", "--name", dep["name"]],
-    ):
-        proc = subprocess.run(
-            [str(BIN / "prefect"), *cmd],
-            cwd=tiny_repo,
-            env=prefect_env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"fgclip-pipeline/{dep['name']}")
-    [schedule] = deployment.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone) == (orch.cron, orch.timezone)
-    assert deployment.work_pool_name == pool
-    assert deployment.global_concurrency_limit.limit == 1
-    assert deployment.parameters == {"repo": ".", "params_file": "params.yaml"}
-    assert deployment.entrypoint == "pipeline/flow.py:fgclip_pipeline"
 
 
 def test_serve_without_a_server_is_one_clear_line(prefect_env, capsys):
