@@ -559,7 +559,7 @@ def test_from_scratch_config_follows_the_model_config(
 
 
 def test_sdpa_attention_matches_eager(make_model: Make, make_batch: Callable) -> None:
-    """train.attn_implementation: same weights, float32, eager vs sdpa agree to 1e-5 (and so do gradients)."""
+    """train.attn_implementation: same weights, float32, eager vs sdpa agree to 1e-5 (gradients: to rounding)."""
     model = make_model().train()
     assert model.clip.config._attn_implementation == "sdpa"  # what transformers 5 builds by default
     batch = make_batch()
@@ -578,4 +578,14 @@ def test_sdpa_attention_matches_eager(make_model: Make, make_batch: Callable) ->
         torch.testing.assert_close(getattr(sdpa, name), getattr(eager, name), atol=1e-5, rtol=0)
     assert grads["eager"].keys() == grads["sdpa"].keys()
     for name, grad in grads["eager"].items():
-        torch.testing.assert_close(grads["sdpa"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        # Float32 rounding of a sum is relative to the sum's terms, not to its result: the
+        # embedding gradients sum ~1e2-sized terms over every token, and how the kernels
+        # split those sums can move with memory alignment and threads (late in the full suite
+        # one element failed a fixed 1e-5 + 1e-4 relative that passes in a fresh process,
+        # where the worst difference is 5e-5 on gradients up to ~1e2). So the tolerance scales
+        # with the tensor's largest gradient (observed <= 7e-7 of it); a wrong mask or scale
+        # is off by O(1).
+        atol = 1e-5 * max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(
+            grads["sdpa"][name], grad, atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
