@@ -229,6 +229,7 @@ class TrainConfig(_Section):
     loss_plot: str = "plots/train_loss.png"
     run_name: str = "fgclip"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dist_timeout_s: float = Field(1800.0, gt=0)
     seed: int = 0
     num_frames: int = Field(8, ge=1)
     max_keyframes: int = Field(4, ge=1)

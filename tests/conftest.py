@@ -10,6 +10,9 @@ real validated box shards in a couple of seconds:
 - ``tiny_frames``: the extracted frames directory (``tiny_params.frames.out``).
 - ``tiny_boxes``: the validated boxes directory (``tiny_params.boxes.out``); its
   metrics JSON is at ``tiny_params.paths.boxes_metrics``.
+- ``train_params``, ``tiny_clip``, ``tracking_uri``: tiny-model training params, a tiny
+  CLIP pretrained on the sample, one sqlite MLflow store (the training tests' and the
+  end-to-end multi-node test's).
 
 Tests that modify data must copy it first (``shutil.copytree``): these are shared.
 """
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tiny_config import TINY_MODEL, TINY_TRAIN
 
 from fgclip.config import Params, load_params
 
@@ -98,3 +102,46 @@ def tiny_boxes(tiny_params: Params, tiny_sample: Path, tiny_frames: Path) -> Pat
         tiny_params.paths.boxes_metrics,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store for all training tests: creating the schema costs seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def train_params(
+    tiny_params: Params, tracking_uri: str, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Params]:
+    """``train_params(train={...}, model={...})``: tiny params in a fresh base dir.
+
+    Sizes are chosen so the training tests run in well under two minutes on two CPU
+    cores: 32-pixel images, 8-pixel patches, width 32, one layer per tower.
+    """
+
+    def make(**sections: dict) -> Params:
+        merged: dict[str, dict] = {
+            "model": dict(TINY_MODEL),
+            "train": dict(TINY_TRAIN),
+            "pretrain": {"steps": 30, "batch_size": 32, "warmup_steps": 3},
+            "tracking": {"uri": tracking_uri, "experiment": "train-tests"},
+        }
+        for name, values in sections.items():
+            merged[name] = {**merged.get(name, {}), **values}
+        return rebase(tiny_params.with_overrides(**merged), tmp_path_factory.mktemp("train"))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(
+    train_params: Callable[..., Params], tiny_sample: Path, tiny_frames: Path, tiny_boxes: Path
+) -> tuple[Path, dict]:
+    """A tiny CLIP pretrained on the tiny sample: ``(directory, pretrain summary)``."""
+    from fgclip.train.pretrain import pretrain_clip
+
+    params = train_params()
+    out = params.paths.stand_in
+    summary = pretrain_clip(params, tiny_frames, tiny_boxes, tiny_sample / params.data.annotations, out)
+    return out, summary

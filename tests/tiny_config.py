@@ -33,3 +33,18 @@ TINY_REPO_SAMPLE = {
     "width": 96,
     "height": 72,
 }
+
+# Training of that model on the tiny sample: a few steps, checkpoints, the bank switching on.
+TINY_TRAIN = {
+    "num_frames": 4,
+    "max_keyframes": 2,
+    "max_regions": 3,
+    "batch_size": 3,
+    "max_steps": 4,
+    "warmup_steps": 1,
+    "memory_bank_size": 8,
+    "memory_bank_warmup_steps": 2,
+    "num_workers": 0,
+    "checkpoint_every": 2,
+    "device": "cpu",
+}

@@ -24,6 +24,11 @@ Both are symmetric InfoNCE over L2-normalised features with logits
 - Under DDP each rank scores its own rows against every rank's columns. The last
   batch of an epoch can be smaller on some ranks (FG-CLIP's gather crashes on
   that), so sizes are exchanged first and the padded gather is trimmed.
+- Under DDP the ranks train the loss of the whole batch, as one process would:
+  DDP averages the ranks' gradients, and a mean of per-rank means is not the
+  batch mean when ranks hold different numbers of rows (regions, regions with
+  hard negatives), so ``FGCLIPLoss`` scales each rank's means by its share of the
+  rows (:func:`rank_shares`; exactly 1 in one process).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class ContrastiveResult(NamedTuple):
 
 
 class LossResult(NamedTuple):
+    # Under DDP the four losses are this rank's share (see FGCLIPLoss): their mean over
+    # ranks is the loss of the whole batch; in one process they are that loss.
     loss: torch.Tensor
     loss_global: torch.Tensor
     loss_region: torch.Tensor
@@ -331,10 +338,36 @@ def global_loss(
     return _gathered_loss(video, text, scale, ids)[0]
 
 
+def rank_shares(counts: list[int], device: torch.device) -> list[float]:
+    """Per loss, ``world_size * n_r / N``: this rank's ``n_r`` rows of all ranks' ``N``; 1.0 outside DDP.
+
+    DDP averages the ranks' gradients, so it trains on the mean of the ranks' losses.
+    Each of them is a mean over the rank's own rows: scaled by its share, the mean over
+    ranks is ``sum_r n_r * mean_r / N``, the mean over the whole batch, whatever the
+    ranks hold. Unscaled, a rank with one region would weigh as much as one with
+    twenty, and two nodes would not train what one process does on the same batch.
+    A loss no rank has a row of (N = 0) is a zero on every rank: 1.0.
+    """
+    if not _is_distributed():
+        return [1.0] * len(counts)
+    local = torch.tensor(counts, device=device, dtype=torch.long)
+    every = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, local)
+    totals = torch.stack(every).sum(dim=0).tolist()
+    return [len(every) * n / total if total else 1.0 for n, total in zip(counts, totals)]
+
+
+def _scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
+    # Not even a multiplication by 1.0 in one process: its losses stay bit for bit what they were.
+    return loss if share == 1.0 else loss * share
+
+
 class FGCLIPLoss(nn.Module):
     """Global + ``region_weight`` × region + ``hardneg_weight`` × hard-negative loss.
 
-    The region loss takes the memory bank's negatives when given.
+    The region loss takes the memory bank's negatives when given. Under DDP each
+    part is this rank's mean scaled by its share of the rows (:func:`rank_shares`):
+    the mean of a part over ranks is that part's loss of the whole batch.
 
     A pure function of the model output and the negatives: it neither reads nor
     advances the bank. The training step (``fgclip.train.step``) fetches the
@@ -372,10 +405,16 @@ class FGCLIPLoss(nn.Module):
         hardneg, _ = hard_negative_loss(
             out.region_image_embeds, out.region_text_embeds, negatives, present, out.logit_scale_hardneg
         )
+        # The rows each mean is over: videos, regions, regions with a hard negative.
+        rows = [out.video_embeds.shape[0], m, int(present.any(dim=1).sum())]
+        shares = rank_shares(rows, out.video_embeds.device)
+        glob_loss, region_loss, hardneg = (
+            _scaled(loss, share) for loss, share in zip((glob.loss, region.loss, hardneg), shares)
+        )
         return LossResult(
-            loss=glob.loss + self.region_weight * region.loss + self.hardneg_weight * hardneg,
-            loss_global=glob.loss,
-            loss_region=region.loss,
+            loss=glob_loss + self.region_weight * region_loss + self.hardneg_weight * hardneg,
+            loss_global=glob_loss,
+            loss_region=region_loss,
             loss_hardneg=hardneg,
             logits_i2t=region.logits_i2t if has_regions else glob.logits_i2t,
             region_row_losses=region.row_losses,

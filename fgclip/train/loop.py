@@ -20,7 +20,12 @@ fault drills.
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its
 own share of every batch (gloo on CPU, NCCL on CUDA), the losses gather features
-from all ranks, and only rank 0 logs, tracks and writes files.
+from all ranks, and only rank 0 logs, tracks and writes files. W processes at
+``train.batch_size`` B train what one process trains at W x B, up to float rounding
+(the losses are world-size invariant: ``fgclip.model.losses.rank_shares``), and log
+the same losses. Every rank resumes from the checkpoints it sees, so
+``train.checkpoints`` must be on a filesystem every node shares; ranks that would
+start from different steps stop at once (:class:`ResumeMismatchError`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -176,13 +182,18 @@ class _Run:
         self.step, self.trainer.forward_passes = meta["step"], meta["forward_passes"]
 
 
-def _init_distributed(device_choice: str) -> DistContext:
+def _init_distributed(cfg: TrainConfig) -> DistContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
     ctx = DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_cuda(device_choice) else "gloo")
+        # A peer that dies closes its sockets and the others fail at once; one that stops
+        # answering (a frozen or partitioned node) is only noticed when a collective has
+        # waited train.dist_timeout_s.
+        dist.init_process_group(
+            "nccl" if on_cuda(cfg.device) else "gloo", timeout=timedelta(seconds=cfg.dist_timeout_s)
+        )
     return ctx
 
 
@@ -222,7 +233,7 @@ def train(
         loss_png=Path(loss_png) if loss_png else params.paths.loss_plot,
     )
     check_output_dir(paths.out, _STAGE, _kept_paths(paths))  # before training, not after it
-    ctx = _init_distributed(params.train.device)
+    ctx = _init_distributed(params.train)
     device = resolve_device(params.train.device, ctx.local_rank)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
@@ -344,6 +355,7 @@ def _train(
         logger.warning("resume=False: ignoring the checkpoints in %s (equal steps are overwritten)", run_dir)
 
     if ctx.enabled:
+        _check_same_start(run, run_dir, device)
         run.trainer.forward = DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -478,6 +490,31 @@ def _train(
     if ctx.is_main:
         run.monitor.raise_if_failed(summary["health"], paths.health)
     return summary
+
+
+class ResumeMismatchError(FGClipError, RuntimeError):
+    """Under DDP the ranks would go on from different checkpoints (each reads its own checkpoint directory)."""
+
+
+def _check_same_start(run: _Run, run_dir: Path, device: torch.device) -> None:
+    """Every rank must start from the same optimizer step and data position, or all stop here.
+
+    Each rank resumes from the checkpoints it sees in ``run_dir``. DDP broadcasts rank
+    0's weights, but not the optimizer, the bank, the data position or the step count:
+    ranks that found different checkpoints (``train.checkpoints`` not on a filesystem
+    every node shares) would pair their collectives up step by step and train wrong
+    without a word, then hang or fail when the first rank finishes.
+    """
+    mine = torch.tensor([run.step, run.trainer.forward_passes], dtype=torch.long, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(t, every[0]) for t in every):
+        steps = ", ".join(f"rank {r}: {int(t[0])}" for r, t in enumerate(every))
+        raise ResumeMismatchError(
+            f"the ranks would start from different optimizer steps ({steps}): each rank resumes from "
+            f"its own view of {run_dir}; put train.checkpoints (--checkpoints) on a filesystem every "
+            "node shares, or start every node with --no-resume"
+        )
 
 
 def _syncs_at(step: int, cfg: TrainConfig, stop_step: int, diag: bool) -> bool:

@@ -9,8 +9,10 @@ An optimizer step is ``grad_accum_steps`` forward passes. Each pass, in order:
    the output and those negatives;
 3. the batch's regions (every rank's) are queued in the bank: after the loss, so
    the batch is never its own negative;
-4. a non-finite loss raises :class:`NonFiniteValue` (on every rank when any rank
-   sees one), before backward;
+4. under DDP the pass's losses are averaged over ranks (each rank's are its share of
+   the batch's: their mean is the whole batch's loss, what is logged); a non-finite
+   loss raises :class:`NonFiniteValue` (on every rank when any rank sees one), before
+   backward;
 5. backward.
 
 Then gradient clipping (a non-finite norm raises too), AdamW, the schedule, and
@@ -195,6 +197,12 @@ class TrainStep:
                 loss = (result.loss + float("nan")) if inject_nan else result.loss
                 parts = (result.loss_global, result.loss_region, result.loss_hardneg)
                 stacked = torch.stack([v.detach().float() for v in (loss, *parts)])
+                if self.distributed:
+                    # Each rank's losses are its share of the batch's (FGCLIPLoss): their mean is
+                    # the whole batch's loss, what rank 0 logs and one process would. A NaN on any
+                    # rank reaches every rank here.
+                    dist.all_reduce(stacked)
+                    stacked = stacked / dist.get_world_size()
                 if sync:
                     values = dict(zip(LOSS_COLUMNS, stacked.tolist()))  # one host read a pass
                     self._raise_if_nonfinite(values, earlier)

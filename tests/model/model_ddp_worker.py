@@ -41,6 +41,10 @@ GLOBAL_IDS = (0, 1, 0, 2, 3)
 # rank 1's text 11 as a true caption.
 JOINED_SIZES = (3, 2)
 JOINED_IDS = ((10, 7), (11, 7), (12, 8), (11, 9), (13, 9))  # (caption id, image id)
+# Which hard negatives the JOINED regions have (2 slots each): rank 0's 3 regions all have
+# one, 1 of rank 1's 2 does. A mean of the two ranks' means (of 3 and of 1 regions) is not
+# the mean over the 4.
+HARDNEG_PRESENT = ((True, True), (True, False), (True, True), (False, False), (True, False))
 # A collective that waits longer than this raises in the worker (gloo's default is 30 min).
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
 
@@ -48,6 +52,12 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=30)
 def unit(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
     """``n`` seeded random unit vectors."""
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def hardneg_texts() -> torch.Tensor:
+    """``[5, 2, 8]`` unit hard-negative captions of the JOINED regions."""
+    g = torch.Generator().manual_seed(6)
+    return F.normalize(torch.randn(sum(JOINED_SIZES), 2, 8, generator=g), dim=-1)
 
 
 def free_port() -> int:
@@ -210,6 +220,9 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
         out.region_text_embeds = unit(sum(JOINED_SIZES), seed=5)[j_rows]
         out.region_caption_ids, out.region_image_ids = joined_ids[:, 0], joined_ids[:, 1]
         joined = FGCLIPLoss(region_weight=1.0, hardneg_weight=0.0)(out)
+        out.hardneg_text_embeds = hardneg_texts()[j_rows]
+        out.hardneg_mask = torch.tensor(HARDNEG_PRESENT)[j_rows]
+        hardneg = FGCLIPLoss(region_weight=1.0, hardneg_weight=1.0)(out)
         report = {
             "loss": result.loss.item(),
             "logits": tuple(result.logits_i2t.shape),
@@ -217,6 +230,8 @@ def ddp_worker(rank: int, world: int, port: int, queue) -> None:
             "region": region.loss_region.item(),
             "bank_ids": bank.negatives().ids.tolist(),
             "joined": joined.loss_region.item(),
+            "hardneg": hardneg.loss_hardneg.item(),
+            "hardneg_total": hardneg.loss.item(),
             "region_grad": _region_grad_step(rank),
             "old_rule_error": _old_rule_error(rank),
         }

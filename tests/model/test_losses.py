@@ -12,11 +12,13 @@ from ddp_spawn import run_ranks
 from model_ddp_worker import (
     GLOBAL_IDS,
     GLOBAL_SIZES,
+    HARDNEG_PRESENT,
     JOINED_IDS,
     JOINED_SIZES,
     REGION_SIZES,
     ddp_worker,
     flat_grads,
+    hardneg_texts,
     project,
     region_inputs,
     region_projection,
@@ -24,7 +26,7 @@ from model_ddp_worker import (
 )
 
 from fgclip.model.fgclip import FGCLIPOutput
-from fgclip.model.losses import FGCLIPLoss, contrastive_loss
+from fgclip.model.losses import FGCLIPLoss, contrastive_loss, hard_negative_loss
 from fgclip.model.memory_bank import RegionMemoryBank
 
 LN_100 = math.log(100.0)
@@ -347,7 +349,10 @@ def test_global_loss_across_uneven_ranks_matches_single_process(ddp_results: dic
 
     m = sum(REGION_SIZES)
     region = contrastive_loss(unit(m, seed=2), unit(m, seed=3), torch.tensor(LN_100), ids=torch.arange(m))
-    assert results[0]["region"] == pytest.approx(region.loss.item(), rel=1e-5)
+    # FGCLIPLoss scales each rank's mean by its share of the rows (losses.rank_shares): the
+    # mean over ranks, what DDP trains on, is the one-process loss; here rank 0 holds every
+    # region, so its loss is twice their mean (unscaled, DDP would train on half the loss).
+    assert (results[0]["region"] + results[1]["region"]) / 2 == pytest.approx(region.loss.item(), rel=1e-5)
     assert results[1]["region"] == 0.0
     # Both ranks queued the same gathered regions.
     assert results[0]["bank_ids"] == results[1]["bank_ids"] == [[0, 0], [1, 1], [2, 2]]
@@ -355,10 +360,30 @@ def test_global_loss_across_uneven_ranks_matches_single_process(ddp_results: dic
     k = sum(JOINED_SIZES)
     joined_ids = torch.tensor(JOINED_IDS)
     joined = contrastive_loss(unit(k, seed=4), unit(k, seed=5), torch.tensor(LN_100), ids=joined_ids)
-    weighted = sum(results[r]["joined"] * JOINED_SIZES[r] for r in range(2)) / k
-    assert weighted == pytest.approx(joined.loss.item(), rel=1e-5)
+    assert (results[0]["joined"] + results[1]["joined"]) / 2 == pytest.approx(joined.loss.item(), rel=1e-5)
     unjoined = contrastive_loss(unit(k, seed=4), unit(k, seed=5), torch.tensor(LN_100), ids=joined_ids[:, 0])
     assert joined.loss.item() != pytest.approx(unjoined.loss.item(), rel=1e-3)
+
+
+def test_hard_negative_loss_across_uneven_ranks_matches_single_process(ddp_results: dict[int, dict]) -> None:
+    k = sum(JOINED_SIZES)
+    image, text, scale = unit(k, seed=4), unit(k, seed=5), torch.tensor(LN_100)
+    negatives, present = hardneg_texts(), torch.tensor(HARDNEG_PRESENT)
+    full, _ = hard_negative_loss(image, text, negatives, present, scale)
+    # Rank 0's 3 regions with negatives against rank 1's 1: the mean over ranks (what DDP
+    # trains on) is the mean over all 4 only because each rank's mean is scaled by its share.
+    assert (ddp_results[0]["hardneg"] + ddp_results[1]["hardneg"]) / 2 == pytest.approx(full.item(), rel=1e-5)
+    split = JOINED_SIZES[0]
+    means = [hard_negative_loss(image[s], text[s], negatives[s], present[s], scale)[0].item()
+             for s in (slice(None, split), slice(split, None))]  # fmt: skip
+    # Unscaled, the ranks would train another loss.
+    assert sum(means) / 2 != pytest.approx(full.item(), rel=1e-3)
+    # The total is made of the scaled parts: its mean over ranks is the one-process total.
+    joined = contrastive_loss(image, text, scale, ids=torch.tensor(JOINED_IDS)).loss.item()
+    total = (ddp_results[0]["hardneg_total"] + ddp_results[1]["hardneg_total"]) / 2
+    n = sum(GLOBAL_SIZES)  # 3 videos on rank 0, 2 on rank 1: the global part is scaled too
+    glob = contrastive_loss(unit(n, seed=0), unit(n, seed=1), scale, ids=torch.tensor(GLOBAL_IDS)).loss.item()
+    assert total == pytest.approx(glob + joined + full.item(), rel=1e-5)
 
 
 def _region_reference() -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -377,25 +402,26 @@ def test_rank_without_regions_joins_the_backward_collectives(ddp_results: dict[i
     # out of step fails the worker (see ``ddp_results``), it never gets here.
     rank0, rank1 = ddp_results[0]["region_grad"], ddp_results[1]["region_grad"]
     loss, image_grad, text_grad, param_grad = _region_reference()
-    assert rank0["region"] == pytest.approx(loss, rel=1e-5)
+    # Rank 0 holds all 3 regions: its share is 2 * 3 / 3 (losses.rank_shares), so its loss
+    # L_0 is twice the one-process loss L and the mean over ranks, (L_0 + L_1) / 2, is L.
+    assert rank0["region"] == pytest.approx(2 * loss, rel=1e-5)
     assert rank1["region"] == 0.0
     assert rank1["image_grad"] == rank1["text_grad"] == []  # [0, 8] gradients: connected, and empty
-    # Scaling. Rank r's loss L_r is the mean over its own rows, against every rank's
-    # columns; the all_gather's backward hands each rank the gradient of the SUM of all
-    # ranks' losses w.r.t. its rows (its own L_r plus the others', through the gathered
-    # columns). Here L_1 is a constant zero, so rank 0's raw region gradients are those
-    # of L_0, which is exactly the one-process loss of all rows (all are rank 0's): a
-    # factor 1, no division by the world size.
+    # Scaling. Rank r's loss L_r is its share of the rows times the mean over its own rows,
+    # against every rank's columns; the all_gather's backward hands each rank the gradient
+    # of the SUM of all ranks' losses w.r.t. its rows (its own L_r plus the others', through
+    # the gathered columns), and DDP divides the parameters' summed gradients by the world
+    # size: what trains is (L_0 + L_1) / 2 = L, as in one process (unscaled it was L / 2).
     for name, reference in (("image_grad", image_grad), ("text_grad", text_grad)):
         grad = torch.tensor(rank0[name])
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
-    # The parameters (projection and region scale): rank 1's own gradient is zero, so
-    # the all-reduced SUM is again the one-process gradient of L_0 + L_1 = L_0, on both
-    # ranks. (DDP divides that sum by the world size: it trains on (L_0 + L_1) / 2.)
+        torch.testing.assert_close(grad / 2, reference, rtol=1e-4, atol=1e-6)
+    # The parameters (projection and region scale): rank 1's own gradient is zero, and the
+    # all-reduced SUM divided by the world size, DDP's gradient, is L's on both ranks.
     torch.testing.assert_close(torch.tensor(rank1["local_param_grad"]), torch.zeros_like(param_grad))
     for rank in (rank0, rank1):
-        torch.testing.assert_close(torch.tensor(rank["summed_param_grad"]), param_grad, rtol=1e-4, atol=1e-6)
+        summed = torch.tensor(rank["summed_param_grad"])
+        torch.testing.assert_close(summed / 2, param_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_old_zero_rule_fails_as_a_collective_mismatch(ddp_results: dict[int, dict]) -> None:
