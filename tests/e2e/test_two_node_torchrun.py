@@ -30,6 +30,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,22 +333,38 @@ def test_ranks_resuming_from_different_checkpoints_stop(comparison: ComparisonRu
     assert not (tmp_path / comparison.main.name / "models").exists()
 
 
-def test_a_killed_node_fails_the_other_and_a_rerun_resumes(base_params: dict, tmp_path: Path) -> None:
-    # One params file on both nodes: the checkpoints (and here everything) on a shared filesystem.
-    params = write_params(tmp_path / "run", base_params, batch_size=PER_NODE_BATCH, max_steps=KILL_STEPS)
+@dataclass
+class MidRun:
+    params: Path
+    run_dir: Path  # its checkpoints
+    survivor: Node  # the RANK 0 node
+    victim: Node
+
+
+@contextmanager
+def two_nodes_past_the_first_checkpoint(base_params: dict, tmp_path: Path, tag: str, **train) -> Iterator[MidRun]:
+    """A KILL_STEPS run on two nodes sharing one params file (the checkpoints, and here
+    everything, on a shared filesystem), yielded once its first checkpoint is written and both
+    workers' ranks are known; both nodes are killed on the way out."""
+    params = write_params(tmp_path / "run", base_params, batch_size=PER_NODE_BATCH, max_steps=KILL_STEPS, **train)
     run_dir = tmp_path / "run" / "checkpoints" / RUN_NAME
-    nodes = start_nodes([params, params], tmp_path / "logs", "kill")
+    nodes = start_nodes([params, params], tmp_path / "logs", tag)
     try:
         until("the first checkpoint", lambda: any(run_dir.glob("checkpoint-*/meta.json")), NODE_TIMEOUT_S)
         until("both workers' ranks", lambda: all(n.rank() is not None for n in nodes), 30)
-        survivor, victim = by_rank(nodes)
-        kill_node(victim.proc)
-        killed_at = time.monotonic()
-        code = survivor.wait(FAIL_WITHIN_S)
-        took = time.monotonic() - killed_at
+        yield MidRun(params, run_dir, *by_rank(nodes))
     finally:
         for node in nodes:
             kill_node(node.proc)
+
+
+def test_a_killed_node_fails_the_other_and_a_rerun_resumes(base_params: dict, tmp_path: Path) -> None:
+    with two_nodes_past_the_first_checkpoint(base_params, tmp_path, "kill") as run:
+        kill_node(run.victim.proc)
+        killed_at = time.monotonic()
+        code = run.survivor.wait(FAIL_WITHIN_S)
+        took = time.monotonic() - killed_at
+    params, run_dir, survivor = run.params, run.run_dir, run.survivor
     assert code != 0 and took < FAIL_WITHIN_S
     # The survivor's worker says what happened: its peer's connection went away mid-collective.
     assert re.search(r"^\[rank0\]:.*Connection (reset|closed) by peer", survivor.output(), re.MULTILINE), (
@@ -377,23 +395,13 @@ def test_a_frozen_worker_fails_the_other_after_the_dist_timeout(base_params: dic
     # train.dist_timeout_s. Its torchrun agent stays up: had the whole node frozen and it
     # hosted the c10d rendezvous store, the other agents would wait on that store (60 s a
     # call, torchrun's) after their own worker failed, which is torchrun's to time out.
-    params = write_params(
-        tmp_path / "run", base_params, batch_size=PER_NODE_BATCH, max_steps=KILL_STEPS, dist_timeout_s=FROZEN_TIMEOUT_S
-    )
-    run_dir = tmp_path / "run" / "checkpoints" / RUN_NAME
-    nodes = start_nodes([params, params], tmp_path / "logs", "frozen")
-    try:
-        until("the first checkpoint", lambda: any(run_dir.glob("checkpoint-*/meta.json")), NODE_TIMEOUT_S)
-        until("both workers' ranks", lambda: all(n.rank() is not None for n in nodes), 30)
-        survivor, victim = by_rank(nodes)
-        signal_node(victim.proc, signal.SIGSTOP, workers_only=True)
+    with two_nodes_past_the_first_checkpoint(base_params, tmp_path, "frozen", dist_timeout_s=FROZEN_TIMEOUT_S) as run:
+        signal_node(run.victim.proc, signal.SIGSTOP, workers_only=True)
         frozen_at = time.monotonic()
-        code = survivor.wait(FROZEN_TIMEOUT_S + FAIL_WITHIN_S)
+        code = run.survivor.wait(FROZEN_TIMEOUT_S + FAIL_WITHIN_S)
         took = time.monotonic() - frozen_at
-        assert victim.proc.poll() is None  # its worker still there, frozen: nothing closed its sockets
-    finally:
-        for node in nodes:
-            kill_node(node.proc)
+        assert run.victim.proc.poll() is None  # its worker still there, frozen: nothing closed its sockets
+    survivor = run.survivor
     assert code != 0
     # It waited for the timeout (less the part of a step the peer froze in), not a reset.
     assert FROZEN_TIMEOUT_S / 2 <= took < FROZEN_TIMEOUT_S + FAIL_WITHIN_S, took
