@@ -406,6 +406,8 @@ def test_a_frozen_worker_fails_the_other_after_the_dist_timeout(base_params: dic
     # It waited for the timeout (less the part of a step the peer froze in), not a reset.
     assert FROZEN_TIMEOUT_S / 2 <= took < FROZEN_TIMEOUT_S + FAIL_WITHIN_S, took
     output = survivor.output()
-    assert re.search(r"^\[rank0\]:.*Timed out waiting", output, re.MULTILINE), output[-3000:]
+    # gloo's words for its timeout depend on where the collective waited.
+    timed_out = r"^\[rank0\]:.*(Timed out waiting|Application timeout caused pair closure)"
+    assert re.search(timed_out, output, re.MULTILINE), output[-3000:]
     assert "Connection reset by peer" not in output and "Connection closed by peer" not in output
     assert not (tmp_path / "run" / "models").exists()
