@@ -358,6 +358,7 @@ class AblationConfig(_Section):
     seeds: int = Field(3, ge=1)
     jobs: int = Field(1, ge=1)
     poll_s: float = Field(5.0, gt=0)
+    lost_task_s: float = Field(30.0, gt=0)
     grids: dict[str, AblationGridConfig] = {}
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ class Task:
     name: str
     state: str  # QUEUED, RUNNING, SUCCESS or FAILED
     rev: str  # the queue entry's stash commit: `dvc queue remove` / `logs` take it
+    # RUNNING, yet nothing runs it: no queue worker alive and no live experiment process.
+    orphan: bool = False
 
 
 def queue_tasks(repo: Path, baseline_rev: str) -> list[Task]:
@@ -107,9 +109,55 @@ def queue_tasks(repo: Path, baseline_rev: str) -> list[Task]:
             for listing in listings:
                 tasks += [Task(e.name, state, e.stash_rev) for e, state in listing
                           if e.name and e.baseline_rev == baseline_rev]  # fmt: skip
+            if any(t.state == RUNNING for t in tasks) and not _any_worker_alive(Path(queue.wdir)):
+                tasks = [replace(t, orphan=not _alive(queue.proc.get(t.rev))) if t.state == RUNNING else t
+                         for t in tasks]  # fmt: skip
     except DvcException as exc:
         raise DvcError(f"{repo}: cannot read DVC's experiment queue: {exc}") from exc
     return tasks
+
+
+# How a task is orphaned: DVC's filesystem broker hands its message to a worker whose
+# monitor then shuts it down ("empty queue") before it runs it, and with DVC's late acks and
+# no restore at shutdown the message is gone: the task reads as running forever
+# (treeverse/dvc#10562, dvc-task#77). Seen in this project's CI with two workers.
+
+
+def _any_worker_alive(celery_dir: Path) -> bool:
+    """Whether a queue worker lives: ``dvc queue start`` records each as ``dvc-exp-worker-N.json``."""
+    from dvc_task.proc.process import ProcessInfo
+
+    for path in celery_dir.glob("dvc-exp-worker-*.json"):
+        try:
+            info = ProcessInfo.load(str(path))
+        except (OSError, ValueError, TypeError):
+            return True  # being written: a worker is starting
+        if _alive(info):
+            return True
+    return False
+
+
+def _alive(info: Any) -> bool:
+    """Whether the process of a ``dvc_task`` ProcessInfo (None: never started) still runs."""
+    if info is None or info.returncode is not None:
+        return False
+    try:
+        os.kill(info.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead, only not reaped yet
+        return Path(f"/proc/{info.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def kill_tasks(tasks: Iterable[Task], repo: Path) -> None:
+    """``dvc queue kill``: a task no process runs is marked failed by DVC itself, so it can be removed."""
+    revs = [t.rev for t in tasks]
+    if revs:
+        dvc(["queue", "kill", *revs], repo)
 
 
 def queue_status(repo: Path, baseline_rev: str) -> dict[str, Task]:

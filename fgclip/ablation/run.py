@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # Polls in a row with our experiments queued and no worker before the workers are started again.
 IDLE_POLLS_BEFORE_RESTART = 3
+# Times one experiment lost by DVC's queue (dvc_queue.Task.orphan) is queued again before it counts as failed.
+MAX_REQUEUES = 2
 # A queue look costs about a second of CPU: the wait between looks grows to this while nothing changes.
 MAX_POLL_S = 60.0
 
@@ -83,6 +85,8 @@ def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jo
     if changed:
         logger.warning("uncommitted changes go into every experiment queued now, while the MLflow runs name "
                        "commit %s only: %s", baseline[:8], ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))  # fmt: skip
+    # DVC's `exp show`, which `finished` reads, fails on an orphaned task: settle them first.
+    _fail_orphans(repo, baseline, params.ablation.lost_task_s, params.ablation.poll_s)
     done = dvc_queue.finished(repo)
     _check_finished_params(experiments, done, params)
 
@@ -93,7 +97,8 @@ def ablate(params: Params, grid: str | None = None, seeds: int | None = None, jo
         BASELINE_TAG: baseline})  # fmt: skip
     status = "FAILED"
     try:
-        failed = _run_queue(experiments, done, repo, baseline, jobs, params.ablation.poll_s)
+        failed = _run_queue(experiments, done, repo, baseline, jobs, params.ablation.poll_s,
+                            params.ablation.lost_task_s)  # fmt: skip
         done = dvc_queue.finished(repo)
         for exp in experiments:  # removed from the queue, or DVC could not collect its results
             if exp.name not in done and exp.name not in failed:
@@ -124,7 +129,7 @@ def _log_report(tracking_uri: str, parent: str, files: list[Path]) -> None:
 
 
 def _run_queue(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished], repo: Path, baseline: str,
-               jobs: int, poll_s: float) -> dict[str, str]:  # fmt: skip
+               jobs: int, poll_s: float, lost_after_s: float) -> dict[str, str]:  # fmt: skip
     """Queue what is missing, start the workers, wait; the failed experiments with the end of their logs."""
     all_tasks = dvc_queue.queue_tasks(repo, baseline)
     live = {t.name for t in all_tasks if t.state in dvc_queue.IN_FLIGHT}
@@ -143,7 +148,7 @@ def _run_queue(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finis
     if not todo and not waiting:
         return {}
     dvc_queue.start_workers(jobs, repo, env)
-    return _wait(experiments, set(finished_before), repo, baseline, jobs, env, poll_s)
+    return _wait(experiments, set(finished_before), repo, baseline, jobs, env, poll_s, lost_after_s)
 
 
 def _check_finished_params(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished],
@@ -163,17 +168,33 @@ def _check_finished_params(experiments: list[Experiment], done: Mapping[str, dvc
 
 
 def _wait(experiments: list[Experiment], finished_before: set[str], repo: Path, baseline: str, jobs: int,
-          env: Mapping[str, str], poll_s: float) -> dict[str, str]:  # fmt: skip
-    """Until none of ``experiments`` is queued or running; the failed ones with the end of their logs."""
-    names = [e.name for e in experiments]
+          env: Mapping[str, str], poll_s: float, lost_after_s: float) -> dict[str, str]:  # fmt: skip
+    """Until none of ``experiments`` is queued or running; the failed ones with the end of their logs.
+
+    An experiment DVC lists as running while nothing runs it (``Task.orphan``) for
+    ``lost_after_s`` is killed (DVC marks it failed), removed and queued again, at most
+    MAX_REQUEUES times: else the ablation would wait for it forever.
+    """
+    by_name = {e.name: e for e in experiments}
+    names = list(by_name)
     failed: dict[str, str] = {}
     seen_done = set(finished_before)
     idle = 0
     interval = poll_s
     previous: dict[str, str | None] = {}
+    orphaned_since: dict[str, float] = {}
+    requeued: dict[str, int] = {}
     with tqdm(total=len(names), initial=len(seen_done), desc="ablation", unit="exp") as bar:
         while True:
             tasks = dvc_queue.queue_status(repo, baseline)
+            orphans = {n for n in names if n in tasks and tasks[n].orphan}
+            orphaned_since = {n: orphaned_since.get(n, time.monotonic()) for n in orphans}
+            lost = [n for n, since in orphaned_since.items() if time.monotonic() - since >= lost_after_s]
+            if lost:
+                _requeue_lost([tasks[n] for n in lost], by_name, requeued, failed, repo, jobs, env)
+                bar.update(sum(n in failed for n in lost))
+                orphaned_since.clear()
+                continue
             now = {n: (tasks[n].state if n in tasks else None) for n in names}
             for n, state in now.items():
                 if n in seen_done or n in failed:
@@ -196,9 +217,54 @@ def _wait(experiments: list[Experiment], finished_before: set[str], repo: Path, 
             if idle >= IDLE_POLLS_BEFORE_RESTART:
                 dvc_queue.start_workers(jobs, repo, env)
                 idle = 0
-            interval = poll_s if now != previous else min(interval * 1.5, MAX_POLL_S)
+            interval = poll_s if now != previous or orphans else min(interval * 1.5, MAX_POLL_S)
             previous = now
             time.sleep(interval)
+
+
+def _fail_orphans(repo: Path, baseline: str, lost_after_s: float, poll_s: float) -> None:
+    """Have DVC mark failed the tasks of this commit it lists as running while nothing runs them
+    (``Task.orphan``, for ``lost_after_s``): the run then removes and queues them again as any
+    failed experiment of its grid."""
+    since: dict[str, float] = {}
+    killed: set[str] = set()
+    while True:
+        orphans = {t.rev: t for t in dvc_queue.queue_tasks(repo, baseline) if t.orphan}
+        since = {rev: since.get(rev, time.monotonic()) for rev in orphans}
+        if not orphans:
+            return
+        if killed & set(orphans):
+            raise dvc_queue.DvcError(f"dvc queue kill left {', '.join(orphans[r].name for r in killed & set(orphans))} "
+                                     "listed as running: see `dvc queue status`")  # fmt: skip
+        lost = [orphans[rev] for rev, t0 in since.items() if time.monotonic() - t0 >= lost_after_s]
+        if lost:
+            dvc_queue.kill_tasks(lost, repo)
+            killed |= {t.rev for t in lost}
+            for task in lost:
+                logger.warning("experiment %s: DVC's queue lost it (listed as running, no worker or process "
+                               "running it: a DVC queue race); marked failed, to be queued again", task.name)  # fmt: skip
+            since = {}
+            continue
+        time.sleep(min(poll_s, lost_after_s))
+
+
+def _requeue_lost(lost: list[dvc_queue.Task], by_name: Mapping[str, Experiment], requeued: dict[str, int],
+                  failed: dict[str, str], repo: Path, jobs: int, env: Mapping[str, str]) -> None:  # fmt: skip
+    """Clear DVC's orphaned tasks and queue their experiments again (or fail those lost too often)."""
+    dvc_queue.kill_tasks(lost, repo)
+    dvc_queue.remove_tasks(lost, repo)
+    for task in lost:
+        if requeued.get(task.name, 0) >= MAX_REQUEUES:
+            failed[task.name] = (f"lost by DVC's queue {MAX_REQUEUES + 1} times (listed as running, no worker or "
+                                 "process running it): see `dvc queue status`, then run `fgclip ablate` again")  # fmt: skip
+            tqdm.write(f"experiment {task.name} failed: {failed[task.name]}", file=sys.stderr)
+            continue
+        requeued[task.name] = requeued.get(task.name, 0) + 1
+        tqdm.write(f"experiment {task.name}: DVC's queue lost it (listed as running, no worker or process "
+                   "running it: a DVC queue race); queued again", file=sys.stderr)  # fmt: skip
+        exp = by_name[task.name]
+        dvc_queue.enqueue(exp.name, exp.set_params(), repo, env)
+    dvc_queue.start_workers(jobs, repo, env)
 
 
 def _adopt(experiments: list[Experiment], done: Mapping[str, dvc_queue.Finished], tracking_uri: str,

@@ -3,9 +3,11 @@ the MLflow database they log to, and the table checked against the child runs by
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from e2e_helpers import TINY_PIPELINE, pipeline_env, scratch_repo
+from e2e_helpers import TINY_PIPELINE, pipeline_env, scratch_repo, until
 from mlflow import MlflowClient
 from scipy import stats
+
+from fgclip.ablation.grid import load_grid
+from fgclip.config import load_params
 
 pytestmark = pytest.mark.e2e
 FGCLIP = Path(sys.executable).with_name("fgclip")
@@ -32,7 +37,8 @@ def _run(cmd: list, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """The tiny pipeline, reproduced and committed: the experiments' baseline."""
-    repo = scratch_repo(tmp_path_factory.mktemp("ablate"), TINY_PIPELINE)
+    # An orphaned task (test_tasks_dvc_s_queue_lost_...) counts as lost after 5 s, not 30.
+    repo = scratch_repo(tmp_path_factory.mktemp("ablate"), {**TINY_PIPELINE, "ablation": {"lost_task_s": 5}})
     (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\ncheckpoints/\nreports/\n")
     _run([sys.executable, "-m", "dvc", "repro", "--quiet"], repo)
     _run(["git", "add", "-A"], repo)
@@ -129,3 +135,80 @@ def test_a_failing_cell_is_reported_the_others_go_on_and_a_rerun_resumes(repo: P
     bad = _run([FGCLIP, "ablate", "--grid", grid], repo, ok=False)
     assert bad.returncode == 1 and "train.max_step is not a param" in bad.stderr
     assert "Queued" not in _run([sys.executable, "-m", "dvc", "queue", "status"], repo).stdout
+
+
+def _lost_grid(repo: Path, tmp_path: Path, cells: tuple[str, ...]) -> Path:
+    tiny = yaml.safe_load((repo / "params.yaml").read_text())["ablation"]["grids"]["tiny"]
+    grid = tmp_path / "lost.yaml"
+    grid.write_text(yaml.safe_dump({"reference": cells[0], "cells": {c: tiny["cells"][c] for c in cells}}))
+    return grid
+
+
+def _queued_message(repo: Path, name: str) -> Path | None:
+    """``name``'s task message waiting in DVC's broker, if one is."""
+    entry = json.dumps(name)  # the task's message names its experiment
+    inbox = repo / ".dvc" / "tmp" / "exps" / "celery" / "broker" / "in"
+    found = [m for m in inbox.glob("*.celery.msg") if entry in _decoded(m)]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def _orphan(repo: Path, name: str) -> None:
+    """Do to ``name``'s queued task what DVC's filesystem broker does when the worker it handed the
+    message to shuts down ("empty queue") before running it: with DVC's late acks and no restore at
+    shutdown the message sits in broker/processed with no result, listed as running forever
+    (treeverse/dvc#10562, dvc-task#77; seen in this project's CI with two workers)."""
+    message = _queued_message(repo, name)
+    assert message is not None, f"no queued message of {name}"
+    shutil.move(message, message.parent.parent / "processed" / message.name)
+
+
+def _decoded(message: Path) -> str:
+    try:
+        body = json.loads(message.read_text())["body"]
+    except (FileNotFoundError, json.JSONDecodeError):  # taken, or still being written
+        return ""
+    return base64.b64decode(body).decode()
+
+
+def test_tasks_dvc_s_queue_lost_before_and_during_the_run_are_queued_again(repo: Path, tmp_path: Path):
+    grid = _lost_grid(repo, tmp_path, ("global_only", "region_loss"))
+    params = load_params(repo / "params.yaml")
+    first, second = load_grid(params, str(grid)).experiments(params, 1, "lost")
+    # Before the run: the first experiment queued as `fgclip ablate` queues it, then orphaned
+    # with no worker at all. DVC lists it as running, and its `dvc exp show` fails on it.
+    _run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "--name", first.name, *first.set_params()], repo)
+    _orphan(repo, first.name)
+    assert _state(repo, first.name) == "Running"
+    assert _run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, ok=False).returncode != 0
+
+    # During the run: one worker, two experiments. While the first runs, the second's message
+    # waits in the broker (DVC's workers prefetch nothing); orphaned there, the worker finds
+    # the queue empty after the first and stops, and the ablation must notice.
+    cmd = [FGCLIP, "ablate", "--grid", grid, "--seeds", "1", "--name", "lost", "--jobs", "1"]
+    with subprocess.Popen([str(c) for c in cmd], cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:  # fmt: skip
+        try:
+            # The second is queued after the first's orphan was cleared and the first queued
+            # again; then the worker takes the first's message. (The broker's files, not
+            # `dvc queue status`: a second of CPU a look, on the cores the experiment trains on.)
+            until(f"{second.name} queued", lambda: _queued_message(repo, second.name), timeout=120)
+            until(f"{first.name} taken", lambda: not _queued_message(repo, first.name), timeout=120)
+            _orphan(repo, second.name)
+            out, err = proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, (out + err)[-6000:]
+    assert f"experiment {first.name}: DVC's queue lost it" in err and "marked failed, to be queued again" in err
+    assert "0 finished before, 0 in the queue, 2 to queue" in err
+    assert f"experiment {second.name}: DVC's queue lost it" in err and "; queued again" in err
+    listed = _run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], repo).stdout.split()
+    assert first.name in listed and second.name in listed
+    _, parent, kids = _children(repo, "lost")
+    assert parent.info.status == "FINISHED" and sorted(k.info.run_name for k in kids) == [first.name, second.name]
+
+
+def _state(repo: Path, name: str) -> str | None:
+    status = _run([sys.executable, "-m", "dvc", "queue", "status"], repo).stdout
+    rows = [line.split() for line in status.splitlines() if f" {name} " in f" {line} "]
+    return rows[0][-1] if rows else None
