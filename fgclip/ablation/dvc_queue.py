@@ -109,7 +109,7 @@ def queue_tasks(repo: Path, baseline_rev: str) -> list[Task]:
             for listing in listings:
                 tasks += [Task(e.name, state, e.stash_rev) for e, state in listing
                           if e.name and e.baseline_rev == baseline_rev]  # fmt: skip
-            if any(t.state == RUNNING for t in tasks) and not _any_worker_alive(Path(queue.wdir)):
+            if any(t.state == RUNNING for t in tasks) and not any_worker_alive(Path(queue.wdir)):
                 tasks = [replace(t, orphan=not _alive(queue.proc.get(t.rev))) if t.state == RUNNING else t
                          for t in tasks]  # fmt: skip
     except DvcException as exc:
@@ -123,7 +123,7 @@ def queue_tasks(repo: Path, baseline_rev: str) -> list[Task]:
 # (treeverse/dvc#10562, dvc-task#77). Seen in this project's CI with two workers.
 
 
-def _any_worker_alive(celery_dir: Path) -> bool:
+def any_worker_alive(celery_dir: Path) -> bool:
     """Whether a queue worker lives: ``dvc queue start`` records each as ``dvc-exp-worker-N.json``."""
     from dvc_task.proc.process import ProcessInfo
 
@@ -131,7 +131,7 @@ def _any_worker_alive(celery_dir: Path) -> bool:
         try:
             info = ProcessInfo.load(str(path))
         except (OSError, ValueError, TypeError):
-            return True  # being written: a worker is starting
+            continue  # unreadable: no live worker can be told from it
         if _alive(info):
             return True
     return False

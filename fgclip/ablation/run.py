@@ -193,7 +193,8 @@ def _wait(experiments: list[Experiment], finished_before: set[str], repo: Path, 
             if lost:
                 _requeue_lost([tasks[n] for n in lost], by_name, requeued, failed, repo, jobs, env)
                 bar.update(sum(n in failed for n in lost))
-                orphaned_since.clear()
+                for n in lost:
+                    del orphaned_since[n]
                 continue
             now = {n: (tasks[n].state if n in tasks else None) for n in names}
             for n, state in now.items():

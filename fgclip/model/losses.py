@@ -338,7 +338,7 @@ def global_loss(
     return _gathered_loss(video, text, scale, ids)[0]
 
 
-def rank_shares(counts: list[int], device: torch.device) -> list[float]:
+def rank_shares(counts: list[int | torch.Tensor], device: torch.device) -> list[float]:
     """Per loss, ``world_size * n_r / N``: this rank's ``n_r`` rows of all ranks' ``N``; 1.0 outside DDP.
 
     DDP averages the ranks' gradients, so it trains on the mean of the ranks' losses.
@@ -349,12 +349,12 @@ def rank_shares(counts: list[int], device: torch.device) -> list[float]:
     A loss no rank has a row of (N = 0) is a zero on every rank: 1.0.
     """
     if not _is_distributed():
-        return [1.0] * len(counts)
-    local = torch.tensor(counts, device=device, dtype=torch.long)
+        return [1.0] * len(counts)  # and no count is read: a tensor count costs no host sync
+    local = torch.stack([torch.as_tensor(c, device=device, dtype=torch.long) for c in counts])
     every = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(every, local)
     totals = torch.stack(every).sum(dim=0).tolist()
-    return [len(every) * n / total if total else 1.0 for n, total in zip(counts, totals)]
+    return [len(every) * n / total if total else 1.0 for n, total in zip(local.tolist(), totals)]
 
 
 def _scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
@@ -406,7 +406,7 @@ class FGCLIPLoss(nn.Module):
             out.region_image_embeds, out.region_text_embeds, negatives, present, out.logit_scale_hardneg
         )
         # The rows each mean is over: videos, regions, regions with a hard negative.
-        rows = [out.video_embeds.shape[0], m, int(present.any(dim=1).sum())]
+        rows = [out.video_embeds.shape[0], m, present.any(dim=1).sum()]
         shares = rank_shares(rows, out.video_embeds.device)
         glob_loss, region_loss, hardneg = (
             _scaled(loss, share) for loss, share in zip((glob.loss, region.loss, hardneg), shares)

@@ -241,7 +241,8 @@ class TrainStep:
 
         Raises :class:`NonFiniteValue` for the oldest step holding a NaN/Inf (its passes'
         losses in order, then its gradient norm), with ``steps_back`` and the finite steps
-        before it; under DDP every rank raises when any rank must, at the oldest such step.
+        before it; under DDP every rank raises when any rank must, at the oldest such step
+        (every rank holds the same values: see :meth:`_raise_if_nonfinite`).
         The backlog is empty afterwards either way. Losses are accumulated exactly as a
         synced step accumulates them, so both modes give the same floats.
         """
@@ -266,26 +267,18 @@ class TrainStep:
                 for name, value in values_of_pass.items():
                     losses[name] += value / accum
             done.losses, done.grad_norm, done.scales, done.pending = losses, grad_norm, scales, None
-        if self.distributed:
-            flag = torch.tensor([first_bad], dtype=torch.long, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            oldest = int(flag.item())
-            if oldest < first_bad:
-                first_bad, bad = oldest, ("loss (on another rank)", math.nan)
         if bad is not None:
             raise NonFiniteValue(*bad, steps_back=len(backlog) - first_bad, earlier=backlog[:first_bad])
         return backlog
 
     def _raise_if_nonfinite(self, values: dict[str, float], earlier: list[StepResult]) -> None:
-        """Raise on the first non-finite value; under DDP every rank raises when any rank must.
+        """Raise on the first non-finite value.
 
-        A rank raising alone would leave the others waiting forever in the next collective.
+        Under DDP every rank raises when any rank must (one raising alone would leave the
+        others waiting in the next collective) without a collective of its own: the losses
+        are the ranks' mean and the gradient norm is of the all-reduced gradients, so a
+        NaN/Inf on one rank is one on every rank.
         """
         bad = next(((name, v) for name, v in values.items() if not math.isfinite(v)), None)
-        if self.distributed:
-            flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if bad is None and flag.item() > 0:
-                bad = ("loss (on another rank)", math.nan)
         if bad is not None:
             raise NonFiniteValue(*bad, earlier=earlier)

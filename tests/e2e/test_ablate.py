@@ -19,6 +19,7 @@ from e2e_helpers import TINY_PIPELINE, pipeline_env, scratch_repo, until
 from mlflow import MlflowClient
 from scipy import stats
 
+from fgclip.ablation import dvc_queue
 from fgclip.ablation.grid import load_grid
 from fgclip.config import load_params
 
@@ -172,6 +173,9 @@ def _decoded(message: Path) -> str:
 
 
 def test_tasks_dvc_s_queue_lost_before_and_during_the_run_are_queued_again(repo: Path, tmp_path: Path):
+    # The earlier tests' workers stop ~10 s after their queue emptied; one still up would take the messages.
+    celery = repo / ".dvc" / "tmp" / "exps" / "celery"
+    until("the earlier queue workers to stop", lambda: not dvc_queue.any_worker_alive(celery), timeout=60)
     grid = _lost_grid(repo, tmp_path, ("global_only", "region_loss"))
     params = load_params(repo / "params.yaml")
     first, second = load_grid(params, str(grid)).experiments(params, 1, "lost")

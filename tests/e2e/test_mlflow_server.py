@@ -215,8 +215,9 @@ def test_mlflow_ui_shows_runs_table_training_charts_and_compare(ui_runs) -> None
         # A run's metric charts: the training curves are the first section, one-off results last.
         page.goto(f"{url}/#/experiments/{eid}/runs/{first}/model-metrics{UI_QUERY}")
         # Each chart's legend names the run and the metric; the first screenful is training curves.
-        text = wait_for_text(page, f"{names[0]} (train/loss)", UI_TIMEOUT_MS)
-        assert f"{names[0]} (train/loss_global)" in text
+        # The charts draw one after another: wait for each legend, not only the first.
+        wait_for_text(page, f"{names[0]} (train/loss)", UI_TIMEOUT_MS)
+        text = wait_for_text(page, f"{names[0]} (train/loss_global)", UI_TIMEOUT_MS)
         sections = section_titles(text)
         assert sections[0] == "train", sections
         assert sections[-1] == "Model metrics", sections  # eval.* (no "/"): after every curve

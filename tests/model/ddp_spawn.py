@@ -32,10 +32,11 @@ def run_ranks(target: Callable, deadline_s: float, world: int = 2) -> dict[int, 
     queue = ctx.Queue()
     port = free_port()
     stacks = Path(tempfile.mkdtemp(prefix="ddp-stacks-"))
-    # Each rank dumps its stacks a little before the deadline, while it is still alive.
-    dump_after = max(1.0, deadline_s - 5)
+    # Each rank dumps its stacks a little before the deadline, while it is still alive: a wall
+    # clock time, since a spawned rank starts counting only after its imports (seconds, loaded).
+    dump_at = time.time() + max(1.0, deadline_s - 5)
     workers = [
-        ctx.Process(target=_traced, args=(target, stacks / f"rank{rank}.txt", dump_after, rank, world, port, queue))
+        ctx.Process(target=_traced, args=(target, stacks / f"rank{rank}.txt", dump_at, rank, world, port, queue))
         for rank in range(world)
     ]
     for w in workers:
@@ -71,10 +72,10 @@ def run_ranks(target: Callable, deadline_s: float, world: int = 2) -> dict[int, 
     return results
 
 
-def _traced(target: Callable, stack_file: Path, dump_after: float, *args) -> None:
-    """``target(*args)``, with every thread's stack written to ``stack_file`` if still running after ``dump_after`` s."""
+def _traced(target: Callable, stack_file: Path, dump_at: float, *args) -> None:
+    """``target(*args)``, with every thread's stack written to ``stack_file`` if still running at ``dump_at`` (epoch s)."""
     with stack_file.open("w") as out:
-        faulthandler.dump_traceback_later(dump_after, file=out)
+        faulthandler.dump_traceback_later(max(0.1, dump_at - time.time()), file=out)
         try:
             target(*args)
         finally:
