@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,22 @@ def until(what: str, check: Callable[[], Any], timeout: float, interval: float =
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_healthy(what: str, url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the end of ``log`` if ``proc`` exits first or at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, reset or timed out while it boots
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{what} not healthy at {url} after {timeout:.0f} s:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

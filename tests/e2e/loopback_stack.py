@@ -26,14 +26,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e_helpers import free_port, stop_group, until
+from e2e_helpers import free_port, stop_group, until, wait_healthy
 
 BIN = Path(sys.executable).parent
 # Test credentials of the loopback store: moto accepts any key pair (one default account).
@@ -191,17 +189,7 @@ def mlflow_server(backend: str, s3_endpoint: str, workdir: Path) -> Iterator[Tra
             cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    return response.status == 200
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                return False
-
-        until("the MLflow server's /health", healthy, timeout=MLFLOW_BOOT_S, interval=0.5)
+        wait_healthy("the MLflow server", f"{url}/health", proc, log, MLFLOW_BOOT_S)
         yield TrackingStack(url, backend, s3_endpoint, artifacts)
     finally:
         stop_group(proc)

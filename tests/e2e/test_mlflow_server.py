@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 from e2e_helpers import free_port as _free_port
-from e2e_helpers import stop_group
+from e2e_helpers import stop_group, wait_healthy
 from tiny_config import TINY_MODEL
 
 from fgclip.compare import compare
@@ -59,21 +58,6 @@ def _get(url: str) -> dict:
         return json.loads(response.read())
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + BOOT_DEADLINE_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)  # poll interval while the server boots
-    pytest.fail(f"mlflow server not healthy after {BOOT_DEADLINE_S} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """``(url, process, log)`` of a started (not yet necessarily healthy) server, stopped afterwards."""
@@ -108,7 +92,7 @@ def served_run(
     root = params.base_dir
     clip = root / "clip"
     pretrain_clip(params, tiny_frames, tiny_boxes, tiny_sample / params.data.annotations, clip)
-    _wait_healthy(url, proc, log)
+    wait_healthy("the MLflow server", f"{url}/health", proc, log, BOOT_DEADLINE_S)
     summary = train(
         params, tiny_frames, tiny_boxes, str(clip), root / "out", root / "checkpoints", root / "health.json",
         metrics_path=root / "train.json", loss_csv=root / "train_loss.csv",
