@@ -482,6 +482,12 @@ def _delete_scheduled_runs(deployment_id: Any) -> None:
             client.delete_flow_run(run.id)
 
 
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
 def _listening(pid: int) -> list[str]:
     """The addresses a process and its children listen on."""
     import psutil
@@ -561,6 +567,10 @@ def worker_run(
 
         flow_run = _until(f"the worker to finish flow run {flow_run_id}", final, timeout=300, interval=1.0)
         listening = _listening(worker.pid)
+        # The run's process reports its final state, then ships its last logs as it exits:
+        # Ctrl-C reaches the whole process group, so a worker stopped before then loses them
+        # (seen in CI: the last stage's log never reached the server).
+        _until("the flow run's process to exit", lambda: not _children(worker.pid), timeout=60, interval=0.5)
     finally:
         _stop(worker, signal.SIGINT)  # Ctrl-C, as an operator stops it
     return {"flow_run": flow_run, "deployment": deployment, "worker": name, "listening": listening}
